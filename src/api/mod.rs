@@ -1,0 +1,209 @@
+//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes and Events, list/watch,
+//! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
+//! get and watch machinery lives here.
+
+pub mod error;
+pub mod events;
+pub mod nodes;
+pub mod pods;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use self::error::ApiError;
+use crate::model::meta::selector_matches;
+use crate::model::Kind;
+use crate::runtime::logs::Logs;
+use crate::store::{Store, WatchFrom};
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    /// This node's container logs (the API serves `/log` for the embedded node).
+    pub logs: Logs,
+}
+
+/// Query parameters of list, watch, get and delete.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    pub watch: Option<String>,
+    pub label_selector: Option<String>,
+    pub field_selector: Option<String>,
+    pub resource_version: Option<String>,
+    pub grace_period_seconds: Option<i64>,
+}
+
+impl ListQuery {
+    fn is_watch(&self) -> bool {
+        matches!(self.watch.as_deref(), Some("true") | Some("1") | Some(""))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/version", get(|| async { Json(json!({"gitVersion": concat!("kapsel-", env!("CARGO_PKG_VERSION"))})) }))
+        .merge(pods::routes())
+        .merge(nodes::routes())
+        .merge(events::routes())
+        .fallback(|| async {
+            ApiError::NotFound {
+                kind: "path".into(),
+                name: "the server could not find the requested resource".into(),
+            }
+        })
+        .with_state(state)
+}
+
+/// Decode a JSON body into a strict type: 400 with serde's message (names unknown fields).
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid object: {e}")))
+}
+
+fn field_selector_matches(sel: &str, obj: &Value) -> bool {
+    sel.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (k, v, neg) = if let Some((k, v)) = term.split_once("!=") {
+            (k, v, true)
+        } else if let Some((k, v)) = term.split_once("==") {
+            (k, v, false)
+        } else if let Some((k, v)) = term.split_once('=') {
+            (k, v, false)
+        } else {
+            return true;
+        };
+        let mut cur = obj;
+        for part in k.trim().split('.') {
+            cur = &cur[part];
+        }
+        let have = cur.as_str().unwrap_or("");
+        (have == v.trim()) != neg
+    })
+}
+
+fn matches(q: &ListQuery, obj: &Value) -> bool {
+    if let Some(sel) = &q.label_selector {
+        let labels: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
+        if !selector_matches(sel, &labels) {
+            return false;
+        }
+    }
+    if let Some(sel) = &q.field_selector {
+        if !field_selector_matches(sel, obj) {
+            return false;
+        }
+    }
+    true
+}
+
+/// GET on a collection: a `List`, or with `?watch=true` a stream of newline-delimited events.
+pub fn list_or_watch(
+    state: &AppState,
+    kind: Kind,
+    ns: Option<&str>,
+    q: ListQuery,
+) -> Result<Response, ApiError> {
+    if q.is_watch() {
+        let from = match q.resource_version.as_deref() {
+            None | Some("") | Some("0") => WatchFrom::Current,
+            Some(rv) => WatchFrom::Revision(
+                rv.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}")))?,
+            ),
+        };
+        let w = state.store.watch(kind, ns, from)?;
+        let q = Arc::new(q);
+        let initial = futures::stream::iter(w.initial.clone());
+        let kind_w = w.kind;
+        let ns_w = w.namespace.clone();
+        let after = w.after;
+        let live = tokio_stream::wrappers::BroadcastStream::new(w.live).take_while(|r| {
+            // A watcher too slow to keep up is ended; the client re-lists (like 410 Gone).
+            futures::future::ready(r.is_ok())
+        });
+        let live = live.filter_map(move |r| {
+            let keep = r.ok().filter(|ev| {
+                ev.kind == kind_w
+                    && ev.rv > after
+                    && ns_w.as_deref().map(|n| ev.namespace() == n).unwrap_or(true)
+            });
+            futures::future::ready(keep)
+        });
+        let q2 = q.clone();
+        let stream = initial
+            .chain(live)
+            .filter(move |ev| futures::future::ready(matches(&q2, &ev.object)))
+            .map(|ev| {
+                let mut line = serde_json::to_vec(&json!({"type": ev.type_, "object": &*ev.object}))
+                    .unwrap_or_default();
+                line.push(b'\n');
+                Ok::<_, std::io::Error>(bytes::Bytes::from(line))
+            });
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Transfer-Encoding", "chunked")
+            .body(Body::from_stream(stream))
+            .unwrap());
+    }
+    let (items, rv) = state.store.list(kind, ns)?;
+    let items: Vec<&Value> = items.iter().map(|a| &**a).filter(|o| matches(&q, o)).collect();
+    Ok(Json(json!({
+        "kind": format!("{}List", kind.name()),
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": rv.to_string()},
+        "items": items,
+    }))
+    .into_response())
+}
+
+/// GET of one object.
+pub fn get_one(state: &AppState, kind: Kind, ns: &str, name: &str) -> Result<Value, ApiError> {
+    state
+        .store
+        .get(kind, ns, name)?
+        .map(|o| (*o).clone())
+        .ok_or_else(|| ApiError::NotFound {
+            kind: kind.name().to_lowercase() + "s",
+            name: name.to_string(),
+        })
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    let mut out = String::new();
+    let (pods, rv) = state.store.list(Kind::Pod, None).unwrap_or_default();
+    let mut phases: std::collections::BTreeMap<String, u64> = ["Pending", "Running", "Succeeded", "Failed"]
+        .iter()
+        .map(|p| (p.to_string(), 0))
+        .collect();
+    for p in &pods {
+        let ph = p["status"]["phase"].as_str().unwrap_or("Pending").to_string();
+        *phases.entry(ph).or_default() += 1;
+    }
+    out.push_str("# HELP kapsel_pods Pods by phase.\n# TYPE kapsel_pods gauge\n");
+    for (ph, n) in phases {
+        out.push_str(&format!("kapsel_pods{{phase=\"{ph}\"}} {n}\n"));
+    }
+    let nodes = state.store.list(Kind::Node, None).map(|(n, _)| n.len()).unwrap_or(0);
+    out.push_str("# HELP kapsel_nodes Registered nodes.\n# TYPE kapsel_nodes gauge\n");
+    out.push_str(&format!("kapsel_nodes {nodes}\n"));
+    out.push_str("# HELP kapsel_store_revision Newest committed store revision.\n# TYPE kapsel_store_revision counter\n");
+    out.push_str(&format!("kapsel_store_revision {rv}\n"));
+    out.push_str(&format!(
+        "# HELP kapsel_build_info Build information.\n# TYPE kapsel_build_info gauge\nkapsel_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,333 @@
+//! `/api/v1/.../pods`: create (defaulting + validation), get, list/watch, replace, status,
+//! graceful delete, and container logs.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::{decode, get_one, list_or_watch, AppState, ListQuery};
+use crate::model::pod::{PodPhase, PodStatus, PullPolicy, RestartPolicy};
+use crate::model::validate::{validate_pod, FieldError};
+use crate::model::{Kind, Pod};
+use crate::store::object_rv;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/pods", get(list_all))
+        .route("/api/v1/namespaces/{ns}/pods", get(list).post(create))
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}",
+            get(read).put(replace).delete(delete),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/status",
+            get(read).put(replace_status),
+        )
+        .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(log))
+}
+
+async fn list_all(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+    list_or_watch(&s, Kind::Pod, None, q)
+}
+
+async fn list(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    list_or_watch(&s, Kind::Pod, Some(&ns), q)
+}
+
+async fn read(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    get_one(&s, Kind::Pod, &ns, &name).map(Json)
+}
+
+fn check_namespace(pod: &mut Pod, ns: &str) -> Result<(), ApiError> {
+    match &pod.metadata.namespace {
+        Some(n) if n != ns => Err(ApiError::BadRequest(format!(
+            "the namespace of the provided object ({n}) does not match the namespace sent on the request ({ns})"
+        ))),
+        _ => {
+            pod.metadata.namespace = Some(ns.to_string());
+            Ok(())
+        }
+    }
+}
+
+/// Fill in what Kubernetes defaults, so stored pods are explicit.
+pub fn default_pod(pod: &mut Pod) {
+    pod.api_version = "v1".into();
+    pod.kind = "Pod".into();
+    if pod.spec.restart_policy.is_none() {
+        pod.spec.restart_policy = Some(RestartPolicy::Always);
+    }
+    if pod.spec.termination_grace_period_seconds.is_none() {
+        pod.spec.termination_grace_period_seconds = Some(30);
+    }
+    for c in pod
+        .spec
+        .containers
+        .iter_mut()
+        .chain(pod.spec.init_containers.iter_mut())
+    {
+        if c.image_pull_policy.is_none() && !c.is_wasm() {
+            let latest = !c.image.contains(':') || c.image.ends_with(":latest");
+            c.image_pull_policy = Some(if latest {
+                PullPolicy::Always
+            } else {
+                PullPolicy::IfNotPresent
+            });
+        }
+    }
+}
+
+fn invalid(pod: &Pod, errors: Vec<FieldError>) -> ApiError {
+    ApiError::Invalid {
+        kind: "Pod".into(),
+        name: pod.metadata.name.clone(),
+        errors,
+    }
+}
+
+async fn create(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut pod: Pod = decode(&body)?;
+    check_namespace(&mut pod, &ns)?;
+    if pod.metadata.name.is_empty() {
+        if let Some(g) = &pod.metadata.generate_name {
+            let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_string();
+            pod.metadata.name = format!("{g}{suffix}");
+        }
+    }
+    if pod.metadata.resource_version.is_some() {
+        return Err(ApiError::BadRequest(
+            "metadata.resourceVersion: must not be set on create".into(),
+        ));
+    }
+    default_pod(&mut pod);
+    let errs = validate_pod(&pod);
+    if !errs.is_empty() {
+        return Err(invalid(&pod, errs));
+    }
+    pod.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
+    pod.metadata.creation_timestamp = Some(Utc::now());
+    pod.metadata.deletion_timestamp = None;
+    pod.status = Some(PodStatus {
+        phase: PodPhase::Pending,
+        ..Default::default()
+    });
+    let v = serde_json::to_value(&pod).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let stored = s.store.create(Kind::Pod, v).await?;
+    Ok((StatusCode::CREATED, Json(stored)))
+}
+
+/// PUT: labels and annotations may change; the spec of a pod is immutable, as in Kubernetes
+/// (except that an unbound pod may be bound by setting `spec.nodeName`).
+async fn replace(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let mut pod: Pod = decode(&body)?;
+    check_namespace(&mut pod, &ns)?;
+    if pod.metadata.name != name {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            pod.metadata.name
+        )));
+    }
+    let cur: Pod = serde_json::from_value(get_one(&s, Kind::Pod, &ns, &name)?)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    default_pod(&mut pod);
+    let mut want_spec = pod.spec.clone();
+    if cur.spec.node_name.is_some() && want_spec.node_name.is_none() {
+        want_spec.node_name = cur.spec.node_name.clone();
+    }
+    let mut cmp = cur.spec.clone();
+    cmp.node_name = want_spec.node_name.clone();
+    if cmp != want_spec || (cur.spec.node_name.is_some() && want_spec.node_name != cur.spec.node_name) {
+        return Err(invalid(
+            &pod,
+            vec![FieldError {
+                field: "spec".into(),
+                message: "Forbidden: pod updates may not change fields other than labels, annotations and an unset spec.nodeName; delete and re-create the pod".into(),
+            }],
+        ));
+    }
+    let mut next = cur.clone();
+    next.spec = want_spec;
+    next.metadata.labels = pod.metadata.labels;
+    next.metadata.annotations = pod.metadata.annotations;
+    next.metadata.resource_version = pod
+        .metadata
+        .resource_version
+        .or(cur.metadata.resource_version.clone());
+    let v = serde_json::to_value(&next).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(s.store.update(Kind::Pod, v).await?))
+}
+
+async fn replace_status(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let pod: Pod = decode(&body)?;
+    let cur: Pod = serde_json::from_value(get_one(&s, Kind::Pod, &ns, &name)?)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut next = cur.clone();
+    next.status = pod.status;
+    next.metadata.resource_version = pod
+        .metadata
+        .resource_version
+        .or(cur.metadata.resource_version.clone());
+    let v = serde_json::to_value(&next).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(s.store.update(Kind::Pod, v).await?))
+}
+
+/// DELETE: a pod running on a node is deleted gracefully — marked with `deletionTimestamp`,
+/// stopped by its node agent, then removed. Unbound or finished pods, and
+/// `gracePeriodSeconds=0`, are removed at once (the node agent then stops what is left).
+async fn delete(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let cur_v = get_one(&s, Kind::Pod, &ns, &name)?;
+    let mut cur: Pod =
+        serde_json::from_value(cur_v.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let force = q.grace_period_seconds == Some(0);
+    let active = cur.spec.node_name.is_some() && !cur.phase().is_terminal();
+    if force || !active {
+        return Ok(Json(s.store.delete(Kind::Pod, &ns, &name, object_rv(&cur_v)).await?));
+    }
+    if cur.metadata.deletion_timestamp.is_some() {
+        return Ok(Json(cur_v));
+    }
+    cur.metadata.deletion_timestamp = Some(Utc::now());
+    cur.metadata.deletion_grace_period_seconds = Some(
+        q.grace_period_seconds
+            .or(cur.spec.termination_grace_period_seconds)
+            .unwrap_or(30),
+    );
+    let v = serde_json::to_value(&cur).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(s.store.update(Kind::Pod, v).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogQuery {
+    pub container: Option<String>,
+    pub follow: Option<bool>,
+    pub tail_lines: Option<usize>,
+}
+
+async fn log(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let pod: Pod = serde_json::from_value(get_one(&s, Kind::Pod, &ns, &name)?)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let names: Vec<&str> = pod
+        .spec
+        .init_containers
+        .iter()
+        .chain(pod.spec.containers.iter())
+        .map(|c| c.name.as_str())
+        .collect();
+    let container = match q.container.as_deref() {
+        Some(c) if names.contains(&c) => c.to_string(),
+        Some(c) => {
+            return Err(ApiError::BadRequest(format!(
+                "container {c} is not valid for pod {name}; choose one of: [{}]",
+                names.join(" ")
+            )))
+        }
+        None if pod.spec.containers.len() == 1 => pod.spec.containers[0].name.clone(),
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                names.join(" ")
+            )))
+        }
+    };
+    let uid = pod.uid().to_string();
+    let path = s.logs.path(&uid, &container);
+    if !path.exists() {
+        let waiting = pod
+            .status
+            .as_ref()
+            .and_then(|st| {
+                st.container_statuses
+                    .iter()
+                    .chain(st.init_container_statuses.iter())
+                    .find(|c| c.name == container)
+            })
+            .and_then(|c| c.state.waiting.clone());
+        if let Some(w) = waiting {
+            if !q.follow.unwrap_or(false) {
+                return Err(ApiError::BadRequest(format!(
+                    "container {container:?} in pod {name:?} is waiting to start: {}",
+                    w.reason.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    let (head, offset) = s.logs.read(&uid, &container, q.tail_lines);
+    if !q.follow.unwrap_or(false) {
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], head).into_response());
+    }
+    let stream = s.logs.stream(&uid, &container);
+    let mut rx = stream.subscribe();
+    rx.borrow_and_update();
+    let ctx = std::sync::Arc::new((s.store.clone(), s.logs.clone(), uid, container, ns, name));
+    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) });
+    let rest = futures::stream::unfold(Some((offset, rx)), move |state| {
+        let ctx = ctx.clone();
+        async move {
+            let (mut offset, mut rx) = state?;
+            let (store, logs, uid, container, ns, name) = &*ctx;
+            loop {
+                let (buf, next) = logs.read_from(uid, container, offset);
+                offset = next;
+                if !buf.is_empty() {
+                    return Some((Ok(Bytes::from(buf)), Some((offset, rx))));
+                }
+                // Stop following when the pod is gone or finished for good.
+                let done = match store.get(Kind::Pod, ns, name) {
+                    Ok(Some(p)) => {
+                        p["metadata"]["uid"].as_str() != Some(uid.as_str())
+                            || matches!(p["status"]["phase"].as_str(), Some("Succeeded") | Some("Failed"))
+                    }
+                    _ => true,
+                };
+                if done {
+                    let (buf, _) = logs.read_from(uid, container, offset);
+                    return if buf.is_empty() { None } else { Some((Ok(Bytes::from(buf)), None)) };
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(first.chain(rest)))
+        .unwrap())
+}

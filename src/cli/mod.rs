@@ -1,0 +1,489 @@
+//! The `kapsel` command line: `serve`, `up`, `apply`, `get`, `describe`, `logs`, `delete`
+//! (see CONTRACT.md). Client commands talk HTTP to `--server`; `serve` and `up` run the
+//! embedded control plane and node. `anyhow` lives here, at the edge, and nowhere else.
+
+pub mod client;
+pub mod manifest;
+pub mod output;
+pub mod up;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use self::client::{path_for, Client};
+use self::manifest::Manifest;
+use crate::api::pods::default_pod;
+use crate::model::quantity::parse_bytes;
+use crate::model::{Event, Node, Pod};
+use crate::server::{Server, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "kapsel", version, about = "A pod runtime and orchestrator: WASM modules and OCI containers in one pod")]
+pub struct Cli {
+    /// API server URL for client commands.
+    #[arg(long, global = true, env = "KAPSEL_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Namespace.
+    #[arg(short = 'n', long, global = true, default_value = "default")]
+    pub namespace: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeOpts {
+    /// Directory for the store, volumes, logs and the compiled-module cache.
+    #[arg(long, default_value = "./kapsel-data")]
+    pub data_dir: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Most pods this node accepts.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_pods: u64,
+    /// Instances the WASM pooling allocator holds (0 disables it).
+    #[arg(long, default_value_t = 1024)]
+    pub wasm_pool_slots: u32,
+    /// Largest linear memory of a pooled WASM instance.
+    #[arg(long, default_value = "64Mi")]
+    pub wasm_pool_memory: String,
+    /// First restart back-off (Kubernetes: 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub backoff_initial: Duration,
+    /// Longest restart back-off (Kubernetes: 5m).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the control plane and a local node.
+    Serve {
+        /// Address of the HTTP API (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        #[command(flatten)]
+        node: NodeOpts,
+    },
+    /// Run manifests in the foreground with an embedded control plane + node; Ctrl-C stops all.
+    Up {
+        /// Manifest file or directory.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// Keep state here (default: a temporary directory removed on exit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Most pods this node accepts.
+        #[arg(long, default_value_t = 10_000)]
+        max_pods: u64,
+    },
+    /// Create or update every object in the files.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// List or read objects: pods, nodes, events.
+    Get {
+        resource: String,
+        name: Option<String>,
+        /// wide, json or yaml.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        /// Filter by labels (`app=web,tier!=db`).
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Show an object in detail with its recent events.
+    Describe { resource: String, name: String },
+    /// Print a container's logs.
+    Logs {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Delete objects by name or by manifest.
+    Delete {
+        resource: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        /// Wait until the objects are gone.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        wait: bool,
+        /// Seconds to let the pod stop; 0 removes it at once.
+        #[arg(long)]
+        grace_period: Option<i64>,
+    },
+    /// Manage rollouts of Deployments (arrives with the controllers).
+    Rollout {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Scale a Deployment (arrives with the controllers).
+    Scale {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or bare seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 10s, 5m)"))?;
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+fn resource_name(r: &str) -> Result<&'static str> {
+    Ok(match r {
+        "pod" | "pods" | "po" => "pods",
+        "node" | "nodes" | "no" => "nodes",
+        "event" | "events" | "ev" => "events",
+        "deployment" | "deployments" | "deploy" => "deployments",
+        other => bail!("unknown resource type {other:?}: use pods, nodes or events"),
+    })
+}
+
+pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
+    let node_name = opts.node_name.clone().unwrap_or_else(default_node_name);
+    let mut cfg = ServerConfig::new(listen, opts.data_dir.clone(), &node_name);
+    cfg.max_pods = opts.max_pods;
+    cfg.wasm_pool_slots = opts.wasm_pool_slots;
+    cfg.wasm_pool_memory = parse_bytes(&opts.wasm_pool_memory)
+        .map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
+    cfg.backoff.initial = opts.backoff_initial;
+    cfg.backoff.max = opts.backoff_max;
+    Ok(cfg)
+}
+
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| crate::model::validate::is_dns_subdomain(s))
+        .unwrap_or_else(|| "kapsel-node".into())
+}
+
+pub async fn run(cli: Cli) -> Result<i32> {
+    let client = Client::new(&cli.server);
+    let ns = cli.namespace.clone();
+    match cli.command {
+        Command::Serve { listen, node } => {
+            let cfg = server_config(&listen, &node)?;
+            let server = Server::start(cfg.clone()).await?;
+            eprintln!(
+                "kapsel: API on http://{} · node {} · data in {}",
+                server.addr,
+                cfg.node_name,
+                cfg.data_dir.display()
+            );
+            shutdown_signal().await;
+            eprintln!("kapsel: stopping pods…");
+            server.shutdown();
+            server.wait().await;
+            Ok(0)
+        }
+        Command::Up { file, listen, data_dir, max_pods } => up::run(&file, &listen, data_dir, max_pods, &ns).await,
+        Command::Apply { file } => {
+            let manifests = manifest::load(&file)?;
+            apply(&client, &manifests, &ns, |line| println!("{line}")).await?;
+            Ok(0)
+        }
+        Command::Get { resource, name, output, selector, all_namespaces } => {
+            get(&client, &ns, &resource, name.as_deref(), output.as_deref(), selector.as_deref(), all_namespaces).await
+        }
+        Command::Describe { resource, name } => describe(&client, &ns, &resource, &name).await,
+        Command::Logs { pod, container, follow, tail } => {
+            logs(&client, &ns, &pod, container.as_deref(), follow, tail).await
+        }
+        Command::Delete { resource, name, file, wait, grace_period } => {
+            delete(&client, &ns, resource, name, file, wait, grace_period).await
+        }
+        Command::Rollout { .. } | Command::Scale { .. } => {
+            bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Create, or update what may change; prints `pod/x created|configured|unchanged`.
+pub async fn apply(
+    client: &Client,
+    manifests: &[Manifest],
+    default_ns: &str,
+    print: impl Fn(String),
+) -> Result<()> {
+    let results: Vec<Result<String>> = futures::stream::iter(manifests.iter().cloned())
+        .map(|m| {
+            let client = client.clone();
+            let ns = m.namespace.clone().unwrap_or_else(|| default_ns.to_string());
+            async move { apply_one(&client, &m, &ns).await.with_context(|| format!("{} ({})", m.source, m.name)) }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    let mut failed = None;
+    for r in results {
+        match r {
+            Ok(line) => print(line),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn apply_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
+    let resource = m.resource();
+    let kind = m.kind.to_lowercase();
+    match client.post(&path_for(resource, ns, None), &m.object).await {
+        Ok(_) => return Ok(format!("{kind}/{} created", m.name)),
+        Err(e) if e.code() == Some(409) && e.reason() == "AlreadyExists" => {}
+        Err(e) => return Err(e.into()),
+    }
+    let cur = client.get(&path_for(resource, ns, Some(&m.name))).await?;
+    if m.kind == "Pod" {
+        let mut want: Pod = serde_json::from_value(m.object.clone())?;
+        want.metadata.namespace = Some(ns.to_string());
+        default_pod(&mut want);
+        let cur_pod: Pod = serde_json::from_value(cur.clone())?;
+        let mut cur_spec = cur_pod.spec.clone();
+        cur_spec.node_name = want.spec.node_name.clone();
+        if cur_spec == want.spec
+            && cur_pod.metadata.labels == want.metadata.labels
+            && cur_pod.metadata.annotations == want.metadata.annotations
+        {
+            return Ok(format!("{kind}/{} unchanged", m.name));
+        }
+    }
+    let mut next = m.object.clone();
+    next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+    next["metadata"]["namespace"] = Value::String(ns.to_string());
+    client.put(&path_for(resource, ns, Some(&m.name)), &next).await?;
+    Ok(format!("{kind}/{} configured", m.name))
+}
+
+async fn get(
+    client: &Client,
+    ns: &str,
+    resource: &str,
+    name: Option<&str>,
+    output: Option<&str>,
+    selector: Option<&str>,
+    all_ns: bool,
+) -> Result<i32> {
+    let res = resource_name(resource)?;
+    if res == "deployments" {
+        bail!("Deployments are not available in this build yet (they arrive with the controllers)");
+    }
+    let mut path = if all_ns && name.is_none() && res != "nodes" {
+        format!("/api/v1/{res}")
+    } else {
+        path_for(res, ns, name)
+    };
+    if let Some(sel) = selector {
+        path.push_str(&format!("?labelSelector={}", urlencode(sel)));
+    }
+    let v = client.get(&path).await?;
+    match output {
+        Some("json") | Some("yaml") => {
+            print!("{}", output::render(&v, output.unwrap()));
+            return Ok(0);
+        }
+        None | Some("wide") => {}
+        Some(o) => bail!("unknown output format {o:?}: use wide, json or yaml"),
+    }
+    let wide = output == Some("wide");
+    let items: Vec<Value> = if name.is_some() {
+        vec![v]
+    } else {
+        v["items"].as_array().cloned().unwrap_or_default()
+    };
+    if items.is_empty() {
+        eprintln!("No resources found in {ns} namespace.");
+        return Ok(0);
+    }
+    let text = match res {
+        "pods" => {
+            let pods: Vec<Pod> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            output::pods_table(&pods, wide, all_ns)
+        }
+        "nodes" => {
+            let nodes: Vec<Node> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            output::nodes_table(&nodes, wide)
+        }
+        _ => {
+            let mut evs: Vec<Event> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            evs.sort_by_key(|e| e.last_timestamp);
+            output::events_table(&evs)
+        }
+    };
+    print!("{text}");
+    Ok(0)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn describe(client: &Client, ns: &str, resource: &str, name: &str) -> Result<i32> {
+    match resource_name(resource)? {
+        "pods" => {
+            let pod: Pod = serde_json::from_value(client.get(&path_for("pods", ns, Some(name))).await?)?;
+            let evs = client.get(&path_for("events", ns, None)).await?;
+            let mut events: Vec<Event> = evs["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| serde_json::from_value::<Event>(e).ok())
+                .filter(|e| e.involved_object.uid == pod.uid())
+                .collect();
+            events.sort_by_key(|e| e.first_timestamp);
+            print!("{}", output::describe_pod(&pod, &events));
+        }
+        "nodes" => {
+            let node: Node = serde_json::from_value(client.get(&path_for("nodes", ns, Some(name))).await?)?;
+            let pods = client
+                .get(&format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", urlencode(name)))
+                .await?;
+            let pods: Vec<Pod> = pods["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|p| serde_json::from_value(p).ok())
+                .collect();
+            print!("{}", output::describe_node(&node, &pods));
+        }
+        other => bail!("describe supports pods and nodes, not {other}"),
+    }
+    Ok(0)
+}
+
+async fn logs(
+    client: &Client,
+    ns: &str,
+    pod: &str,
+    container: Option<&str>,
+    follow: bool,
+    tail: Option<usize>,
+) -> Result<i32> {
+    let mut path = format!("{}/log?follow={follow}", path_for("pods", ns, Some(pod)));
+    if let Some(c) = container {
+        path.push_str(&format!("&container={}", urlencode(c)));
+    }
+    if let Some(t) = tail {
+        path.push_str(&format!("&tailLines={t}"));
+    }
+    let resp = client.stream(&path).await?;
+    let mut body = resp.bytes_stream();
+    let mut out = tokio::io::stdout();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("log stream interrupted")?;
+        out.write_all(&chunk).await?;
+        out.flush().await?;
+    }
+    Ok(0)
+}
+
+async fn delete(
+    client: &Client,
+    ns: &str,
+    resource: Option<String>,
+    name: Option<String>,
+    file: Option<PathBuf>,
+    wait: bool,
+    grace: Option<i64>,
+) -> Result<i32> {
+    let mut targets: Vec<(String, String, String)> = Vec::new();
+    if let Some(f) = file {
+        for m in manifest::load(&f)? {
+            let ns = m.namespace.clone().unwrap_or_else(|| ns.to_string());
+            targets.push((m.resource().to_string(), ns, m.name.clone()));
+        }
+    } else {
+        let (Some(r), Some(n)) = (resource, name) else {
+            bail!("usage: kapsel delete pod|node NAME, or kapsel delete -f FILE");
+        };
+        let r = resource_name(&r)?;
+        if r == "deployments" {
+            bail!("Deployments are not available in this build yet (they arrive with the controllers)");
+        }
+        targets.push((r.to_string(), ns.to_string(), n));
+    }
+    let mut failed = false;
+    for (res, ns, name) in &targets {
+        let mut path = path_for(res, ns, Some(name));
+        if let Some(g) = grace {
+            path.push_str(&format!("?gracePeriodSeconds={g}"));
+        }
+        match client.delete(&path).await {
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+                continue;
+            }
+        }
+        if wait {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                match client.get(&path_for(res, ns, Some(name))).await {
+                    Err(e) if e.code() == Some(404) => break,
+                    Err(e) => return Err(e.into()),
+                    Ok(_) if Instant::now() > deadline => {
+                        bail!("{res}/{name} is still terminating after 120s")
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        println!("{} \"{name}\" deleted", res.trim_end_matches('s'));
+    }
+    Ok(if failed { 1 } else { 0 })
+}

@@ -1,0 +1,185 @@
+//! `kapsel up`: like `docker compose up`. Starts an embedded control plane + node, applies the
+//! manifests, shows each pod becoming ready, streams every container's log prefixed with
+//! `pod/container |`, and exits when every pod has finished (0 if all succeeded) — or on
+//! Ctrl-C / SIGTERM, after stopping every pod, with 0.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::client::Client;
+use super::manifest;
+use crate::model::{Kind, Pod, PodPhase};
+use crate::server::{Server, ServerConfig};
+use crate::store::WatchFrom;
+
+pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods: u64, ns: &str) -> Result<i32> {
+    let manifests = manifest::load(file)?;
+    if manifests.is_empty() {
+        bail!("{}: no objects found", file.display());
+    }
+    let tmp;
+    let dir = match data_dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::Builder::new().prefix("kapsel-up-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut cfg = ServerConfig::new(listen, dir.clone(), &super::default_node_name());
+    cfg.max_pods = max_pods;
+    let server = Server::start(cfg)
+        .await
+        .with_context(|| format!("starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"))?;
+    eprintln!("kapsel: control plane + node up at http://{} (data: {})", server.addr, dir.display());
+    let client = Client::new(&format!("http://{}", server.addr));
+
+    let mut watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
+    let applied = super::apply(&client, &manifests, ns, |l| eprintln!("kapsel: {l}")).await;
+    if let Err(e) = applied {
+        server.shutdown();
+        server.wait().await;
+        return Err(e);
+    }
+    let wanted: HashSet<(String, String)> = manifests
+        .iter()
+        .filter(|m| m.kind == "Pod")
+        .map(|m| (m.namespace.clone().unwrap_or_else(|| ns.to_string()), m.name.clone()))
+        .collect();
+
+    let mut last: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut phases: BTreeMap<(String, String), PodPhase> = BTreeMap::new();
+    let mut following: HashSet<(String, String, String)> = HashSet::new();
+    let mut log_tasks = tokio::task::JoinSet::new();
+    let signal = super::shutdown_signal();
+    tokio::pin!(signal);
+    let mut interrupted = false;
+    let mut pending = std::mem::take(&mut watch.initial);
+    loop {
+        for ev in pending.drain(..) {
+            let Ok(pod) = serde_json::from_value::<Pod>((*ev.object).clone()) else { continue };
+            let key = (pod.ns().to_string(), pod.name().to_string());
+            if !wanted.contains(&key) {
+                continue;
+            }
+            let line = summary(&pod);
+            if last.get(&key) != Some(&line) {
+                eprintln!("kapsel: pod/{} {line}", pod.name());
+                last.insert(key.clone(), line);
+            }
+            phases.insert(key.clone(), pod.phase());
+            for c in pod.spec.init_containers.iter().chain(pod.spec.containers.iter()) {
+                let k = (key.0.clone(), key.1.clone(), c.name.clone());
+                if following.insert(k) {
+                    let client = client.clone();
+                    let (ns, name, cname) = (key.0.clone(), key.1.clone(), c.name.clone());
+                    log_tasks.spawn(async move { follow(&client, &ns, &name, &cname).await });
+                }
+            }
+        }
+        if !wanted.is_empty()
+            && wanted.iter().all(|k| phases.get(k).map(|p| p.is_terminal()).unwrap_or(false))
+        {
+            break;
+        }
+        tokio::select! {
+            ev = watch.live.recv() => match ev {
+                Ok(ev) => if watch.wants(&ev) { pending.push(ev) },
+                Err(RecvError::Lagged(_)) => {
+                    watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
+                    pending = std::mem::take(&mut watch.initial);
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = &mut signal => { interrupted = true; break; }
+        }
+    }
+    if interrupted {
+        eprintln!("kapsel: stopping every pod…");
+        server.shutdown();
+        server.wait().await;
+        log_tasks.abort_all();
+        eprintln!("kapsel: stopped");
+        return Ok(0);
+    }
+    // Every pod finished: let the log followers drain, then stop.
+    let drain = async { while log_tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+    server.shutdown();
+    server.wait().await;
+    let failed: Vec<&(String, String)> = phases
+        .iter()
+        .filter(|(k, p)| wanted.contains(*k) && **p == PodPhase::Failed)
+        .map(|(k, _)| k)
+        .collect();
+    if failed.is_empty() {
+        eprintln!("kapsel: all pods succeeded");
+        Ok(0)
+    } else {
+        for (_, n) in &failed {
+            eprintln!("kapsel: pod/{n} failed");
+        }
+        Ok(1)
+    }
+}
+
+/// `Running (1/1 ready)`, `Pending: main ContainerCreating`, `Succeeded`.
+fn summary(pod: &Pod) -> String {
+    let st = pod.status.clone().unwrap_or_default();
+    let ready = st.container_statuses.iter().filter(|c| c.ready).count();
+    let mut s = format!("{:?}", st.phase);
+    if st.phase == PodPhase::Running {
+        s.push_str(&format!(" ({ready}/{} ready)", pod.spec.containers.len()));
+    }
+    let reason = super::output::pod_status(pod);
+    if reason != format!("{:?}", st.phase) {
+        s.push_str(&format!(": {reason}"));
+        if let Some(m) = st
+            .container_statuses
+            .iter()
+            .chain(st.init_container_statuses.iter())
+            .find_map(|c| {
+                c.state
+                    .waiting
+                    .as_ref()
+                    .and_then(|w| w.message.clone())
+                    .or_else(|| c.state.terminated.as_ref().and_then(|t| t.message.clone()))
+            })
+        {
+            s.push_str(&format!(" — {}", m.lines().next().unwrap_or("")));
+        }
+    }
+    s
+}
+
+async fn follow(client: &Client, ns: &str, pod: &str, container: &str) {
+    let path = format!(
+        "/api/v1/namespaces/{ns}/pods/{pod}/log?follow=true&container={container}"
+    );
+    let Ok(resp) = client.stream(&path).await else { return };
+    let prefix = format!("{pod}/{container} | ");
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = tokio::io::stdout();
+    while let Some(Ok(chunk)) = body.next().await {
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let mut o = prefix.clone().into_bytes();
+            o.extend_from_slice(&line);
+            let _ = out.write_all(&o).await;
+        }
+        let _ = out.flush().await;
+    }
+    if !buf.is_empty() {
+        let mut o = prefix.into_bytes();
+        o.extend_from_slice(&buf);
+        o.push(b'\n');
+        let _ = out.write_all(&o).await;
+        let _ = out.flush().await;
+    }
+}

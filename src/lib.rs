@@ -1,0 +1,27 @@
+//! # Kapsel — a pod runtime and orchestrator
+//!
+//! WebAssembly modules (in-process, wasmtime) and OCI containers in one pod, with an embedded
+//! control plane. A manifest flows: CLI → [`api`] → [`store`] → [`sched`] binds it to a node →
+//! [`runtime`]'s node agent runs it → status flows back through the store.
+//!
+//! ## Layout
+//! - [`model`]: the Kubernetes-shaped object types (Pod, Node, Event), quantities, validation.
+//! - [`store`]: the `Store` trait (revisions, compare-and-swap, watch) and its embedded redb
+//!   backend with group commit.
+//! - [`api`]: the axum HTTP API — one file per resource kind, errors mapped to `Status` once.
+//! - [`sched`]: the scheduler and its filter/score plugin pipeline.
+//! - [`runtime`]: the node agent, pod workers, the executor trait, the WASM executor, logs,
+//!   volumes, restart back-off.
+//! - [`events`]: the event recorder used by the scheduler and the node agent.
+//! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
+//! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
+//! - `patterns` (sidecar, ambassador, adapter) arrive with their issues.
+
+pub mod api;
+pub mod cli;
+pub mod events;
+pub mod model;
+pub mod runtime;
+pub mod sched;
+pub mod server;
+pub mod store;

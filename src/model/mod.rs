@@ -1,0 +1,51 @@
+//! The object model: Kubernetes-shaped kinds (Pod, Node, Event), their quantities and validation.
+//! Types are strict (`deny_unknown_fields`) so a typo in a manifest is an error naming the field.
+
+pub mod event;
+pub mod meta;
+pub mod node;
+pub mod pod;
+pub mod quantity;
+pub mod validate;
+
+pub use event::{Event, ObjectReference};
+pub use meta::{ObjectMeta, TypeMeta};
+pub use node::Node;
+pub use pod::{Container, ContainerState, ContainerStatus, Pod, PodPhase, PodStatus};
+
+/// The kinds the API serves, with their REST resource names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Pod,
+    Node,
+    Event,
+}
+
+impl Kind {
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Node => "nodes",
+            Kind::Event => "events",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+            Kind::Event => "Event",
+        }
+    }
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node)
+    }
+    pub fn from_resource(s: &str) -> Option<Kind> {
+        match s {
+            "pods" | "pod" | "po" => Some(Kind::Pod),
+            "nodes" | "node" | "no" => Some(Kind::Node),
+            "events" | "event" | "ev" => Some(Kind::Event),
+            _ => None,
+        }
+    }
+    pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Node, Kind::Event];
+}

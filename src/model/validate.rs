@@ -1,0 +1,373 @@
+//! Semantic validation of objects beyond their schema: names, references between fields,
+//! quantities. Every error names the field path, as Kubernetes' `field.ErrorList` does.
+
+use std::collections::BTreeSet;
+
+use super::pod::{Container, Pod, RestartPolicy};
+use super::quantity::{parse_bytes, parse_millicpu};
+
+/// One invalid field: `spec.containers[0].image: Required value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A DNS-1123 label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (labels joined by dots, at most 253 characters).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+pub fn validate_object_name(name: &str, field: &str, errs: &mut Vec<FieldError>) {
+    if name.is_empty() {
+        errs.push(err(field, "Required value: name is required"));
+    } else if !is_dns_subdomain(name) {
+        errs.push(err(
+            field,
+            format!(
+                "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+            ),
+        ));
+    }
+}
+
+/// Validate a pod for creation. Returns every problem found, not just the first.
+pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if !pod.api_version.is_empty() && pod.api_version != "v1" {
+        errs.push(err(
+            "apiVersion",
+            format!("Unsupported value: {:?}: supported values: \"v1\"", pod.api_version),
+        ));
+    }
+    if !pod.kind.is_empty() && pod.kind != "Pod" {
+        errs.push(err(
+            "kind",
+            format!("Unsupported value: {:?}: expected \"Pod\"", pod.kind),
+        ));
+    }
+    validate_object_name(&pod.metadata.name, "metadata.name", &mut errs);
+    if let Some(ns) = &pod.metadata.namespace {
+        if !is_dns_label(ns) {
+            errs.push(err("metadata.namespace", format!("Invalid value: {ns:?}")));
+        }
+    }
+    let spec = &pod.spec;
+    if spec.containers.is_empty() {
+        errs.push(err("spec.containers", "Required value: at least one container"));
+    }
+    let mut volume_names = BTreeSet::new();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let f = format!("spec.volumes[{i}]");
+        if !is_dns_label(&v.name) {
+            errs.push(err(format!("{f}.name"), format!("Invalid value: {:?}", v.name)));
+        }
+        if !volume_names.insert(v.name.clone()) {
+            errs.push(err(format!("{f}.name"), format!("Duplicate value: {:?}", v.name)));
+        }
+        match (&v.empty_dir, &v.host_path) {
+            (None, None) => errs.push(err(
+                &f,
+                "Required value: must specify a volume type (emptyDir or hostPath)",
+            )),
+            (Some(_), Some(_)) => errs.push(err(
+                &f,
+                "Forbidden: may not specify more than 1 volume type",
+            )),
+            (Some(ed), None) => {
+                if let Some(q) = &ed.size_limit {
+                    if let Err(e) = parse_bytes(&q.as_string()) {
+                        errs.push(err(format!("{f}.emptyDir.sizeLimit"), e));
+                    }
+                }
+            }
+            (None, Some(hp)) => {
+                if !hp.path.starts_with('/') {
+                    errs.push(err(
+                        format!("{f}.hostPath.path"),
+                        format!("Invalid value: {:?}: must be an absolute path", hp.path),
+                    ));
+                }
+                match hp.type_.as_deref() {
+                    None | Some("") | Some("Directory") | Some("DirectoryOrCreate") => {}
+                    Some(t) => errs.push(err(
+                        format!("{f}.hostPath.type"),
+                        format!("Unsupported value: {t:?}: supported values: \"\", \"Directory\", \"DirectoryOrCreate\""),
+                    )),
+                }
+            }
+        }
+    }
+    let mut names = BTreeSet::new();
+    let groups = [
+        ("spec.initContainers", &spec.init_containers, true),
+        ("spec.containers", &spec.containers, false),
+    ];
+    for (group, list, init) in groups {
+        for (i, c) in list.iter().enumerate() {
+            let f = format!("{group}[{i}]");
+            if !names.insert(c.name.clone()) && !c.name.is_empty() {
+                errs.push(err(format!("{f}.name"), format!("Duplicate value: {:?}", c.name)));
+            }
+            validate_container(c, &f, init, &volume_names, &mut errs);
+        }
+    }
+    errs
+}
+
+fn validate_container(
+    c: &Container,
+    f: &str,
+    init: bool,
+    volumes: &BTreeSet<String>,
+    errs: &mut Vec<FieldError>,
+) {
+    if c.name.is_empty() {
+        errs.push(err(format!("{f}.name"), "Required value"));
+    } else if !is_dns_label(&c.name) {
+        errs.push(err(
+            format!("{f}.name"),
+            format!("Invalid value: {:?}: must be a DNS-1123 label (lowercase alphanumerics and '-')", c.name),
+        ));
+    }
+    if c.image.trim().is_empty() {
+        errs.push(err(format!("{f}.image"), "Required value"));
+    }
+    if c.restart_policy.is_some() && !init {
+        errs.push(err(
+            format!("{f}.restartPolicy"),
+            "Forbidden: may only be set on init containers",
+        ));
+    }
+    if let Some(p) = c.restart_policy {
+        if p != RestartPolicy::Always {
+            errs.push(err(
+                format!("{f}.restartPolicy"),
+                "Unsupported value: only \"Always\" (a native sidecar) is supported on init containers",
+            ));
+        }
+    }
+    for (j, e) in c.env.iter().enumerate() {
+        let ef = format!("{f}.env[{j}]");
+        if e.name.is_empty() || e.name.contains('=') {
+            errs.push(err(format!("{ef}.name"), format!("Invalid value: {:?}", e.name)));
+        }
+        if let Some(vf) = &e.value_from {
+            if e.value.is_some() {
+                errs.push(err(
+                    format!("{ef}.valueFrom"),
+                    "Invalid value: may not be specified when `value` is not empty",
+                ));
+            }
+            match &vf.field_ref {
+                Some(fr) => {
+                    const OK: &[&str] = &[
+                        "metadata.name",
+                        "metadata.namespace",
+                        "metadata.uid",
+                        "spec.nodeName",
+                        "status.podIP",
+                        "status.hostIP",
+                    ];
+                    if !OK.contains(&fr.field_path.as_str()) {
+                        errs.push(err(
+                            format!("{ef}.valueFrom.fieldRef.fieldPath"),
+                            format!("Unsupported value: {:?}: supported values: {}", fr.field_path, OK.join(", ")),
+                        ));
+                    }
+                }
+                None => errs.push(err(
+                    format!("{ef}.valueFrom"),
+                    "Required value: fieldRef (the only supported source)",
+                )),
+            }
+        }
+    }
+    for (j, p) in c.ports.iter().enumerate() {
+        if !(1..=65535).contains(&p.container_port) {
+            errs.push(err(
+                format!("{f}.ports[{j}].containerPort"),
+                format!("Invalid value: {}: must be between 1 and 65535, inclusive", p.container_port),
+            ));
+        }
+        if let Some(hp) = p.host_port {
+            if !(1..=65535).contains(&hp) {
+                errs.push(err(
+                    format!("{f}.ports[{j}].hostPort"),
+                    format!("Invalid value: {hp}: must be between 1 and 65535, inclusive"),
+                ));
+            }
+        }
+        if let Some(proto) = &p.protocol {
+            if proto != "TCP" && proto != "UDP" {
+                errs.push(err(
+                    format!("{f}.ports[{j}].protocol"),
+                    format!("Unsupported value: {proto:?}: supported values: \"TCP\", \"UDP\""),
+                ));
+            }
+        }
+    }
+    if let Some(r) = &c.resources {
+        for (kind, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+            for (k, q) in map {
+                let rf = format!("{f}.resources.{kind}.{k}");
+                let res = match k.as_str() {
+                    "memory" => parse_bytes(&q.as_string()).map(|_| ()),
+                    "cpu" => parse_millicpu(&q.as_string()).map(|_| ()),
+                    "ephemeral-storage" => parse_bytes(&q.as_string()).map(|_| ()),
+                    _ => Err(format!(
+                        "Unsupported value: {k:?}: supported resources: \"cpu\", \"memory\", \"ephemeral-storage\""
+                    )),
+                };
+                if let Err(e) = res {
+                    errs.push(err(rf, e));
+                }
+            }
+        }
+    }
+    let mut paths = BTreeSet::new();
+    for (j, m) in c.volume_mounts.iter().enumerate() {
+        let mf = format!("{f}.volumeMounts[{j}]");
+        if !volumes.contains(&m.name) {
+            errs.push(err(
+                format!("{mf}.name"),
+                format!("Not found: {:?}: no volume of that name in spec.volumes", m.name),
+            ));
+        }
+        if !m.mount_path.starts_with('/') {
+            errs.push(err(
+                format!("{mf}.mountPath"),
+                format!("Invalid value: {:?}: must be an absolute path", m.mount_path),
+            ));
+        } else if m.mount_path.split('/').any(|s| s == "..") {
+            errs.push(err(
+                format!("{mf}.mountPath"),
+                format!("Invalid value: {:?}: must not contain '..'", m.mount_path),
+            ));
+        }
+        if !paths.insert(m.mount_path.clone()) {
+            errs.push(err(
+                format!("{mf}.mountPath"),
+                format!("Invalid value: {:?}: must be unique", m.mount_path),
+            ));
+        }
+        if let Some(sp) = &m.sub_path {
+            if sp.starts_with('/') || sp.split('/').any(|s| s == "..") {
+                errs.push(err(
+                    format!("{mf}.subPath"),
+                    format!("Invalid value: {sp:?}: must be a relative path without '..'"),
+                ));
+            }
+        }
+    }
+    if let Some(wd) = &c.working_dir {
+        if !wd.starts_with('/') {
+            errs.push(err(
+                format!("{f}.workingDir"),
+                format!("Invalid value: {wd:?}: must be an absolute path"),
+            ));
+        }
+    }
+    for (name, p) in [
+        ("livenessProbe", &c.liveness_probe),
+        ("readinessProbe", &c.readiness_probe),
+        ("startupProbe", &c.startup_probe),
+    ] {
+        if let Some(p) = p {
+            let n = [p.http_get.is_some(), p.tcp_socket.is_some(), p.exec.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if n != 1 {
+                errs.push(err(
+                    format!("{f}.{name}"),
+                    "Required value: exactly one of httpGet, tcpSocket, exec",
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::pod::{Container, Pod, VolumeMount};
+
+    fn pod() -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = "web".into();
+        p.spec.containers.push(Container {
+            name: "app".into(),
+            image: "app.wasm".into(),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn good_pod_is_valid() {
+        assert!(validate_pod(&pod()).is_empty());
+    }
+
+    #[test]
+    fn names_the_field() {
+        let mut p = pod();
+        p.metadata.name = "Web_1".into();
+        p.spec.containers[0].image.clear();
+        p.spec.containers[0].volume_mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: "data".into(),
+            ..Default::default()
+        });
+        let errs: Vec<String> = validate_pod(&p).iter().map(|e| e.field.clone()).collect();
+        assert_eq!(
+            errs,
+            vec![
+                "metadata.name",
+                "spec.containers[0].image",
+                "spec.containers[0].volumeMounts[0].name",
+                "spec.containers[0].volumeMounts[0].mountPath"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_container_names() {
+        let mut p = pod();
+        p.spec.containers.push(p.spec.containers[0].clone());
+        let errs = validate_pod(&p);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "spec.containers[1].name");
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns_label("a-1"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("A"));
+        assert!(is_dns_subdomain("a.b-c"));
+    }
+}

@@ -1,0 +1,341 @@
+//! The node agent: registers this node, watches the pods bound to it and reconciles desired
+//! against observed state, level-triggered: a pod that should run and has no worker gets one
+//! (also after a crash of the whole process); a pod being deleted is stopped, then removed;
+//! directories of pods that no longer exist are cleaned up.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::worker::{run_pod, AgentCtx};
+use crate::model::node::{NodeAddress, NodeCondition, NodeInfo, NodeStatus};
+use crate::model::{Kind, Node, ObjectMeta, Pod};
+use crate::store::{EventType, StoreError, WatchEvent, WatchFrom};
+
+/// Capacity this node advertises.
+#[derive(Debug, Clone)]
+pub struct NodeResources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub max_pods: u64,
+    pub runtimes: Vec<String>,
+}
+
+impl NodeResources {
+    /// Read the machine: CPUs and memory.
+    pub fn detect(max_pods: u64) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(1 << 30);
+        NodeResources {
+            cpu_millis: cpus * 1000,
+            memory_bytes: mem,
+            max_pods,
+            runtimes: vec!["wasm".into()],
+        }
+    }
+}
+
+struct Worker {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    deleting: bool,
+}
+
+pub struct NodeAgent {
+    ctx: Arc<AgentCtx>,
+    resources: NodeResources,
+    workers: HashMap<String, Worker>,
+}
+
+impl NodeAgent {
+    pub fn new(ctx: Arc<AgentCtx>, resources: NodeResources) -> Self {
+        NodeAgent {
+            ctx,
+            resources,
+            workers: HashMap::new(),
+        }
+    }
+
+    fn node_object(&self) -> Node {
+        let r = &self.resources;
+        let mut cap = std::collections::BTreeMap::new();
+        cap.insert("cpu".to_string(), format!("{}m", r.cpu_millis));
+        cap.insert("memory".to_string(), format!("{}Ki", r.memory_bytes / 1024));
+        cap.insert("pods".to_string(), r.max_pods.to_string());
+        Node {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            metadata: ObjectMeta {
+                name: self.ctx.node_name.clone(),
+                ..Default::default()
+            },
+            spec: Default::default(),
+            status: Some(NodeStatus {
+                allocatable: cap.clone(),
+                capacity: cap,
+                conditions: vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    reason: Some("KapselReady".into()),
+                    message: Some("kapsel node agent is posting ready status".into()),
+                    last_heartbeat_time: Some(Utc::now()),
+                }],
+                addresses: vec![
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: self.ctx.host_ip.clone(),
+                    },
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: self.ctx.node_name.clone(),
+                    },
+                ],
+                node_info: Some(NodeInfo {
+                    kubelet_version: format!("kapsel/{}", env!("CARGO_PKG_VERSION")),
+                    container_runtime_version: "wasmtime://48".into(),
+                    operating_system: std::env::consts::OS.into(),
+                    architecture: std::env::consts::ARCH.into(),
+                    runtimes: r.runtimes.clone(),
+                }),
+            }),
+        }
+    }
+
+    /// Create or refresh this node's object (also the heartbeat).
+    pub async fn register(&self) -> Result<(), StoreError> {
+        let store = &self.ctx.store;
+        for _ in 0..10 {
+            let mut node = self.node_object();
+            match store.get(Kind::Node, "", &self.ctx.node_name)? {
+                None => {
+                    node.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
+                    node.metadata.creation_timestamp = Some(Utc::now());
+                    match store
+                        .create(Kind::Node, serde_json::to_value(&node).unwrap())
+                        .await
+                    {
+                        Err(StoreError::AlreadyExists { .. }) => continue,
+                        r => return r.map(|_| ()),
+                    }
+                }
+                Some(cur) => {
+                    let cur: Node = serde_json::from_value((*cur).clone())
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    node.metadata = cur.metadata;
+                    node.spec = cur.spec;
+                    match store
+                        .update(Kind::Node, serde_json::to_value(&node).unwrap())
+                        .await
+                    {
+                        Err(StoreError::Conflict { .. }) => continue,
+                        r => return r.map(|_| ()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Run until `cancel`; then stop every pod of this node.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        if let Err(e) = self.register().await {
+            tracing::error!(error = %e, "registering node");
+        }
+        let mut first = true;
+        'outer: loop {
+            let mut watch = match self.ctx.store.watch(Kind::Pod, None, WatchFrom::Current) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "watching pods");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // Level-triggered resync: everything that exists now.
+            let mut present = HashSet::new();
+            for ev in std::mem::take(&mut watch.initial) {
+                if let Some(uid) = self.handle(&ev) {
+                    present.insert(uid);
+                }
+            }
+            let gone: Vec<String> = self
+                .workers
+                .keys()
+                .filter(|u| !present.contains(*u))
+                .cloned()
+                .collect();
+            for uid in gone {
+                self.forget(&uid);
+            }
+            if first {
+                self.cleanup_orphans(&present);
+                first = false;
+            }
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+            heartbeat.tick().await;
+            loop {
+                tokio::select! {
+                    ev = watch.live.recv() => match ev {
+                        Ok(ev) => if watch.wants(&ev) { self.handle(&ev); },
+                        Err(RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "pod watch lagged; resyncing");
+                            continue 'outer;
+                        }
+                        Err(RecvError::Closed) => break 'outer,
+                    },
+                    _ = heartbeat.tick() => {
+                        if let Err(e) = self.register().await {
+                            tracing::warn!(error = %e, "node heartbeat");
+                        }
+                        self.workers.retain(|_, w| !(w.deleting && w.task.is_finished()));
+                    }
+                    _ = cancel.cancelled() => break 'outer,
+                }
+            }
+        }
+        // Shutdown: stop every pod, concurrently, and wait for them.
+        for w in self.workers.values() {
+            w.stop.cancel();
+        }
+        for (_, w) in self.workers.drain() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), w.task).await;
+        }
+    }
+
+    /// React to one pod event. Returns the pod's uid when it is bound to this node and exists.
+    fn handle(&mut self, ev: &WatchEvent) -> Option<String> {
+        let pod: Pod = match serde_json::from_value((*ev.object).clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable pod in watch");
+                return None;
+            }
+        };
+        if pod.spec.node_name.as_deref() != Some(self.ctx.node_name.as_str()) {
+            return None;
+        }
+        let uid = pod.uid().to_string();
+        if ev.type_ == EventType::Deleted {
+            self.forget(&uid);
+            return None;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            let already = self.workers.get(&uid).map(|w| w.deleting).unwrap_or(false);
+            if !already {
+                let stop = self
+                    .workers
+                    .get(&uid)
+                    .map(|w| w.stop.clone())
+                    .unwrap_or_default();
+                let prev = self.workers.remove(&uid).map(|w| w.task);
+                let ctx = self.ctx.clone();
+                let task = tokio::spawn(async move {
+                    stop.cancel();
+                    if let Some(t) = prev {
+                        let _ = t.await;
+                    }
+                    finalize_delete(&ctx, &pod).await;
+                });
+                self.workers.insert(
+                    uid.clone(),
+                    Worker {
+                        stop: CancellationToken::new(),
+                        task,
+                        deleting: true,
+                    },
+                );
+            }
+            return Some(uid);
+        }
+        if !self.workers.contains_key(&uid) && !pod.phase().is_terminal() {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run_pod(self.ctx.clone(), pod, stop.clone()));
+            self.workers.insert(
+                uid.clone(),
+                Worker {
+                    stop,
+                    task,
+                    deleting: false,
+                },
+            );
+        }
+        Some(uid)
+    }
+
+    /// The pod object is gone: stop its worker and remove its directory.
+    fn forget(&mut self, uid: &str) {
+        let w = self.workers.remove(uid);
+        let ctx = self.ctx.clone();
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            if let Some(w) = w {
+                w.stop.cancel();
+                let _ = w.task.await;
+            }
+            cleanup_pod_dir(&ctx, &uid);
+        });
+    }
+
+    fn cleanup_orphans(&self, present: &HashSet<String>) {
+        let Ok(rd) = std::fs::read_dir(&self.ctx.pods_dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !present.contains(&name) {
+                tracing::info!(uid = %name, "removing orphaned pod directory");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn cleanup_pod_dir(ctx: &AgentCtx, uid: &str) {
+    ctx.logs.forget_pod(uid);
+    let dir = ctx.pods_dir.join(uid);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(error = %e, dir = %dir.display(), "removing pod directory");
+        }
+    }
+}
+
+/// The pod's containers are stopped: remove the object (if it is still this pod).
+async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
+    for _ in 0..20 {
+        let cur = match ctx.store.get(Kind::Pod, pod.ns(), pod.name()) {
+            Ok(Some(c)) => c,
+            _ => break,
+        };
+        if cur["metadata"]["uid"].as_str() != Some(pod.uid()) {
+            break;
+        }
+        let rv = crate::store::object_rv(&cur);
+        match ctx.store.delete(Kind::Pod, pod.ns(), pod.name(), rv).await {
+            Err(StoreError::Conflict { .. }) => continue,
+            _ => break,
+        }
+    }
+    ctx.recorder.normal(
+        crate::events::Recorder::pod_ref(pod),
+        "Killing",
+        "Stopped all containers; pod deleted".into(),
+    );
+    cleanup_pod_dir(ctx, pod.uid());
+}

@@ -1,0 +1,115 @@
+//! The executor trait: how the node agent runs one container, whatever runs it (wasmtime now,
+//! Docker next). An executor prepares an image (compile / pull), starts an instance, and the
+//! instance is waited on or killed. Lifecycle moves that make no sense are errors, not no-ops.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::logs::LogStream;
+
+/// Everything an executor needs to start one container, resolved by the node agent from the
+/// pod spec (volumes are host directories by now, env values are final).
+#[derive(Clone)]
+pub struct ContainerSpec {
+    pub pod_uid: String,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub name: String,
+    pub image: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub mounts: Vec<Mount>,
+    /// Declared `containerPort`s: a WASM guest may listen on these and no others.
+    pub ports: Vec<u16>,
+    pub memory_limit: Option<u64>,
+    pub cpu_limit_millis: Option<u64>,
+    pub log: Arc<LogStream>,
+}
+
+/// A host directory made visible at `guest_path`.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+/// How an instance ended: what becomes `state.terminated`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub exit_code: i32,
+    /// `Completed`, `Error`, `OOMKilled`, `Killed`.
+    pub reason: String,
+    pub message: Option<String>,
+}
+
+impl ExitStatus {
+    pub fn code(exit_code: i32) -> Self {
+        ExitStatus {
+            exit_code,
+            reason: if exit_code == 0 { "Completed" } else { "Error" }.to_string(),
+            message: None,
+        }
+    }
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+}
+
+/// Why a container could not be started; each maps to a Kubernetes waiting reason.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecError {
+    /// The image (a `.wasm` file) does not exist or cannot be read.
+    #[error("{0}")]
+    ImagePull(String),
+    /// The image exists but cannot run (not WASM, fails to compile or link).
+    #[error("{0}")]
+    InvalidImage(String),
+    /// The container's configuration cannot be applied (a volume path is missing).
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ExecError {
+    /// The `state.waiting.reason` Kubernetes users expect.
+    pub fn waiting_reason(&self) -> &'static str {
+        match self {
+            ExecError::ImagePull(_) => "ErrImagePull",
+            ExecError::InvalidImage(_) => "CreateContainerError",
+            ExecError::Config(_) => "CreateContainerConfigError",
+            ExecError::Internal(_) => "CreateContainerError",
+        }
+    }
+}
+
+/// Progress of long preparation work (compiling a module, importing an image).
+pub type ExecutorProgress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A container runtime.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Does this executor run this image?
+    fn handles(&self, image: &str) -> bool;
+    /// Make the image ready to start (compile and cache; pull). Idempotent and cached.
+    async fn prepare(&self, spec: &ContainerSpec, progress: ExecutorProgress) -> Result<(), ExecError>;
+    /// Start an instance; it runs until it exits or is killed.
+    async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError>;
+}
+
+/// A running container.
+#[async_trait]
+pub trait Instance: Send {
+    /// An identifier for `containerID` (`wasm://<digest>/<n>`).
+    fn id(&self) -> String;
+    /// Wait until the instance ends. Calling it again after it returned is an error.
+    async fn wait(&mut self) -> Result<ExitStatus, ExecError>;
+    /// Stop the instance: politely within `grace` where the runtime can, then forcibly.
+    /// Returns the exit status.
+    async fn kill(&mut self, grace: Duration) -> Result<ExitStatus, ExecError>;
+}

@@ -1,0 +1,686 @@
+//! The WASM executor: wasmtime + wasmtime-wasi, in-process.
+//!
+//! - Two engines with the same compiler settings: a **pooled** one (pooling allocator, sized by
+//!   `--wasm-pool-slots` × `--wasm-pool-memory`, so address-space reservations fit small edge
+//!   devices) for core modules whose memory limit fits a pool slot, and an **on-demand** one for
+//!   components and large memories.
+//! - Modules are compiled once and cached on disk by content digest
+//!   (`<data-dir>/cache/wasm/<sha256>-<engine>.cwasm`), then kept in memory as `InstancePre`s,
+//!   so a warm start is instantiate + run.
+//! - WASI preview 1 core modules (`_start`) and WASI 0.2 components (`wasi:cli/command`).
+//! - Guests run on a dedicated tokio runtime (`kapsel-wasm` threads), yield at every epoch tick
+//!   and are CPU-limited by [`throttle`]; memory limits trap with `OOMKilled`.
+//! - The only pre-opened directories are the container's volume mounts; a component may listen
+//!   only on its declared `containerPort`s.
+
+pub mod limits;
+pub mod stdio;
+pub mod throttle;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use self::limits::{GuestLimits, MemoryLimitExceeded};
+use self::stdio::LogSink;
+use self::throttle::Throttled;
+use super::executor::{ContainerSpec, ExecError, ExecutorProgress, ExitStatus, Instance};
+use crate::model::quantity::format_bytes;
+use crate::model::pod::is_wasm_image;
+
+/// Exit code reported for a trap (as `wasmtime run` exits: 128 + SIGABRT).
+pub const TRAP_EXIT_CODE: i32 = 134;
+/// Exit code reported for an instance killed by the runtime (128 + SIGKILL).
+pub const KILLED_EXIT_CODE: i32 = 137;
+
+/// Sizing of the WASM executor.
+#[derive(Debug, Clone)]
+pub struct WasmConfig {
+    /// Where compiled modules are cached.
+    pub cache_dir: PathBuf,
+    /// Instances the pooling allocator holds at once (0 disables the pool).
+    pub pool_slots: u32,
+    /// Largest linear memory of a pooled instance; also its address-space reservation.
+    pub pool_memory: u64,
+    /// Epoch tick: how often a running guest yields (and how precise CPU limits are).
+    pub tick: Duration,
+    /// Threads running guests.
+    pub threads: usize,
+}
+
+impl WasmConfig {
+    pub fn new(cache_dir: PathBuf) -> Self {
+        WasmConfig {
+            cache_dir,
+            pool_slots: 1024,
+            pool_memory: 64 << 20,
+            tick: Duration::from_millis(2),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
+    }
+}
+
+struct P1State {
+    wasi: WasiP1Ctx,
+    limits: GuestLimits,
+}
+
+struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limits: GuestLimits,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Prepared {
+    Core {
+        engine: Engine,
+        pre: InstancePre<P1State>,
+    },
+    Component {
+        engine: Engine,
+        pre: CommandPre<P2State>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum EngineKind {
+    Pooled,
+    OnDemand,
+}
+
+impl EngineKind {
+    fn tag(self) -> &'static str {
+        match self {
+            EngineKind::Pooled => "pool",
+            EngineKind::OnDemand => "dyn",
+        }
+    }
+}
+
+/// Runs `.wasm` / `.wat` images.
+pub struct WasmExecutor {
+    config: WasmConfig,
+    pooled: Option<(Engine, Linker<P1State>)>,
+    ondemand: (Engine, Linker<P1State>, wasmtime::component::Linker<P2State>),
+    /// Prepared images by `<sha256>-<engine>`.
+    prepared: Mutex<HashMap<String, Prepared>>,
+    /// One lock per key so two pods of the same new module compile it once.
+    compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// File path → (mtime, size, digest, bytes-kind) so a warm start does not re-hash the file.
+    digests: Mutex<HashMap<PathBuf, (std::time::SystemTime, u64, String)>>,
+    /// The runtime guests run on, apart from the control plane's.
+    rt: tokio::runtime::Handle,
+    _rt_owner: Option<tokio::runtime::Runtime>,
+    next_id: AtomicU64,
+    stop_ticker: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn base_config() -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    c.wasm_component_model(true);
+    c.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    c.parallel_compilation(true);
+    c
+}
+
+fn err_internal<E: std::fmt::Display>(e: E) -> ExecError {
+    ExecError::Internal(e.to_string())
+}
+
+impl WasmExecutor {
+    pub fn new(config: WasmConfig) -> Result<Arc<Self>, ExecError> {
+        std::fs::create_dir_all(&config.cache_dir).map_err(err_internal)?;
+        let pooled = if config.pool_slots > 0 {
+            let mut c = base_config();
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_core_instances(config.pool_slots)
+                .total_memories(config.pool_slots)
+                .total_tables(config.pool_slots)
+                .total_stacks(config.pool_slots)
+                .total_component_instances(0)
+                .max_memories_per_module(1)
+                .max_tables_per_module(1)
+                .max_memory_size(config.pool_memory as usize)
+                .max_core_instance_size(1 << 20)
+                .table_elements(65_536);
+            c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            // Reserve only the slot size (explicit bounds checks beyond it), keeping the
+            // whole pool's address space at slots × memory — small enough for a 39-bit VA.
+            c.memory_reservation(config.pool_memory);
+            c.memory_guard_size(64 << 10);
+            c.memory_reservation_for_growth(0);
+            match Engine::new(&c) {
+                Ok(engine) => {
+                    let mut linker = Linker::new(&engine);
+                    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut P1State| {
+                        &mut s.wasi
+                    })
+                    .map_err(err_internal)?;
+                    Some((engine, linker))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let engine = Engine::new(&base_config()).map_err(err_internal)?;
+        let mut l1 = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut l1, |s: &mut P1State| &mut s.wasi)
+            .map_err(err_internal)?;
+        let mut l2 = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut l2).map_err(err_internal)?;
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads.max(1))
+            .thread_name("kapsel-wasm")
+            .enable_all()
+            .build()
+            .map_err(err_internal)?;
+        let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let engines: Vec<Engine> = pooled
+                .iter()
+                .map(|(e, _)| e.clone())
+                .chain(std::iter::once(engine.clone()))
+                .collect();
+            let stop = stop_ticker.clone();
+            let tick = config.tick;
+            std::thread::Builder::new()
+                .name("kapsel-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        for e in &engines {
+                            e.increment_epoch();
+                        }
+                    }
+                })
+                .map_err(err_internal)?;
+        }
+        Ok(Arc::new(WasmExecutor {
+            config,
+            pooled,
+            ondemand: (engine, l1, l2),
+            prepared: Mutex::default(),
+            compiling: Mutex::default(),
+            digests: Mutex::default(),
+            rt: rt.handle().clone(),
+            _rt_owner: Some(rt),
+            next_id: AtomicU64::new(1),
+            stop_ticker,
+        }))
+    }
+
+    /// The image path of a container (`file://` stripped).
+    pub fn image_path(image: &str) -> PathBuf {
+        PathBuf::from(image.strip_prefix("file://").unwrap_or(image))
+    }
+
+    /// Read the image and return its digest, its binary form and whether it is a component.
+    fn load(&self, path: &Path) -> Result<(String, Vec<u8>, bool), ExecError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            ExecError::ImagePull(format!("cannot read WASM image {}: {e}", path.display()))
+        })?;
+        let binary = if bytes.starts_with(b"\0asm") {
+            bytes
+        } else {
+            match wat::parse_bytes(&bytes) {
+                Ok(b) => b.into_owned(),
+                Err(e) => {
+                    let looks_text = std::str::from_utf8(&bytes[..bytes.len().min(64)])
+                        .map(|s| s.trim_start().starts_with('('))
+                        .unwrap_or(false);
+                    return Err(ExecError::InvalidImage(if looks_text {
+                        format!("{} is not valid WebAssembly text: {e}", path.display())
+                    } else {
+                        format!(
+                            "{} is not a WebAssembly module or component (no \\0asm header)",
+                            path.display()
+                        )
+                    }));
+                }
+            }
+        };
+        let is_component = binary.len() >= 8 && binary[4..8] != [1, 0, 0, 0];
+        let digest = hex::encode(Sha256::digest(&binary));
+        Ok((digest, binary, is_component))
+    }
+
+    fn pick_engine(&self, is_component: bool, memory_limit: Option<u64>) -> EngineKind {
+        match (&self.pooled, is_component, memory_limit) {
+            (Some(_), false, Some(limit)) if limit <= self.config.pool_memory => EngineKind::Pooled,
+            _ => EngineKind::OnDemand,
+        }
+    }
+
+    /// Compile (or load from the disk cache) and pre-instantiate; cached in memory.
+    async fn prepared(
+        self: &Arc<Self>,
+        spec: &ContainerSpec,
+        progress: Option<&ExecutorProgress>,
+    ) -> Result<Prepared, ExecError> {
+        let path = Self::image_path(&spec.image);
+        // Fast path: unchanged file already prepared.
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            ExecError::ImagePull(format!("cannot read WASM image {}: {e}", path.display()))
+        })?;
+        let mtime = meta.modified().map_err(err_internal)?;
+        let known = self.digests.lock().unwrap().get(&path).cloned();
+        if let Some((m, size, key_base)) = known {
+            if m == mtime && size == meta.len() {
+                for kind in [EngineKind::Pooled, EngineKind::OnDemand] {
+                    let key = format!("{key_base}-{}", kind.tag());
+                    if let Some(p) = self.prepared.lock().unwrap().get(&key) {
+                        let want = self.pick_engine(
+                            matches!(p, Prepared::Component { .. }),
+                            spec.memory_limit,
+                        );
+                        if want == kind {
+                            return Ok(p.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let this = self.clone();
+        let p2 = path.clone();
+        let (digest, binary, is_component) =
+            tokio::task::spawn_blocking(move || this.load(&p2))
+                .await
+                .map_err(err_internal)??;
+        self.digests
+            .lock()
+            .unwrap()
+            .insert(path.clone(), (mtime, meta.len(), digest.clone()));
+        let kind = self.pick_engine(is_component, spec.memory_limit);
+        let key = format!("{digest}-{}", kind.tag());
+        if let Some(p) = self.prepared.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let lock = self
+            .compiling
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if let Some(p) = self.prepared.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let this = self.clone();
+        let cache_file = self.config.cache_dir.join(format!("{key}.cwasm"));
+        let size = binary.len();
+        if !cache_file.exists() {
+            if let Some(p) = progress {
+                p(&format!(
+                    "compiling {} ({} KiB) for the {} engine",
+                    path.display(),
+                    size / 1024,
+                    if kind == EngineKind::Pooled { "pooled" } else { "on-demand" }
+                ));
+            }
+        }
+        let started = Instant::now();
+        let path_for_msgs = path.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            this.compile(kind, is_component, &binary, &cache_file, &path_for_msgs)
+        })
+        .await
+        .map_err(err_internal)??;
+        let took = started.elapsed();
+        if took > Duration::from_millis(500) {
+            if let Some(p) = progress {
+                p(&format!("compiled {} in {:.1}s", path.display(), took.as_secs_f64()));
+            }
+        }
+        self.prepared
+            .lock()
+            .unwrap()
+            .insert(key.clone(), prepared.clone());
+        self.compiling.lock().unwrap().remove(&key);
+        Ok(prepared)
+    }
+
+    fn compile(
+        &self,
+        kind: EngineKind,
+        is_component: bool,
+        binary: &[u8],
+        cache_file: &Path,
+        path: &Path,
+    ) -> Result<Prepared, ExecError> {
+        let invalid = |e: wasmtime::Error| {
+            ExecError::InvalidImage(format!("{}: {}", path.display(), first_lines(&format!("{e:#}"))))
+        };
+        let (engine, l1) = match kind {
+            EngineKind::Pooled => {
+                let (e, l) = self.pooled.as_ref().expect("pooled engine exists");
+                (e.clone(), l)
+            }
+            EngineKind::OnDemand => (self.ondemand.0.clone(), &self.ondemand.1),
+        };
+        if is_component {
+            let component = match unsafe { Component::deserialize_file(&engine, cache_file) } {
+                Ok(c) => c,
+                Err(_) => {
+                    let c = Component::new(&engine, binary).map_err(invalid)?;
+                    write_cache(cache_file, c.serialize().map_err(err_internal)?);
+                    c
+                }
+            };
+            let pre = self
+                .ondemand
+                .2
+                .instantiate_pre(&component)
+                .map_err(invalid)?;
+            let pre = CommandPre::new(pre).map_err(|e| {
+                ExecError::InvalidImage(format!(
+                    "{}: not a wasi:cli/command component: {}",
+                    path.display(),
+                    first_lines(&format!("{e:#}"))
+                ))
+            })?;
+            Ok(Prepared::Component { engine, pre })
+        } else {
+            let module = match unsafe { Module::deserialize_file(&engine, cache_file) } {
+                Ok(m) => m,
+                Err(_) => {
+                    let m = Module::new(&engine, binary).map_err(invalid)?;
+                    write_cache(cache_file, m.serialize().map_err(err_internal)?);
+                    m
+                }
+            };
+            if module.get_export("_start").is_none() {
+                return Err(ExecError::InvalidImage(format!(
+                    "{}: the module exports no `_start` function (not a WASI command)",
+                    path.display()
+                )));
+            }
+            let pre = l1.instantiate_pre(&module).map_err(invalid)?;
+            Ok(Prepared::Core { engine, pre })
+        }
+    }
+
+    fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, ExecError> {
+        let mut b = WasiCtxBuilder::new();
+        b.args(&spec.argv);
+        b.envs(&spec.env);
+        let sink = LogSink(spec.log.clone());
+        b.stdout(sink.clone());
+        b.stderr(sink);
+        for m in &spec.mounts {
+            let perms = if m.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&m.host_path, &m.guest_path, perms)
+                .map_err(|e| {
+                    ExecError::Config(format!(
+                        "cannot open volume directory {} for {}: {e}",
+                        m.host_path.display(),
+                        m.guest_path
+                    ))
+                })?;
+        }
+        if let Some(wd) = &spec.working_dir {
+            b.initial_cwd(wd);
+        }
+        Ok(b)
+    }
+}
+
+fn write_cache(path: &Path, bytes: Vec<u8>) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+fn first_lines(s: &str) -> String {
+    let mut out: String = s.lines().take(12).collect::<Vec<_>>().join("\n");
+    if out.len() > 2000 {
+        out.truncate(2000);
+    }
+    out
+}
+
+impl Drop for WasmExecutor {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+        if let Some(rt) = self._rt_owner.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Turn how a guest ended into a container exit status.
+fn classify(result: wasmtime::Result<i32>, oom_at: &AtomicU64, limit: Option<u64>) -> ExitStatus {
+    match result {
+        Ok(code) => ExitStatus::code(code),
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                return ExitStatus::code(exit.0);
+            }
+            let oom = oom_at.load(Ordering::SeqCst);
+            if oom > 0 || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
+                return ExitStatus {
+                    exit_code: KILLED_EXIT_CODE,
+                    reason: "OOMKilled".into(),
+                    message: Some(format!(
+                        "memory limit of {} exceeded: the guest tried to grow its linear memory to {}",
+                        limit.map(format_bytes).unwrap_or_default(),
+                        format_bytes(oom)
+                    )),
+                };
+            }
+            let trap = e
+                .downcast_ref::<wasmtime::Trap>()
+                .map(|t| format!("wasm trap: {t}"));
+            let full = first_lines(&format!("{e:?}"));
+            ExitStatus {
+                exit_code: TRAP_EXIT_CODE,
+                reason: "Error".into(),
+                message: Some(match trap {
+                    Some(t) if !full.contains(&t) => format!("{t}\n{full}"),
+                    _ => full,
+                }),
+            }
+        }
+    }
+}
+
+/// A running guest.
+struct WasmInstance {
+    id: String,
+    done: Option<oneshot::Receiver<ExitStatus>>,
+    result: Option<ExitStatus>,
+    cancel: CancellationToken,
+}
+
+#[async_trait]
+impl Instance for WasmInstance {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
+        if let Some(r) = &self.result {
+            return Ok(r.clone());
+        }
+        let rx = self
+            .done
+            .take()
+            .ok_or_else(|| ExecError::Internal("invalid state transition: wait on a dropped instance".into()))?;
+        let r = rx.await.unwrap_or(ExitStatus {
+            exit_code: KILLED_EXIT_CODE,
+            reason: "Error".into(),
+            message: Some("the guest task was lost".into()),
+        });
+        self.result = Some(r.clone());
+        Ok(r)
+    }
+
+    async fn kill(&mut self, _grace: Duration) -> Result<ExitStatus, ExecError> {
+        // WASM guests have no signal handlers: stopping is immediate (the guest yields at the
+        // next epoch tick, and the task drops it there).
+        self.cancel.cancel();
+        self.wait().await
+    }
+}
+
+impl Drop for WasmInstance {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[async_trait]
+impl super::executor::Executor for Arc<WasmExecutor> {
+    fn handles(&self, image: &str) -> bool {
+        is_wasm_image(image)
+    }
+
+    async fn prepare(
+        &self,
+        spec: &ContainerSpec,
+        progress: ExecutorProgress,
+    ) -> Result<(), ExecError> {
+        self.prepared(spec, Some(&progress)).await.map(|_| ())
+    }
+
+    async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+        let prepared = self.prepared(&spec, None).await?;
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let oom_at = Arc::new(AtomicU64::new(0));
+        let limits = GuestLimits {
+            memory_limit: spec.memory_limit,
+            oom_at: oom_at.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let (tx, rx) = oneshot::channel();
+        let mut builder = WasmExecutor::wasi_builder(&spec)?;
+        let limit = spec.memory_limit;
+        let cpu = spec.cpu_limit_millis;
+        let id;
+        match prepared {
+            Prepared::Core { engine, pre } => {
+                id = format!("wasm://{}/{n}", pre.module().name().unwrap_or("module"));
+                let mut store = Store::new(
+                    &engine,
+                    P1State {
+                        wasi: builder.build_p1(),
+                        limits,
+                    },
+                );
+                store.limiter(|s| &mut s.limits);
+                store.epoch_deadline_async_yield_and_update(1);
+                let token = cancel.clone();
+                self.rt.spawn(async move {
+                    let run = async {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                        start.call_async(&mut store, ()).await.map(|_| 0)
+                    };
+                    let status = tokio::select! {
+                        r = Throttled::new(run, cpu) => classify(r, &oom_at, limit),
+                        _ = token.cancelled() => killed(),
+                    };
+                    let _ = tx.send(status);
+                });
+            }
+            Prepared::Component { engine, pre } => {
+                id = format!("wasm://component/{n}");
+                let ports = spec.ports.clone();
+                builder
+                    .allow_tcp(true)
+                    .allow_udp(true)
+                    .allow_ip_name_lookup(true)
+                    .socket_addr_check(move |addr, use_| {
+                        let port = addr.port();
+                        let ok = match use_ {
+                            // Implicit binds (before connect) use port 0: an ephemeral port.
+                            SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+                                port == 0 || ports.contains(&port)
+                            }
+                            SocketAddrUse::TcpListen => ports.contains(&port),
+                            _ => true,
+                        };
+                        Box::pin(async move { ok })
+                    });
+                let mut store = Store::new(
+                    &engine,
+                    P2State {
+                        ctx: builder.build(),
+                        table: ResourceTable::new(),
+                        limits,
+                    },
+                );
+                store.limiter(|s| &mut s.limits);
+                store.epoch_deadline_async_yield_and_update(1);
+                let token = cancel.clone();
+                self.rt.spawn(async move {
+                    let run = async {
+                        let cmd = pre.instantiate_async(&mut store).await?;
+                        match cmd.wasi_cli_run().call_run(&mut store).await? {
+                            Ok(()) => Ok(0),
+                            Err(()) => Ok(1),
+                        }
+                    };
+                    let status = tokio::select! {
+                        r = Throttled::new(run, cpu) => classify(r, &oom_at, limit),
+                        _ = token.cancelled() => killed(),
+                    };
+                    let _ = tx.send(status);
+                });
+            }
+        }
+        Ok(Box::new(WasmInstance {
+            id,
+            done: Some(rx),
+            result: None,
+            cancel,
+        }))
+    }
+}
+
+fn killed() -> ExitStatus {
+    ExitStatus {
+        exit_code: KILLED_EXIT_CODE,
+        reason: "Killed".into(),
+        message: Some("stopped by Kapsel".into()),
+    }
+}

@@ -1,0 +1,695 @@
+//! The pod worker: one task per pod bound to this node. It sets up the pod's volumes, runs init
+//! containers in order (native sidecars start first and stop last), starts the app containers,
+//! restarts them by `restartPolicy` with back-off, and writes the pod's status. Each container
+//! is driven by its own runner; runners report to the worker, which coalesces their reports
+//! into status writes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::{Backoff, BackoffConfig};
+use super::executor::{ContainerSpec, ExecError, Executor, ExitStatus};
+use super::logs::Logs;
+use super::volumes;
+use crate::events::Recorder;
+use crate::model::pod::{
+    Container, ContainerState, ContainerStatus, PodCondition, PodPhase, PodStatus, RestartPolicy,
+    StateRunning, StateTerminated,
+};
+use crate::model::quantity::{parse_bytes, parse_millicpu};
+use crate::model::{Kind, Pod};
+use crate::store::{Store, StoreError};
+
+/// What every pod worker of a node shares.
+pub struct AgentCtx {
+    pub store: Arc<dyn Store>,
+    pub node_name: String,
+    /// `<data-dir>/pods`: one directory per pod uid (volumes, logs).
+    pub pods_dir: PathBuf,
+    pub logs: Logs,
+    pub executors: Vec<Arc<dyn Executor>>,
+    pub recorder: Recorder,
+    pub backoff: BackoffConfig,
+    pub host_ip: String,
+}
+
+impl AgentCtx {
+    fn executor(&self, image: &str) -> Option<Arc<dyn Executor>> {
+        self.executors.iter().find(|e| e.handles(image)).cloned()
+    }
+}
+
+/// A runner's report: the container's new status, and whether it will never run again.
+struct Report {
+    init: bool,
+    idx: usize,
+    status: ContainerStatus,
+    done: bool,
+}
+
+/// Conditions the node agent owns (the scheduler owns `PodScheduled`).
+const AGENT_CONDITIONS: &[&str] = &["Initialized", "ContainersReady", "Ready"];
+
+struct LocalStatus {
+    init: Vec<ContainerStatus>,
+    init_done: Vec<bool>,
+    main: Vec<ContainerStatus>,
+    main_done: Vec<bool>,
+    initialized: bool,
+    init_failed: bool,
+    start_time: chrono::DateTime<Utc>,
+}
+
+impl LocalStatus {
+    fn phase(&self) -> PodPhase {
+        if self.init_failed {
+            return PodPhase::Failed;
+        }
+        if !self.initialized {
+            return PodPhase::Pending;
+        }
+        if !self.main.is_empty() && self.main_done.iter().all(|d| *d) {
+            let ok = self.main.iter().all(|c| {
+                c.state
+                    .terminated
+                    .as_ref()
+                    .map(|t| t.exit_code == 0)
+                    .unwrap_or(false)
+            });
+            return if ok {
+                PodPhase::Succeeded
+            } else {
+                PodPhase::Failed
+            };
+        }
+        let active = self.main.iter().any(|c| {
+            c.state.running.is_some() || c.restart_count > 0 || c.state.terminated.is_some()
+        });
+        if active {
+            PodPhase::Running
+        } else {
+            PodPhase::Pending
+        }
+    }
+
+    fn to_status(&self, host_ip: &str) -> PodStatus {
+        let now = Some(Utc::now());
+        let ready = !self.main.is_empty() && self.main.iter().all(|c| c.ready);
+        let cond = |t: &str, ok: bool, reason: Option<&str>| PodCondition {
+            type_: t.to_string(),
+            status: if ok { "True" } else { "False" }.to_string(),
+            reason: if ok { None } else { reason.map(str::to_string) },
+            message: None,
+            last_transition_time: now,
+        };
+        PodStatus {
+            phase: self.phase(),
+            conditions: vec![
+                cond("Initialized", self.initialized, Some("ContainersNotInitialized")),
+                cond("ContainersReady", ready, Some("ContainersNotReady")),
+                cond("Ready", ready, Some("ContainersNotReady")),
+            ],
+            message: None,
+            reason: None,
+            host_ip: Some(host_ip.to_string()),
+            pod_ip: Some(host_ip.to_string()),
+            start_time: Some(self.start_time),
+            init_container_statuses: self.init.clone(),
+            container_statuses: self.main.clone(),
+        }
+    }
+}
+
+fn initial_status(c: &Container, prev: Option<&ContainerStatus>) -> ContainerStatus {
+    let mut s = prev.cloned().unwrap_or_else(|| ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        state: ContainerState::waiting("ContainerCreating", None),
+        ..Default::default()
+    });
+    s.ready = false;
+    s
+}
+
+/// Run a pod until it reaches a terminal phase or `stop` fires.
+pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
+    let pod = Arc::new(pod);
+    let uid = pod.uid().to_string();
+    let pod_dir = ctx.pods_dir.join(&uid);
+    let prev = pod.status.clone().unwrap_or_default();
+    let find_prev = |list: &[ContainerStatus], name: &str| list.iter().find(|s| s.name == name).cloned();
+    let mut local = LocalStatus {
+        init: pod
+            .spec
+            .init_containers
+            .iter()
+            .map(|c| initial_status(c, find_prev(&prev.init_container_statuses, &c.name).as_ref()))
+            .collect(),
+        init_done: vec![false; pod.spec.init_containers.len()],
+        main: pod
+            .spec
+            .containers
+            .iter()
+            .map(|c| initial_status(c, find_prev(&prev.container_statuses, &c.name).as_ref()))
+            .collect(),
+        main_done: vec![false; pod.spec.containers.len()],
+        initialized: pod.spec.init_containers.is_empty(),
+        init_failed: false,
+        start_time: prev.start_time.unwrap_or_else(Utc::now),
+    };
+    let policy = pod.restart_policy();
+
+    // Volumes first; retried until they can be set up.
+    let mut vol_backoff = Backoff::new(ctx.backoff);
+    loop {
+        match volumes::setup(&pod, &pod_dir) {
+            Ok(()) => break,
+            Err(e) => {
+                for c in local.init.iter_mut().chain(local.main.iter_mut()) {
+                    c.state = ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
+                }
+                ctx.recorder
+                    .warning(Recorder::pod_ref(&pod), "FailedMount", e.to_string());
+                if !flush(&ctx, &pod, &local).await {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(vol_backoff.next_delay(Duration::ZERO)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+    if !flush(&ctx, &pod, &local).await {
+        return;
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+    let main_stop = stop.child_token();
+    let sidecar_stop = CancellationToken::new();
+    let mut sidecars = tokio::task::JoinSet::new();
+    let mut mains = tokio::task::JoinSet::new();
+
+    // Init containers, in order.
+    let prev_init_ok: Vec<bool> = local
+        .init
+        .iter()
+        .map(|s| s.state.terminated.as_ref().map(|t| t.exit_code == 0).unwrap_or(false))
+        .collect();
+    let already_initialized = (0..pod.spec.init_containers.len())
+        .all(|i| pod.spec.init_containers[i].restart_policy.is_some() || prev_init_ok[i]);
+    for (i, c) in pod.spec.init_containers.iter().enumerate() {
+        let sidecar = c.restart_policy == Some(RestartPolicy::Always);
+        if sidecar {
+            let r = Runner::new(&ctx, &pod, c, true, i, RestartPolicy::Always, &local.init[i], &tx, &pod_dir);
+            let token = sidecar_stop.clone();
+            sidecars.spawn(r.run(token));
+            // Wait until the sidecar runs (or fails to start and backs off).
+            loop {
+                tokio::select! {
+                    Some(rep) = rx.recv() => {
+                        let started = rep.status.state.running.is_some();
+                        apply(&mut local, rep);
+                        if !flush(&ctx, &pod, &local).await { stop.cancel(); }
+                        if started { break; }
+                    }
+                    _ = stop.cancelled() => break,
+                }
+            }
+            continue;
+        }
+        if already_initialized && prev_init_ok[i] {
+            local.init_done[i] = true;
+            continue;
+        }
+        let init_policy = if policy == RestartPolicy::Never {
+            RestartPolicy::Never
+        } else {
+            RestartPolicy::OnFailure
+        };
+        let r = Runner::new(&ctx, &pod, c, true, i, init_policy, &local.init[i], &tx, &pod_dir);
+        let token = main_stop.clone();
+        let mut task = tokio::spawn(r.run(token));
+        let result = loop {
+            tokio::select! {
+                Some(rep) = rx.recv() => {
+                    apply(&mut local, rep);
+                    while let Ok(rep) = rx.try_recv() { apply(&mut local, rep); }
+                    if !flush(&ctx, &pod, &local).await { stop.cancel(); }
+                }
+                r = &mut task => break r.ok().flatten(),
+            }
+        };
+        while let Ok(rep) = rx.try_recv() {
+            apply(&mut local, rep);
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        match result {
+            Some(exit) if exit.success() => {}
+            _ => {
+                local.init_failed = true;
+                flush(&ctx, &pod, &local).await;
+                sidecar_stop.cancel();
+                while sidecars.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+    if !stop.is_cancelled() {
+        local.initialized = true;
+        for (i, c) in pod.spec.containers.iter().enumerate() {
+            let r = Runner::new(&ctx, &pod, c, false, i, policy, &local.main[i], &tx, &pod_dir);
+            mains.spawn(r.run(main_stop.clone()));
+        }
+        if !flush(&ctx, &pod, &local).await {
+            stop.cancel();
+        }
+    }
+
+    // Supervise until every app container is done, or we are told to stop.
+    loop {
+        if !local.main_done.is_empty() && local.main_done.iter().all(|d| *d) {
+            break;
+        }
+        tokio::select! {
+            Some(rep) = rx.recv() => {
+                apply(&mut local, rep);
+                while let Ok(rep) = rx.try_recv() { apply(&mut local, rep); }
+                if !flush(&ctx, &pod, &local).await { stop.cancel(); }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    // App containers stop first, native sidecars last.
+    main_stop.cancel();
+    while mains.join_next().await.is_some() {}
+    sidecar_stop.cancel();
+    while sidecars.join_next().await.is_some() {}
+    while let Ok(rep) = rx.try_recv() {
+        apply(&mut local, rep);
+    }
+    if !stop.is_cancelled() {
+        flush(&ctx, &pod, &local).await;
+    }
+}
+
+fn apply(local: &mut LocalStatus, rep: Report) {
+    let (list, done) = if rep.init {
+        (&mut local.init, &mut local.init_done)
+    } else {
+        (&mut local.main, &mut local.main_done)
+    };
+    if let Some(s) = list.get_mut(rep.idx) {
+        *s = rep.status;
+    }
+    if rep.done {
+        if let Some(d) = done.get_mut(rep.idx) {
+            *d = true;
+        }
+    }
+}
+
+/// Write the local status into the pod object. Returns false when the pod is gone.
+async fn flush(ctx: &AgentCtx, pod: &Pod, local: &LocalStatus) -> bool {
+    let status = local.to_status(&ctx.host_ip);
+    for _ in 0..20 {
+        let cur = match ctx.store.get(Kind::Pod, pod.ns(), pod.name()) {
+            Ok(Some(c)) => c,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading pod for status");
+                return true;
+            }
+        };
+        let mut cur: Pod = match serde_json::from_value((*cur).clone()) {
+            Ok(p) => p,
+            Err(_) => return false,
+        };
+        if cur.uid() != pod.uid() {
+            return false;
+        }
+        let mut st = status.clone();
+        if let Some(old) = &cur.status {
+            for c in &old.conditions {
+                if !AGENT_CONDITIONS.contains(&c.type_.as_str()) {
+                    st.conditions.insert(0, c.clone());
+                }
+            }
+            // Keep transition times of conditions whose status did not change.
+            for c in st.conditions.iter_mut() {
+                if let Some(o) = old.conditions.iter().find(|o| o.type_ == c.type_) {
+                    if o.status == c.status {
+                        c.last_transition_time = o.last_transition_time;
+                    }
+                }
+            }
+            if *old == st {
+                return true;
+            }
+        }
+        cur.status = Some(st);
+        match ctx
+            .store
+            .update(Kind::Pod, serde_json::to_value(&cur).unwrap())
+            .await
+        {
+            Ok(_) => return true,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotFound { .. }) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, pod = %pod.key(), "writing pod status");
+                return true;
+            }
+        }
+    }
+    true
+}
+
+/// Drives one container: prepare, start, wait, restart by policy with back-off.
+struct Runner {
+    ctx: Arc<AgentCtx>,
+    pod: Arc<Pod>,
+    container: Container,
+    init: bool,
+    idx: usize,
+    policy: RestartPolicy,
+    status: ContainerStatus,
+    tx: mpsc::UnboundedSender<Report>,
+    pod_dir: PathBuf,
+}
+
+impl Runner {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &Arc<AgentCtx>,
+        pod: &Arc<Pod>,
+        c: &Container,
+        init: bool,
+        idx: usize,
+        policy: RestartPolicy,
+        status: &ContainerStatus,
+        tx: &mpsc::UnboundedSender<Report>,
+        pod_dir: &std::path::Path,
+    ) -> Self {
+        Runner {
+            ctx: ctx.clone(),
+            pod: pod.clone(),
+            container: c.clone(),
+            init,
+            idx,
+            policy,
+            status: status.clone(),
+            tx: tx.clone(),
+            pod_dir: pod_dir.to_path_buf(),
+        }
+    }
+
+    fn report(&self, done: bool) {
+        let _ = self.tx.send(Report {
+            init: self.init,
+            idx: self.idx,
+            status: self.status.clone(),
+            done,
+        });
+    }
+
+    fn should_restart(&self, exit: &ExitStatus) -> bool {
+        match self.policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::Never => false,
+        }
+    }
+
+    fn terminated(exit: &ExitStatus, started: Option<chrono::DateTime<Utc>>) -> ContainerState {
+        ContainerState {
+            terminated: Some(StateTerminated {
+                exit_code: exit.exit_code,
+                reason: Some(exit.reason.clone()),
+                message: exit.message.clone(),
+                started_at: started,
+                finished_at: Some(Utc::now()),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn spec(&self) -> Result<ContainerSpec, ExecError> {
+        let pod = &self.pod;
+        let c = &self.container;
+        let mounts = volumes::mounts(pod, c, &self.pod_dir)?;
+        let mut argv = if c.command.is_empty() {
+            vec![std::path::Path::new(c.image.strip_prefix("file://").unwrap_or(&c.image))
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| c.name.clone())]
+        } else {
+            c.command.clone()
+        };
+        argv.extend(c.args.iter().cloned());
+        let mut env = vec![("HOSTNAME".to_string(), pod.name().to_string())];
+        for e in &c.env {
+            let v = match (&e.value, &e.value_from) {
+                (Some(v), _) => expand_env(v, &env),
+                (None, Some(src)) => match src.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                    Some("metadata.name") => pod.name().to_string(),
+                    Some("metadata.namespace") => pod.ns().to_string(),
+                    Some("metadata.uid") => pod.uid().to_string(),
+                    Some("spec.nodeName") => self.ctx.node_name.clone(),
+                    Some("status.podIP") | Some("status.hostIP") => self.ctx.host_ip.clone(),
+                    _ => String::new(),
+                },
+                (None, None) => String::new(),
+            };
+            env.retain(|(k, _)| k != &e.name);
+            env.push((e.name.clone(), v));
+        }
+        if let Some(wd) = &c.working_dir {
+            env.push(("PWD".into(), wd.clone()));
+        }
+        let limits = c.resources.as_ref().map(|r| &r.limits);
+        let memory_limit = limits
+            .and_then(|l| l.get("memory"))
+            .and_then(|q| parse_bytes(&q.as_string()).ok());
+        let cpu_limit_millis = limits
+            .and_then(|l| l.get("cpu"))
+            .and_then(|q| parse_millicpu(&q.as_string()).ok());
+        Ok(ContainerSpec {
+            pod_uid: pod.uid().to_string(),
+            pod_namespace: pod.ns().to_string(),
+            pod_name: pod.name().to_string(),
+            name: c.name.clone(),
+            image: c.image.clone(),
+            argv,
+            env,
+            working_dir: c.working_dir.clone(),
+            mounts,
+            ports: c
+                .ports
+                .iter()
+                .filter_map(|p| u16::try_from(p.container_port).ok())
+                .collect(),
+            memory_limit,
+            cpu_limit_millis,
+            log: self.ctx.logs.stream(pod.uid(), &c.name),
+        })
+    }
+
+    /// Returns the last exit status, or `None` if stopped before one.
+    async fn run(mut self, stop: CancellationToken) -> Option<ExitStatus> {
+        let pod_ref = Recorder::pod_ref(&self.pod);
+        let mut backoff = Backoff::new(self.ctx.backoff);
+        let name = self.container.name.clone();
+        // Crash recovery: the last report said running, but that instance died with the node.
+        if self.status.state.running.is_some() {
+            let lost = ExitStatus {
+                exit_code: 137,
+                reason: "Error".into(),
+                message: Some("the instance was lost when the node agent restarted".into()),
+            };
+            let started = self.status.state.running.as_ref().and_then(|r| r.started_at);
+            self.status.last_state = Self::terminated(&lost, started);
+            if !self.should_restart(&lost) {
+                self.status.state = self.status.last_state.clone();
+                self.status.last_state = ContainerState::default();
+                self.report(true);
+                return Some(lost);
+            }
+            self.status.restart_count += 1;
+            self.status.state = ContainerState::waiting("ContainerCreating", None);
+        } else if let Some(t) = &self.status.state.terminated {
+            let prev = ExitStatus {
+                exit_code: t.exit_code,
+                reason: t.reason.clone().unwrap_or_default(),
+                message: t.message.clone(),
+            };
+            if !self.should_restart(&prev) {
+                self.report(true);
+                return Some(prev);
+            }
+        }
+        let mut last: Option<ExitStatus> = None;
+        loop {
+            let Some(executor) = self.ctx.executor(&self.container.image) else {
+                self.status.state = ContainerState::waiting(
+                    "CreateContainerError",
+                    Some(format!(
+                        "no runtime on node {} runs image {:?} (this node runs WASM images: *.wasm, *.wat, file://)",
+                        self.ctx.node_name, self.container.image
+                    )),
+                );
+                self.report(false);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay(Duration::ZERO)) => continue,
+                    _ = stop.cancelled() => return last,
+                }
+            };
+            let prepared = match self.spec() {
+                Ok(spec) => {
+                    let log = spec.log.clone();
+                    let progress: super::executor::ExecutorProgress = Arc::new(move |msg: &str| {
+                        log.note(msg);
+                    });
+                    match executor.prepare(&spec, progress).await {
+                        Ok(()) => Ok(spec),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let spec = match prepared {
+                Ok(s) => s,
+                Err(e) => {
+                    let reason = match (&e, self.status.state.waiting.as_ref()) {
+                        (ExecError::ImagePull(_), Some(w)) if w.reason.as_deref() == Some("ErrImagePull") => "ImagePullBackOff",
+                        _ => e.waiting_reason(),
+                    };
+                    if self.status.state.waiting.as_ref().and_then(|w| w.message.as_deref()) != Some(&e.to_string()) {
+                        self.ctx.recorder.warning(
+                            pod_ref.clone(),
+                            "Failed",
+                            format!("container {name}: {e}"),
+                        );
+                        self.ctx.logs.stream(self.pod.uid(), &name).note(&e.to_string());
+                    }
+                    self.status.state = ContainerState::waiting(reason, Some(e.to_string()));
+                    self.report(false);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay(Duration::ZERO)) => continue,
+                        _ = stop.cancelled() => return last,
+                    }
+                }
+            };
+            if stop.is_cancelled() {
+                return last;
+            }
+            let mut instance = match executor.start(spec).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.status.state = ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
+                    self.report(false);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay(Duration::ZERO)) => continue,
+                        _ = stop.cancelled() => return last,
+                    }
+                }
+            };
+            let started_at = Utc::now();
+            let started = Instant::now();
+            self.status.container_id = Some(instance.id());
+            self.status.state = ContainerState {
+                running: Some(StateRunning {
+                    started_at: Some(started_at),
+                }),
+                ..Default::default()
+            };
+            self.status.started = Some(true);
+            self.status.ready = !self.init || self.policy == RestartPolicy::Always;
+            self.report(false);
+            self.ctx
+                .recorder
+                .normal(pod_ref.clone(), "Started", format!("Started container {name}"));
+            let exit = tokio::select! {
+                r = instance.wait() => r,
+                _ = stop.cancelled() => {
+                    let r = instance.kill(Duration::from_secs(
+                        self.pod.spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64,
+                    )).await;
+                    if let Ok(exit) = &r {
+                        self.status.state = Self::terminated(exit, Some(started_at));
+                        self.status.ready = false;
+                        self.report(true);
+                    }
+                    return r.ok();
+                }
+            };
+            let exit = exit.unwrap_or_else(|e| ExitStatus {
+                exit_code: 1,
+                reason: "Error".into(),
+                message: Some(e.to_string()),
+            });
+            self.status.ready = false;
+            self.status.state = Self::terminated(&exit, Some(started_at));
+            last = Some(exit.clone());
+            if exit.reason == "OOMKilled" || (exit.exit_code != 0 && exit.message.is_some()) {
+                if let Some(m) = &exit.message {
+                    self.ctx.logs.stream(self.pod.uid(), &name).note(&format!("{}: {m}", exit.reason));
+                }
+            }
+            if !self.should_restart(&exit) {
+                self.report(true);
+                return last;
+            }
+            let delay = backoff.next_delay(started.elapsed());
+            self.status.last_state = self.status.state.clone();
+            self.status.state = ContainerState::waiting(
+                "CrashLoopBackOff",
+                Some(format!(
+                    "back-off {} restarting failed container={name} pod={}",
+                    humantime(delay),
+                    self.pod.name()
+                )),
+            );
+            self.report(false);
+            self.ctx.recorder.warning(
+                pod_ref.clone(),
+                "BackOff",
+                format!("Back-off restarting failed container {name} in pod {}", self.pod.name()),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return last,
+            }
+            self.status.restart_count += 1;
+        }
+    }
+}
+
+/// `$(VAR)` references to earlier variables, as Kubernetes expands them.
+fn expand_env(v: &str, env: &[(String, String)]) -> String {
+    if !v.contains("$(") {
+        return v.to_string();
+    }
+    let mut out = v.to_string();
+    for (k, val) in env {
+        out = out.replace(&format!("$({k})"), val);
+    }
+    out
+}
+
+fn humantime(d: Duration) -> String {
+    if d >= Duration::from_secs(60) {
+        format!("{}m{}s", d.as_secs() / 60, d.as_secs() % 60)
+    } else if d >= Duration::from_secs(1) {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}

@@ -1,0 +1,172 @@
+//! `kapsel serve`: one process holding the control plane (store, API, scheduler) and a node
+//! (agent + WASM executor). Shutdown is deliberate: cancel → the API stops accepting, the
+//! scheduler stops, the node agent stops every pod, then the process exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::events::Recorder;
+use crate::model::Kind;
+use crate::runtime::agent::{NodeAgent, NodeResources};
+use crate::runtime::backoff::BackoffConfig;
+use crate::runtime::executor::{ExecError, Executor};
+use crate::runtime::logs::Logs;
+use crate::runtime::wasm::{WasmConfig, WasmExecutor};
+use crate::runtime::worker::AgentCtx;
+use crate::sched::scheduler::Scheduler;
+use crate::store::redb::RedbStore;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] ExecError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub max_pods: u64,
+    pub backoff: BackoffConfig,
+    pub wasm_pool_slots: u32,
+    pub wasm_pool_memory: u64,
+    /// How long events are kept.
+    pub event_ttl: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(listen: &str, data_dir: PathBuf, node_name: &str) -> Self {
+        ServerConfig {
+            listen: listen.to_string(),
+            data_dir,
+            node_name: node_name.to_string(),
+            max_pods: 10_000,
+            backoff: BackoffConfig::default(),
+            wasm_pool_slots: 1024,
+            wasm_pool_memory: 64 << 20,
+            event_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Open the store, bind the API, start the scheduler and the node. Returns once listening.
+    pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let store: Arc<dyn Store> = RedbStore::open(&cfg.data_dir.join("store"))?;
+        let pods_dir = cfg.data_dir.join("pods");
+        std::fs::create_dir_all(&pods_dir)?;
+        let logs = Logs::new(pods_dir.clone());
+        let mut wcfg = WasmConfig::new(cfg.data_dir.join("cache").join("wasm"));
+        wcfg.pool_slots = cfg.wasm_pool_slots;
+        wcfg.pool_memory = cfg.wasm_pool_memory;
+        let wasm = WasmExecutor::new(wcfg)?;
+        let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(wasm)];
+
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let app = api::router(AppState {
+            store: store.clone(),
+            logs: logs.clone(),
+        });
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { c.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "API server");
+            }
+        });
+
+        tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
+
+        let ctx = Arc::new(AgentCtx {
+            store: store.clone(),
+            node_name: cfg.node_name.clone(),
+            pods_dir,
+            logs,
+            executors,
+            recorder: Recorder::new(store.clone(), "kapsel-node", Some(cfg.node_name.clone())),
+            backoff: cfg.backoff,
+            host_ip: "127.0.0.1".into(),
+        });
+        let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
+        tracker.spawn(agent.run(cancel.clone()));
+        tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
+        tracker.close();
+        Ok(Server {
+            addr,
+            store,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Ask every part to stop.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Wait until every part has stopped.
+    pub async fn wait(&self) {
+        self.tracker.wait().await;
+    }
+}
+
+/// Delete events older than the TTL (Kubernetes keeps them an hour).
+async fn gc_events(store: Arc<dyn Store>, ttl: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default();
+        let Ok((events, _)) = store.list(Kind::Event, None) else { continue };
+        for ev in events {
+            let last = ev["lastTimestamp"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+            if last.map(|t| t < cutoff).unwrap_or(false) {
+                let ns = ev["metadata"]["namespace"].as_str().unwrap_or("default");
+                let name = ev["metadata"]["name"].as_str().unwrap_or("");
+                let _ = store.delete(Kind::Event, ns, name, None).await;
+            }
+        }
+    }
+}
