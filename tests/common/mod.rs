@@ -1,0 +1,246 @@
+//! Test harness: a real `kapsel serve` process on 127.0.0.1:0 with its own data directory,
+//! driven through the real CLI and HTTP API. Waits are polls with deadlines, never sleeps.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kapsel")
+}
+
+pub fn fixture(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+        .display()
+        .to_string()
+}
+
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub struct Kapsel {
+    pub child: Option<Child>,
+    pub url: String,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub stderr: Arc<Mutex<String>>,
+    pub http: reqwest::Client,
+    extra: Vec<String>,
+}
+
+impl Kapsel {
+    /// A fresh server with short back-offs (so restart tests take seconds, not minutes).
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new().prefix("kapsel-test-").tempdir().unwrap();
+        let data = tmp.path().to_path_buf();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, url, stderr) = spawn(&data, &extra);
+        Kapsel {
+            child: Some(child),
+            url,
+            data,
+            _tmp: Some(tmp),
+            stderr,
+            http: reqwest::Client::new(),
+            extra,
+        }
+    }
+
+    /// `kill -9` the server (pods die with it).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same data directory (after `kill9`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        let (child, url, stderr) = spawn(&self.data, &self.extra);
+        self.child = Some(child);
+        self.url = url;
+        self.stderr = stderr;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Run the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Write a manifest into the data dir and `kapsel apply -f` it; panics if apply fails.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        let out = self.try_apply(name, yaml);
+        assert!(
+            out.status.success(),
+            "apply failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn try_apply(&self, name: &str, yaml: &str) -> Output {
+        let path = self.data.join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        self.cli(&["apply", "-f", path.to_str().unwrap()])
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let r = req.send().await.unwrap();
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn pod(&self, name: &str) -> Option<Value> {
+        let (code, v) = self.get(&format!("/api/v1/namespaces/default/pods/{name}")).await;
+        (code == 200).then_some(v)
+    }
+
+    /// Poll the pod until `pred` holds; panics with the last seen object after `secs`.
+    pub async fn wait_pod(&self, name: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Some(p) = self.pod(name).await {
+                if pred(&p) {
+                    return p;
+                }
+                last = p;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "pod {name} did not reach the expected state in {secs}s; last seen:\n{}\nserver stderr:\n{}",
+            serde_json::to_string_pretty(&last).unwrap(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    pub async fn wait_gone(&self, name: &str, secs: u64) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            if self.pod(name).await.is_none() {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("pod {name} still exists after {secs}s");
+    }
+
+    pub async fn logs(&self, pod: &str, container: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/namespaces/default/pods/{pod}/log?container={container}", self.url))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    }
+
+    pub async fn events_for(&self, pod: &str) -> Vec<Value> {
+        let (_, v) = self.get("/api/v1/namespaces/default/events").await;
+        v["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["involvedObject"]["name"] == pod)
+            .collect()
+    }
+}
+
+impl Drop for Kapsel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(data: &Path, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", "test-node"])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
+        .args(extra)
+        .env("KAPSEL_LOG", "warn")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let buf = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b2 = buf.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("API on http://") {
+                let url = line[i + 7..].split_whitespace().next().unwrap().to_string();
+                if let Some(t) = tx.take() {
+                    let _ = t.send(url);
+                }
+            }
+            let mut b = b2.lock().unwrap();
+            b.push_str(&line);
+            b.push('\n');
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("kapsel serve did not start: {}", buf.lock().unwrap()));
+    (child, url, buf)
+}
+
+/// A one-container pod manifest.
+pub fn pod_yaml(name: &str, image: &str, args: &[&str], policy: &str, extra_container: &str) -> String {
+    let args = args.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {policy}\n  containers:\n  - name: main\n    image: {image}\n    args: [{args}]\n{extra_container}"
+    )
+}
+
+pub fn state<'a>(pod: &'a Value, container: usize) -> &'a Value {
+    &pod["status"]["containerStatuses"][container]["state"]
+}
+
+pub fn phase(pod: &Value) -> &str {
+    pod["status"]["phase"].as_str().unwrap_or("")
+}
