@@ -256,19 +256,23 @@ pub async fn apply(
         .buffered(64)
         .collect()
         .await;
-    let mut failed = None;
+    let total = results.len();
+    let mut errors = Vec::new();
     for r in results {
         match r {
             Ok(line) => print(line),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                failed.get_or_insert(e);
-            }
+            Err(e) => errors.push(e),
         }
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.pop().unwrap()),
+        n => {
+            for e in &errors {
+                eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            }
+            Err(anyhow!("{n} of {total} objects were not applied"))
+        }
     }
 }
 

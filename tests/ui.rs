@@ -1,0 +1,49 @@
+//! Golden-file tests: every manifest under `tests/ui/` is invalid; `kapsel apply -f` must fail
+//! with exactly the message in the matching `.err` file (what a user sees). Parse errors are
+//! caught by the CLI (file, line, column, field); semantic ones by the server (422, field path).
+//! `BLESS=1 cargo test --test ui` rewrites the `.err` files.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn invalid_manifests_give_the_expected_errors() {
+    let k = common::Kapsel::start();
+    let root = common::repo("");
+    let mut cases: Vec<_> = std::fs::read_dir(root.join("tests/ui"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml") | Some("json")))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 8);
+    let mut failures = Vec::new();
+    for case in cases {
+        let rel = case.strip_prefix(&root).unwrap();
+        let out = Command::new(common::bin())
+            .current_dir(&root)
+            .args(["--server", &k.url, "apply", "-f"])
+            .arg(rel)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{} was accepted", rel.display());
+        let got = String::from_utf8_lossy(&out.stderr).to_string();
+        let err_file = case.with_extension("err");
+        if std::env::var("BLESS").is_ok() {
+            std::fs::write(&err_file, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&err_file).unwrap_or_default();
+        if got != want {
+            failures.push(format!("{}:\n  want: {want}  got:  {got}", rel.display()));
+        }
+    }
+    // Nothing invalid was stored.
+    let out = k.cli(&["get", "pods", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["items"].as_array().unwrap().iter().filter_map(|p| p["metadata"]["name"].as_str()).collect();
+    assert!(names.iter().all(|n| *n == "fine"), "stored: {names:?}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
