@@ -89,12 +89,13 @@ impl Server {
         let wasm = WasmExecutor::new(wcfg)?;
         let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(wasm)];
 
-        let listener = TcpListener::bind(&cfg.listen)
-            .await
-            .map_err(|source| ServerError::Listen {
-                addr: cfg.listen.clone(),
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(&cfg.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: cfg.listen.clone(),
+                    source,
+                })?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -102,6 +103,7 @@ impl Server {
         let app = api::router(AppState {
             store: store.clone(),
             logs: logs.clone(),
+            shutdown: cancel.clone(),
         });
         let c = cancel.clone();
         tracker.spawn(async move {
@@ -157,7 +159,9 @@ async fn gc_events(store: Arc<dyn Store>, ttl: Duration, cancel: CancellationTok
             _ = cancel.cancelled() => return,
         }
         let cutoff = chrono::Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default();
-        let Ok((events, _)) = store.list(Kind::Event, None) else { continue };
+        let Ok((events, _)) = store.list(Kind::Event, None) else {
+            continue;
+        };
         for ev in events {
             let last = ev["lastTimestamp"]
                 .as_str()

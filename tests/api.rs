@@ -20,13 +20,17 @@ async fn status_codes_and_status_objects() {
     let k = Kapsel::start();
     let quick = fixture("quick.wat");
     let base = "/api/v1/namespaces/default/pods";
-    let (code, created) = k.send(Method::POST, base, Some(&pod_json("a", &quick))).await;
+    let (code, created) = k
+        .send(Method::POST, base, Some(&pod_json("a", &quick)))
+        .await;
     assert_eq!(code, 201, "{created}");
     assert!(created["metadata"]["uid"].as_str().unwrap().len() >= 32);
     assert!(created["metadata"]["resourceVersion"].as_str().is_some());
     assert!(created["metadata"]["creationTimestamp"].as_str().is_some());
     // Exists → 409 AlreadyExists.
-    let (code, st) = k.send(Method::POST, base, Some(&pod_json("a", &quick))).await;
+    let (code, st) = k
+        .send(Method::POST, base, Some(&pod_json("a", &quick)))
+        .await;
     assert_eq!(code, 409);
     assert_eq!(st["kind"], "Status");
     assert_eq!(st["reason"], "AlreadyExists");
@@ -35,15 +39,28 @@ async fn status_codes_and_status_objects() {
     let (code, st) = k.send(Method::POST, base, Some("{not json")).await;
     assert_eq!(code, 400, "{st}");
     let (code, st) = k
-        .send(Method::POST, base, Some(r#"{"metadata":{"name":"b"},"spec":{"containers":[],"colour":"red"}}"#))
+        .send(
+            Method::POST,
+            base,
+            Some(r#"{"metadata":{"name":"b"},"spec":{"containers":[],"colour":"red"}}"#),
+        )
         .await;
     assert_eq!(code, 400);
-    assert!(st["message"].as_str().unwrap().contains("unknown field `colour`"), "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `colour`"),
+        "{st}"
+    );
     // Invalid → 422 with the field.
     let (code, st) = k.send(Method::POST, base, Some(&pod_json("c", ""))).await;
     assert_eq!(code, 422);
     assert_eq!(st["reason"], "Invalid");
-    assert_eq!(st["details"]["causes"][0]["field"], "spec.containers[0].image");
+    assert_eq!(
+        st["details"]["causes"][0]["field"],
+        "spec.containers[0].image"
+    );
     // Missing → 404.
     let (code, st) = k.get(&format!("{base}/nope")).await;
     assert_eq!(code, 404);
@@ -65,18 +82,29 @@ async fn status_codes_and_status_objects() {
 async fn stale_writes_are_rejected_and_spec_is_immutable() {
     let k = Kapsel::start();
     let base = "/api/v1/namespaces/default/pods";
-    let (_, created) = k.send(Method::POST, base, Some(&pod_json("p", &fixture("sleep.wat")))).await;
-    k.wait_pod("p", 10, |p| !state(p, 0)["running"].is_null()).await;
+    let (_, created) = k
+        .send(
+            Method::POST,
+            base,
+            Some(&pod_json("p", &fixture("sleep.wat"))),
+        )
+        .await;
+    k.wait_pod("p", 10, |p| !state(p, 0)["running"].is_null())
+        .await;
     // The node has written status since: the creation's resourceVersion is stale.
     let mut stale = created.clone();
     stale["metadata"]["labels"]["tier"] = json!("x");
-    let (code, st) = k.send(Method::PUT, &format!("{base}/p"), Some(&stale.to_string())).await;
+    let (code, st) = k
+        .send(Method::PUT, &format!("{base}/p"), Some(&stale.to_string()))
+        .await;
     assert_eq!(code, 409, "{st}");
     assert_eq!(st["reason"], "Conflict");
     // Fresh read → accepted.
     let mut cur = k.pod("p").await.unwrap();
     cur["metadata"]["labels"]["tier"] = json!("x");
-    let (code, updated) = k.send(Method::PUT, &format!("{base}/p"), Some(&cur.to_string())).await;
+    let (code, updated) = k
+        .send(Method::PUT, &format!("{base}/p"), Some(&cur.to_string()))
+        .await;
     assert_eq!(code, 200, "{updated}");
     assert_eq!(updated["metadata"]["labels"]["tier"], "x");
     // Label selector.
@@ -87,7 +115,9 @@ async fn stale_writes_are_rejected_and_spec_is_immutable() {
     // Changing the spec is refused.
     let mut cur = k.pod("p").await.unwrap();
     cur["spec"]["containers"][0]["image"] = json!("/other.wasm");
-    let (code, st) = k.send(Method::PUT, &format!("{base}/p"), Some(&cur.to_string())).await;
+    let (code, st) = k
+        .send(Method::PUT, &format!("{base}/p"), Some(&cur.to_string()))
+        .await;
     assert_eq!(code, 422, "{st}");
     // Graceful delete: the first answer carries deletionTimestamp; the pod then goes away.
     let (code, d) = k.send(Method::DELETE, &format!("{base}/p"), None).await;
@@ -102,7 +132,10 @@ async fn watch_streams_added_modified_deleted() {
     let base = "/api/v1/namespaces/default/pods";
     let (_, list) = k.get(base).await;
     assert_eq!(list["kind"], "PodList");
-    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut resp = k
         .http
         .get(format!("{}{base}?watch=true&resourceVersion={rv}", k.url))
@@ -110,16 +143,28 @@ async fn watch_streams_added_modified_deleted() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let (code, _) = k.send(Method::POST, base, Some(&pod_json("w", &fixture("quick.wat")))).await;
+    let (code, _) = k
+        .send(
+            Method::POST,
+            base,
+            Some(&pod_json("w", &fixture("quick.wat"))),
+        )
+        .await;
     assert_eq!(code, 201);
     let mut buf = String::new();
     let mut events: Vec<Value> = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        if events.iter().any(|e| e["object"]["status"]["phase"] == "Succeeded") {
+        if events
+            .iter()
+            .any(|e| e["object"]["status"]["phase"] == "Succeeded")
+        {
             break;
         }
-        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await else { break };
+        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await
+        else {
+            break;
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(i) = buf.find('\n') {
             let line: String = buf.drain(..=i).collect();
@@ -128,16 +173,32 @@ async fn watch_streams_added_modified_deleted() {
     }
     assert_eq!(events[0]["type"], "ADDED");
     assert_eq!(events[0]["object"]["metadata"]["name"], "w");
-    assert!(events.iter().any(|e| e["type"] == "MODIFIED" && e["object"]["spec"]["nodeName"] == "test-node"));
-    assert!(events.iter().any(|e| e["object"]["status"]["phase"] == "Succeeded"));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "MODIFIED" && e["object"]["spec"]["nodeName"] == "test-node"));
+    assert!(events
+        .iter()
+        .any(|e| e["object"]["status"]["phase"] == "Succeeded"));
     // resourceVersions increase along the stream.
-    let rvs: Vec<u64> = events.iter().map(|e| e["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap()).collect();
+    let rvs: Vec<u64> = events
+        .iter()
+        .map(|e| {
+            e["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
     assert!(rvs.windows(2).all(|w| w[0] < w[1]), "{rvs:?}");
     let (code, _) = k.send(Method::DELETE, &format!("{base}/w"), None).await;
     assert_eq!(code, 200);
     let mut deleted = false;
     while !deleted {
-        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await else { break };
+        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await
+        else {
+            break;
+        };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         deleted = buf.contains("\"DELETED\"");
     }
@@ -170,11 +231,21 @@ async fn cli_errors_are_one_line_and_nonzero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
     // apply twice: second time unchanged.
     let path = k.data.join("q.yaml");
-    std::fs::write(&path, pod_yaml("q", &fixture("quick.wat"), &[], "Never", "")).unwrap();
+    std::fs::write(
+        &path,
+        pod_yaml("q", &fixture("quick.wat"), &[], "Never", ""),
+    )
+    .unwrap();
     let first = k.cli(&["apply", "-f", path.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "pod/q created");
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim(),
+        "pod/q created"
+    );
     let again = k.cli(&["apply", "-f", path.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "pod/q unchanged");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "pod/q unchanged"
+    );
     let yaml = k.cli(&["get", "pods", "-o", "yaml"]);
     assert!(String::from_utf8_lossy(&yaml.stdout).contains("kind: PodList"));
 }

@@ -15,7 +15,12 @@ fn invalid_manifests_give_the_expected_errors() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml") | Some("json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml") | Some("json")
+            )
+        })
         .collect();
     cases.sort();
     assert!(cases.len() >= 8);
@@ -43,7 +48,12 @@ fn invalid_manifests_give_the_expected_errors() {
     // Nothing invalid was stored.
     let out = k.cli(&["get", "pods", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v["items"].as_array().unwrap().iter().filter_map(|p| p["metadata"]["name"].as_str()).collect();
+    let names: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
     assert!(names.iter().all(|n| *n == "fine"), "stored: {names:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

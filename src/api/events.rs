@@ -17,10 +17,16 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/events", get(list_all))
         .route("/api/v1/namespaces/{ns}/events", get(list).post(create))
-        .route("/api/v1/namespaces/{ns}/events/{name}", get(read).delete(delete))
+        .route(
+            "/api/v1/namespaces/{ns}/events/{name}",
+            get(read).delete(delete),
+        )
 }
 
-async fn list_all(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_all(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
     list_or_watch(&s, Kind::Event, None, q)
 }
 
@@ -49,12 +55,19 @@ async fn create(
     ev.kind = "Event".into();
     ev.metadata.namespace = Some(ns);
     if ev.metadata.name.is_empty() {
-        ev.metadata.name = format!("{}.{}", ev.involved_object.name, &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        ev.metadata.name = format!(
+            "{}.{}",
+            ev.involved_object.name,
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
     }
     ev.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
     ev.metadata.creation_timestamp = Some(Utc::now());
     let v = serde_json::to_value(&ev).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((StatusCode::CREATED, Json(s.store.create(Kind::Event, v).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create(Kind::Event, v).await?),
+    ))
 }
 
 async fn delete(

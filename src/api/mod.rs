@@ -30,6 +30,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// This node's container logs (the API serves `/log` for the embedded node).
     pub logs: Logs,
+    /// Fires on shutdown: ends long-lived responses (watches, `logs -f`) so the server can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -54,7 +56,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .route("/version", get(|| async { Json(json!({"gitVersion": concat!("kapsel-", env!("CARGO_PKG_VERSION"))})) }))
+        .route(
+            "/version",
+            get(|| async {
+                Json(json!({"gitVersion": concat!("kapsel-", env!("CARGO_PKG_VERSION"))}))
+            }),
+        )
         .merge(pods::routes())
         .merge(nodes::routes())
         .merge(events::routes())
@@ -144,10 +151,12 @@ pub fn list_or_watch(
         let q2 = q.clone();
         let stream = initial
             .chain(live)
+            .take_until(state.shutdown.clone().cancelled_owned())
             .filter(move |ev| futures::future::ready(matches(&q2, &ev.object)))
             .map(|ev| {
-                let mut line = serde_json::to_vec(&json!({"type": ev.type_, "object": &*ev.object}))
-                    .unwrap_or_default();
+                let mut line =
+                    serde_json::to_vec(&json!({"type": ev.type_, "object": &*ev.object}))
+                        .unwrap_or_default();
                 line.push(b'\n');
                 Ok::<_, std::io::Error>(bytes::Bytes::from(line))
             });
@@ -159,7 +168,11 @@ pub fn list_or_watch(
             .unwrap());
     }
     let (items, rv) = state.store.list(kind, ns)?;
-    let items: Vec<&Value> = items.iter().map(|a| &**a).filter(|o| matches(&q, o)).collect();
+    let items: Vec<&Value> = items
+        .iter()
+        .map(|a| &**a)
+        .filter(|o| matches(&q, o))
+        .collect();
     Ok(Json(json!({
         "kind": format!("{}List", kind.name()),
         "apiVersion": "v1",
@@ -184,19 +197,27 @@ pub fn get_one(state: &AppState, kind: Kind, ns: &str, name: &str) -> Result<Val
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     let mut out = String::new();
     let (pods, rv) = state.store.list(Kind::Pod, None).unwrap_or_default();
-    let mut phases: std::collections::BTreeMap<String, u64> = ["Pending", "Running", "Succeeded", "Failed"]
-        .iter()
-        .map(|p| (p.to_string(), 0))
-        .collect();
+    let mut phases: std::collections::BTreeMap<String, u64> =
+        ["Pending", "Running", "Succeeded", "Failed"]
+            .iter()
+            .map(|p| (p.to_string(), 0))
+            .collect();
     for p in &pods {
-        let ph = p["status"]["phase"].as_str().unwrap_or("Pending").to_string();
+        let ph = p["status"]["phase"]
+            .as_str()
+            .unwrap_or("Pending")
+            .to_string();
         *phases.entry(ph).or_default() += 1;
     }
     out.push_str("# HELP kapsel_pods Pods by phase.\n# TYPE kapsel_pods gauge\n");
     for (ph, n) in phases {
         out.push_str(&format!("kapsel_pods{{phase=\"{ph}\"}} {n}\n"));
     }
-    let nodes = state.store.list(Kind::Node, None).map(|(n, _)| n.len()).unwrap_or(0);
+    let nodes = state
+        .store
+        .list(Kind::Node, None)
+        .map(|(n, _)| n.len())
+        .unwrap_or(0);
     out.push_str("# HELP kapsel_nodes Registered nodes.\n# TYPE kapsel_nodes gauge\n");
     out.push_str(&format!("kapsel_nodes {nodes}\n"));
     out.push_str("# HELP kapsel_store_revision Newest committed store revision.\n# TYPE kapsel_store_revision counter\n");

@@ -17,14 +17,20 @@ use crate::model::{Kind, Node};
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/nodes", get(list).post(create))
-        .route("/api/v1/nodes/{name}", get(read).put(replace).delete(delete))
+        .route(
+            "/api/v1/nodes/{name}",
+            get(read).put(replace).delete(delete),
+        )
 }
 
 async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     list_or_watch(&s, Kind::Node, None, q)
 }
 
-async fn read(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn read(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     get_one(&s, Kind::Node, "", &name).map(Json)
 }
 
@@ -42,7 +48,10 @@ fn check(node: &Node) -> Result<(), ApiError> {
     }
 }
 
-async fn create(State(s): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn create(
+    State(s): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut node: Node = decode(&body)?;
     node.api_version = "v1".into();
     node.kind = "Node".into();
@@ -51,7 +60,10 @@ async fn create(State(s): State<AppState>, body: Bytes) -> Result<(StatusCode, J
     node.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
     node.metadata.creation_timestamp = Some(Utc::now());
     let v = serde_json::to_value(&node).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((StatusCode::CREATED, Json(s.store.create(Kind::Node, v).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.store.create(Kind::Node, v).await?),
+    ))
 }
 
 async fn replace(
@@ -77,6 +89,9 @@ async fn replace(
     Ok(Json(s.store.update(Kind::Node, v).await?))
 }
 
-async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(s.store.delete(Kind::Node, "", &name, None).await?))
 }

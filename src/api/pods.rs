@@ -35,7 +35,10 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(log))
 }
 
-async fn list_all(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_all(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
     list_or_watch(&s, Kind::Pod, None, q)
 }
 
@@ -160,7 +163,9 @@ async fn replace(
     }
     let mut cmp = cur.spec.clone();
     cmp.node_name = want_spec.node_name.clone();
-    if cmp != want_spec || (cur.spec.node_name.is_some() && want_spec.node_name != cur.spec.node_name) {
+    if cmp != want_spec
+        || (cur.spec.node_name.is_some() && want_spec.node_name != cur.spec.node_name)
+    {
         return Err(invalid(
             &pod,
             vec![FieldError {
@@ -213,7 +218,11 @@ async fn delete(
     let force = q.grace_period_seconds == Some(0);
     let active = cur.spec.node_name.is_some() && !cur.phase().is_terminal();
     if force || !active {
-        return Ok(Json(s.store.delete(Kind::Pod, &ns, &name, object_rv(&cur_v)).await?));
+        return Ok(Json(
+            s.store
+                .delete(Kind::Pod, &ns, &name, object_rv(&cur_v))
+                .await?,
+        ));
     }
     if cur.metadata.deletion_timestamp.is_some() {
         return Ok(Json(cur_v));
@@ -312,13 +321,20 @@ async fn log(
                 let done = match store.get(Kind::Pod, ns, name) {
                     Ok(Some(p)) => {
                         p["metadata"]["uid"].as_str() != Some(uid.as_str())
-                            || matches!(p["status"]["phase"].as_str(), Some("Succeeded") | Some("Failed"))
+                            || matches!(
+                                p["status"]["phase"].as_str(),
+                                Some("Succeeded") | Some("Failed")
+                            )
                     }
                     _ => true,
                 };
                 if done {
                     let (buf, _) = logs.read_from(uid, container, offset);
-                    return if buf.is_empty() { None } else { Some((Ok(Bytes::from(buf)), None)) };
+                    return if buf.is_empty() {
+                        None
+                    } else {
+                        Some((Ok(Bytes::from(buf)), None))
+                    };
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
             }
@@ -328,6 +344,10 @@ async fn log(
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Body::from_stream(first.chain(rest)))
+        .body(Body::from_stream(
+            first
+                .chain(rest)
+                .take_until(s.shutdown.clone().cancelled_owned()),
+        ))
         .unwrap())
 }

@@ -87,7 +87,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Manifest>, ManifestError> {
     let display = path.display().to_string();
     let dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."));
     let is_json = path.extension().and_then(|e| e.to_str()) == Some("json")
         || text.trim_start().starts_with('{');
@@ -138,7 +144,12 @@ fn split_yaml(text: &str) -> Vec<(usize, String)> {
     docs
 }
 
-fn yaml_err(e: &serde_norway::Error, offset: usize, file: &str, start_line: usize) -> ManifestError {
+fn yaml_err(
+    e: &serde_norway::Error,
+    offset: usize,
+    file: &str,
+    start_line: usize,
+) -> ManifestError {
     let msg = e.to_string();
     let msg = match msg.find(" at line ") {
         Some(i) => msg[..i].to_string(),
@@ -181,7 +192,9 @@ fn parse_yaml(doc: &str, offset: usize, file: &str) -> Result<Vec<Manifest>, Man
 
 fn unsupported_kind(kind: &str, api_version: &str, source: &str) -> ManifestError {
     if kind.is_empty() {
-        return ManifestError::Invalid(format!("{source}: kind: Required value (e.g. `kind: Pod`)"));
+        return ManifestError::Invalid(format!(
+            "{source}: kind: Required value (e.g. `kind: Pod`)"
+        ));
     }
     if kind == "Deployment" {
         return ManifestError::Invalid(format!(
@@ -195,7 +208,10 @@ fn unsupported_kind(kind: &str, api_version: &str, source: &str) -> ManifestErro
 
 fn manifest(kind: String, object: Value, source: String) -> Manifest {
     Manifest {
-        name: object["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        name: object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
         namespace: object["metadata"]["namespace"].as_str().map(str::to_string),
         kind,
         object,
@@ -205,7 +221,12 @@ fn manifest(kind: String, object: Value, source: String) -> Manifest {
 
 fn parse_json(doc: &str, file: &str) -> Result<Vec<Manifest>, ManifestError> {
     let jerr = |e: serde_json::Error| {
-        ManifestError::Invalid(format!("{file}:{}:{}: {}", e.line(), e.column(), strip_json_loc(&e)))
+        ManifestError::Invalid(format!(
+            "{file}:{}:{}: {}",
+            e.line(),
+            e.column(),
+            strip_json_loc(&e)
+        ))
     };
     let generic: Value = serde_json::from_str(doc).map_err(jerr)?;
     let tm: TypeMeta = serde_json::from_value(generic.clone()).unwrap_or_default();
@@ -213,15 +234,29 @@ fn parse_json(doc: &str, file: &str) -> Result<Vec<Manifest>, ManifestError> {
     match tm.kind.as_str() {
         "Pod" => {
             let p: Pod = serde_json::from_str(doc).map_err(jerr)?;
-            Ok(vec![manifest(tm.kind, serde_json::to_value(p).unwrap(), source)])
+            Ok(vec![manifest(
+                tm.kind,
+                serde_json::to_value(p).unwrap(),
+                source,
+            )])
         }
         "Node" => {
             let n: Node = serde_json::from_str(doc).map_err(jerr)?;
-            Ok(vec![manifest(tm.kind, serde_json::to_value(n).unwrap(), source)])
+            Ok(vec![manifest(
+                tm.kind,
+                serde_json::to_value(n).unwrap(),
+                source,
+            )])
         }
         "List" => {
             let mut out = Vec::new();
-            for (i, item) in generic["items"].as_array().cloned().unwrap_or_default().into_iter().enumerate() {
+            for (i, item) in generic["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
                 let src = format!("{file}: items[{i}]");
                 let tm: TypeMeta = serde_json::from_value(item.clone()).unwrap_or_default();
                 let obj = match tm.kind.as_str() {
@@ -251,7 +286,11 @@ fn strip_json_loc(e: &serde_json::Error) -> String {
 /// Make relative WASM image paths absolute, against the manifest's directory.
 fn resolve_images(obj: &mut Value, dir: &Path) {
     for list in ["containers", "initContainers"] {
-        if let Some(cs) = obj.get_mut("spec").and_then(|s| s.get_mut(list)).and_then(|l| l.as_array_mut()) {
+        if let Some(cs) = obj
+            .get_mut("spec")
+            .and_then(|s| s.get_mut(list))
+            .and_then(|l| l.as_array_mut())
+        {
             for c in cs {
                 let Some(image) = c["image"].as_str().map(str::to_string) else {
                     continue;
@@ -285,7 +324,9 @@ mod tests {
     #[test]
     fn splits_documents_and_keeps_line_numbers() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\nspec:\n  containers:\n  - name: c\n    image: a.wasm\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: b\nspec:\n  containers:\n  - name: c\n    imagee: b.wasm\n";
-        let err = parse(text, Path::new("x/pods.yaml")).unwrap_err().to_string();
+        let err = parse(text, Path::new("x/pods.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("x/pods.yaml:17:"), "{err}");
         assert!(err.contains("unknown field `imagee`"), "{err}");
     }
@@ -294,14 +335,19 @@ mod tests {
     fn resolves_relative_images() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\nspec:\n  containers:\n  - name: c\n    image: mods/a.wasm\n  - name: d\n    image: busybox\n";
         let m = parse(text, Path::new("/srv/app/pod.yaml")).unwrap();
-        assert_eq!(m[0].object["spec"]["containers"][0]["image"], "/srv/app/mods/a.wasm");
+        assert_eq!(
+            m[0].object["spec"]["containers"][0]["image"],
+            "/srv/app/mods/a.wasm"
+        );
         assert_eq!(m[0].object["spec"]["containers"][1]["image"], "busybox");
     }
 
     #[test]
     fn malformed_yaml_has_line_and_column() {
-        let err = parse("kind: Pod\nmetadata: [\n", Path::new("bad.yaml")).unwrap_err().to_string();
+        let err = parse("kind: Pod\nmetadata: [\n", Path::new("bad.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("bad.yaml:"), "{err}");
-        assert_eq!(err.matches(':').count() >= 3, true, "{err}");
+        assert!(err.matches(':').count() >= 3, "{err}");
     }
 }

@@ -24,10 +24,19 @@ use crate::model::{Event, Node, Pod};
 use crate::server::{Server, ServerConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "kapsel", version, about = "A pod runtime and orchestrator: WASM modules and OCI containers in one pod")]
+#[command(
+    name = "kapsel",
+    version,
+    about = "A pod runtime and orchestrator: WASM modules and OCI containers in one pod"
+)]
 pub struct Cli {
     /// API server URL for client commands.
-    #[arg(long, global = true, env = "KAPSEL_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAPSEL_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub server: String,
     /// Namespace.
     #[arg(short = 'n', long, global = true, default_value = "default")]
@@ -155,7 +164,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     } else {
         (s, 1.0)
     };
-    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 10s, 5m)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 10s, 5m)"))?;
     Ok(Duration::from_secs_f64(v * mult))
 }
 
@@ -174,8 +185,8 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::new(listen, opts.data_dir.clone(), &node_name);
     cfg.max_pods = opts.max_pods;
     cfg.wasm_pool_slots = opts.wasm_pool_slots;
-    cfg.wasm_pool_memory = parse_bytes(&opts.wasm_pool_memory)
-        .map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
+    cfg.wasm_pool_memory =
+        parse_bytes(&opts.wasm_pool_memory).map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
     cfg.backoff.initial = opts.backoff_initial;
     cfg.backoff.max = opts.backoff_max;
     Ok(cfg)
@@ -208,22 +219,49 @@ pub async fn run(cli: Cli) -> Result<i32> {
             server.wait().await;
             Ok(0)
         }
-        Command::Up { file, listen, data_dir, max_pods } => up::run(&file, &listen, data_dir, max_pods, &ns).await,
+        Command::Up {
+            file,
+            listen,
+            data_dir,
+            max_pods,
+        } => up::run(&file, &listen, data_dir, max_pods, &ns).await,
         Command::Apply { file } => {
             let manifests = manifest::load(&file)?;
             apply(&client, &manifests, &ns, |line| println!("{line}")).await?;
             Ok(0)
         }
-        Command::Get { resource, name, output, selector, all_namespaces } => {
-            get(&client, &ns, &resource, name.as_deref(), output.as_deref(), selector.as_deref(), all_namespaces).await
+        Command::Get {
+            resource,
+            name,
+            output,
+            selector,
+            all_namespaces,
+        } => {
+            get(
+                &client,
+                &ns,
+                &resource,
+                name.as_deref(),
+                output.as_deref(),
+                selector.as_deref(),
+                all_namespaces,
+            )
+            .await
         }
         Command::Describe { resource, name } => describe(&client, &ns, &resource, &name).await,
-        Command::Logs { pod, container, follow, tail } => {
-            logs(&client, &ns, &pod, container.as_deref(), follow, tail).await
-        }
-        Command::Delete { resource, name, file, wait, grace_period } => {
-            delete(&client, &ns, resource, name, file, wait, grace_period).await
-        }
+        Command::Logs {
+            pod,
+            container,
+            follow,
+            tail,
+        } => logs(&client, &ns, &pod, container.as_deref(), follow, tail).await,
+        Command::Delete {
+            resource,
+            name,
+            file,
+            wait,
+            grace_period,
+        } => delete(&client, &ns, resource, name, file, wait, grace_period).await,
         Command::Rollout { .. } | Command::Scale { .. } => {
             bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
         }
@@ -250,8 +288,15 @@ pub async fn apply(
     let results: Vec<Result<String>> = futures::stream::iter(manifests.iter().cloned())
         .map(|m| {
             let client = client.clone();
-            let ns = m.namespace.clone().unwrap_or_else(|| default_ns.to_string());
-            async move { apply_one(&client, &m, &ns).await.with_context(|| format!("{} ({})", m.source, m.name)) }
+            let ns = m
+                .namespace
+                .clone()
+                .unwrap_or_else(|| default_ns.to_string());
+            async move {
+                apply_one(&client, &m, &ns)
+                    .await
+                    .with_context(|| format!("{} ({})", m.source, m.name))
+            }
         })
         .buffered(64)
         .collect()
@@ -302,7 +347,9 @@ async fn apply_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
     let mut next = m.object.clone();
     next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
     next["metadata"]["namespace"] = Value::String(ns.to_string());
-    client.put(&path_for(resource, ns, Some(&m.name)), &next).await?;
+    client
+        .put(&path_for(resource, ns, Some(&m.name)), &next)
+        .await?;
     Ok(format!("{kind}/{} configured", m.name))
 }
 
@@ -348,15 +395,24 @@ async fn get(
     }
     let text = match res {
         "pods" => {
-            let pods: Vec<Pod> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            let pods: Vec<Pod> = items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()?;
             output::pods_table(&pods, wide, all_ns)
         }
         "nodes" => {
-            let nodes: Vec<Node> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            let nodes: Vec<Node> = items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()?;
             output::nodes_table(&nodes, wide)
         }
         _ => {
-            let mut evs: Vec<Event> = items.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?;
+            let mut evs: Vec<Event> = items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()?;
             evs.sort_by_key(|e| e.last_timestamp);
             output::events_table(&evs)
         }
@@ -368,7 +424,9 @@ async fn get(
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -377,7 +435,8 @@ fn urlencode(s: &str) -> String {
 async fn describe(client: &Client, ns: &str, resource: &str, name: &str) -> Result<i32> {
     match resource_name(resource)? {
         "pods" => {
-            let pod: Pod = serde_json::from_value(client.get(&path_for("pods", ns, Some(name))).await?)?;
+            let pod: Pod =
+                serde_json::from_value(client.get(&path_for("pods", ns, Some(name))).await?)?;
             let evs = client.get(&path_for("events", ns, None)).await?;
             let mut events: Vec<Event> = evs["items"]
                 .as_array()
@@ -391,9 +450,13 @@ async fn describe(client: &Client, ns: &str, resource: &str, name: &str) -> Resu
             print!("{}", output::describe_pod(&pod, &events));
         }
         "nodes" => {
-            let node: Node = serde_json::from_value(client.get(&path_for("nodes", ns, Some(name))).await?)?;
+            let node: Node =
+                serde_json::from_value(client.get(&path_for("nodes", ns, Some(name))).await?)?;
             let pods = client
-                .get(&format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", urlencode(name)))
+                .get(&format!(
+                    "/api/v1/pods?fieldSelector=spec.nodeName%3D{}",
+                    urlencode(name)
+                ))
                 .await?;
             let pods: Vec<Pod> = pods["items"]
                 .as_array()

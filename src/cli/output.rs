@@ -7,7 +7,9 @@ use crate::model::{Event, Node, Pod};
 
 /// `5s`, `3m`, `2h`, `4d`, as kubectl prints ages.
 pub fn age(ts: Option<DateTime<Utc>>) -> String {
-    let Some(ts) = ts else { return "<unknown>".into() };
+    let Some(ts) = ts else {
+        return "<unknown>".into();
+    };
     let s = (Utc::now() - ts).num_seconds().max(0);
     match s {
         0..=119 => format!("{s}s"),
@@ -22,7 +24,9 @@ pub fn pod_status(p: &Pod) -> String {
     if p.metadata.deletion_timestamp.is_some() {
         return "Terminating".into();
     }
-    let Some(st) = &p.status else { return "Pending".into() };
+    let Some(st) = &p.status else {
+        return "Pending".into();
+    };
     for (i, c) in st.init_container_statuses.iter().enumerate() {
         if let Some(t) = &c.state.terminated {
             if t.exit_code != 0 {
@@ -46,11 +50,18 @@ pub fn pod_status(p: &Pod) -> String {
             }
         } else if let Some(t) = &c.state.terminated {
             if reason.is_none() || t.exit_code != 0 {
-                reason = Some(t.reason.clone().unwrap_or_else(|| format!("ExitCode:{}", t.exit_code)));
+                reason = Some(
+                    t.reason
+                        .clone()
+                        .unwrap_or_else(|| format!("ExitCode:{}", t.exit_code)),
+                );
             }
         }
     }
-    let any_running = st.container_statuses.iter().any(|c| c.state.running.is_some());
+    let any_running = st
+        .container_statuses
+        .iter()
+        .any(|c| c.state.running.is_some());
     match reason {
         Some(r) if !any_running || r == "CrashLoopBackOff" || st.phase.is_terminal() => r,
         _ => format!("{:?}", st.phase),
@@ -119,7 +130,9 @@ pub fn pods_table(pods: &[Pod], wide: bool, all_ns: bool) -> String {
 }
 
 pub fn nodes_table(nodes: &[Node], wide: bool) -> String {
-    let mut head = vec!["NAME", "STATUS", "RUNTIMES", "CPU", "MEMORY", "PODS", "AGE", "VERSION"];
+    let mut head = vec![
+        "NAME", "STATUS", "RUNTIMES", "CPU", "MEMORY", "PODS", "AGE", "VERSION",
+    ];
     if wide {
         head.extend(["INTERNAL-IP", "OS-ARCH"]);
     }
@@ -169,7 +182,11 @@ pub fn events_table(events: &[Event]) -> String {
             age(e.last_timestamp),
             e.type_.clone(),
             e.reason.clone(),
-            format!("{}/{}", e.involved_object.kind.to_lowercase(), e.involved_object.name),
+            format!(
+                "{}/{}",
+                e.involved_object.kind.to_lowercase(),
+                e.involved_object.name
+            ),
             e.message.clone(),
         ]);
     }
@@ -178,7 +195,10 @@ pub fn events_table(events: &[Event]) -> String {
 
 fn state_lines(out: &mut String, label: &str, s: &crate::model::ContainerState) {
     if let Some(r) = &s.running {
-        out.push_str(&format!("    {label}:\tRunning\n      Started:\t{}\n", fmt_ts(r.started_at)));
+        out.push_str(&format!(
+            "    {label}:\tRunning\n      Started:\t{}\n",
+            fmt_ts(r.started_at)
+        ));
     } else if let Some(t) = &s.terminated {
         out.push_str(&format!(
             "    {label}:\tTerminated\n      Reason:\t{}\n      Exit Code:\t{}\n",
@@ -205,22 +225,45 @@ fn state_lines(out: &mut String, label: &str, s: &crate::model::ContainerState) 
 }
 
 fn fmt_ts(t: Option<DateTime<Utc>>) -> String {
-    t.map(|t| t.to_rfc2822()).unwrap_or_else(|| "<unknown>".into())
+    t.map(|t| t.to_rfc2822())
+        .unwrap_or_else(|| "<unknown>".into())
 }
 
 pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
     let mut o = String::new();
     let st = p.status.clone().unwrap_or_default();
     o.push_str(&format!("Name:\t{}\nNamespace:\t{}\n", p.name(), p.ns()));
-    o.push_str(&format!("Node:\t{}\n", p.spec.node_name.clone().unwrap_or("<none>".into())));
+    o.push_str(&format!(
+        "Node:\t{}\n",
+        p.spec.node_name.clone().unwrap_or("<none>".into())
+    ));
     o.push_str(&format!("Start Time:\t{}\n", fmt_ts(st.start_time)));
-    let labels: Vec<String> = p.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    o.push_str(&format!("Labels:\t{}\n", if labels.is_empty() { "<none>".into() } else { labels.join(",") }));
+    let labels: Vec<String> = p
+        .metadata
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    o.push_str(&format!(
+        "Labels:\t{}\n",
+        if labels.is_empty() {
+            "<none>".into()
+        } else {
+            labels.join(",")
+        }
+    ));
     o.push_str(&format!("Status:\t{}\n", pod_status(p)));
-    o.push_str(&format!("IP:\t{}\n", st.pod_ip.clone().unwrap_or("<none>".into())));
+    o.push_str(&format!(
+        "IP:\t{}\n",
+        st.pod_ip.clone().unwrap_or("<none>".into())
+    ));
     o.push_str(&format!("Restart Policy:\t{:?}\n", p.restart_policy()));
     for (title, specs, statuses) in [
-        ("Init Containers", &p.spec.init_containers, &st.init_container_statuses),
+        (
+            "Init Containers",
+            &p.spec.init_containers,
+            &st.init_container_statuses,
+        ),
         ("Containers", &p.spec.containers, &st.container_statuses),
     ] {
         if specs.is_empty() {
@@ -237,7 +280,10 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
                 if !s.last_state.is_empty() {
                     state_lines(&mut o, "Last State", &s.last_state);
                 }
-                o.push_str(&format!("    Ready:\t{}\n    Restart Count:\t{}\n", s.ready, s.restart_count));
+                o.push_str(&format!(
+                    "    Ready:\t{}\n    Restart Count:\t{}\n",
+                    s.ready, s.restart_count
+                ));
             }
             if !c.command.is_empty() {
                 o.push_str(&format!("    Command:\t{}\n", c.command.join(" ")));
@@ -256,13 +302,21 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
                 }
             }
             if !c.ports.is_empty() {
-                let ports: Vec<String> = c.ports.iter().map(|p| format!("{}/TCP", p.container_port)).collect();
+                let ports: Vec<String> = c
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/TCP", p.container_port))
+                    .collect();
                 o.push_str(&format!("    Ports:\t{}\n", ports.join(", ")));
             }
             if !c.env.is_empty() {
                 o.push_str("    Environment:\n");
                 for e in &c.env {
-                    o.push_str(&format!("      {}:\t{}\n", e.name, e.value.clone().unwrap_or_else(|| "<from field>".into())));
+                    o.push_str(&format!(
+                        "      {}:\t{}\n",
+                        e.name,
+                        e.value.clone().unwrap_or_else(|| "<from field>".into())
+                    ));
                 }
             }
             if !c.volume_mounts.is_empty() {
@@ -272,7 +326,11 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
                         "      {} from {} ({})\n",
                         m.mount_path,
                         m.name,
-                        if m.read_only.unwrap_or(false) { "ro" } else { "rw" }
+                        if m.read_only.unwrap_or(false) {
+                            "ro"
+                        } else {
+                            "rw"
+                        }
                     ));
                 }
             }
@@ -302,14 +360,27 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
         o.push_str("\t<none>\n");
     } else {
         o.push('\n');
-        let mut rows = vec![vec!["  Type".to_string(), "Reason".into(), "Age".into(), "From".into(), "Message".into()]];
+        let mut rows = vec![vec![
+            "  Type".to_string(),
+            "Reason".into(),
+            "Age".into(),
+            "From".into(),
+            "Message".into(),
+        ]];
         for e in events {
-            let count = if e.count > 1 { format!(" (x{})", e.count) } else { String::new() };
+            let count = if e.count > 1 {
+                format!(" (x{})", e.count)
+            } else {
+                String::new()
+            };
             rows.push(vec![
                 format!("  {}", e.type_),
                 e.reason.clone(),
                 format!("{}{count}", age(e.last_timestamp)),
-                e.source.as_ref().map(|s| s.component.clone()).unwrap_or_default(),
+                e.source
+                    .as_ref()
+                    .map(|s| s.component.clone())
+                    .unwrap_or_default(),
                 e.message.clone(),
             ]);
         }

@@ -17,7 +17,13 @@ use crate::model::{Kind, Pod, PodPhase};
 use crate::server::{Server, ServerConfig};
 use crate::store::WatchFrom;
 
-pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods: u64, ns: &str) -> Result<i32> {
+pub async fn run(
+    file: &Path,
+    listen: &str,
+    data_dir: Option<PathBuf>,
+    max_pods: u64,
+    ns: &str,
+) -> Result<i32> {
     let manifests = manifest::load(file)?;
     if manifests.is_empty() {
         bail!("{}: no objects found", file.display());
@@ -32,10 +38,16 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
     };
     let mut cfg = ServerConfig::new(listen, dir.clone(), &super::default_node_name());
     cfg.max_pods = max_pods;
-    let server = Server::start(cfg)
-        .await
-        .with_context(|| format!("starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"))?;
-    eprintln!("kapsel: control plane + node up at http://{} (data: {})", server.addr, dir.display());
+    let server = Server::start(cfg).await.with_context(|| {
+        format!(
+            "starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"
+        )
+    })?;
+    eprintln!(
+        "kapsel: control plane + node up at http://{} (data: {})",
+        server.addr,
+        dir.display()
+    );
     let client = Client::new(&format!("http://{}", server.addr));
 
     let mut watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
@@ -48,7 +60,12 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
     let wanted: HashSet<(String, String)> = manifests
         .iter()
         .filter(|m| m.kind == "Pod")
-        .map(|m| (m.namespace.clone().unwrap_or_else(|| ns.to_string()), m.name.clone()))
+        .map(|m| {
+            (
+                m.namespace.clone().unwrap_or_else(|| ns.to_string()),
+                m.name.clone(),
+            )
+        })
         .collect();
 
     let mut last: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -61,7 +78,9 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
     let mut pending = std::mem::take(&mut watch.initial);
     loop {
         for ev in pending.drain(..) {
-            let Ok(pod) = serde_json::from_value::<Pod>((*ev.object).clone()) else { continue };
+            let Ok(pod) = serde_json::from_value::<Pod>((*ev.object).clone()) else {
+                continue;
+            };
             let key = (pod.ns().to_string(), pod.name().to_string());
             if !wanted.contains(&key) {
                 continue;
@@ -72,7 +91,12 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
                 last.insert(key.clone(), line);
             }
             phases.insert(key.clone(), pod.phase());
-            for c in pod.spec.init_containers.iter().chain(pod.spec.containers.iter()) {
+            for c in pod
+                .spec
+                .init_containers
+                .iter()
+                .chain(pod.spec.containers.iter())
+            {
                 let k = (key.0.clone(), key.1.clone(), c.name.clone());
                 if following.insert(k) {
                     let client = client.clone();
@@ -82,7 +106,9 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
             }
         }
         if !wanted.is_empty()
-            && wanted.iter().all(|k| phases.get(k).map(|p| p.is_terminal()).unwrap_or(false))
+            && wanted
+                .iter()
+                .all(|k| phases.get(k).map(|p| p.is_terminal()).unwrap_or(false))
         {
             break;
         }
@@ -100,9 +126,9 @@ pub async fn run(file: &Path, listen: &str, data_dir: Option<PathBuf>, max_pods:
     }
     if interrupted {
         eprintln!("kapsel: stopping every pod…");
+        log_tasks.abort_all();
         server.shutdown();
         server.wait().await;
-        log_tasks.abort_all();
         eprintln!("kapsel: stopped");
         return Ok(0);
     }
@@ -157,10 +183,10 @@ fn summary(pod: &Pod) -> String {
 }
 
 async fn follow(client: &Client, ns: &str, pod: &str, container: &str) {
-    let path = format!(
-        "/api/v1/namespaces/{ns}/pods/{pod}/log?follow=true&container={container}"
-    );
-    let Ok(resp) = client.stream(&path).await else { return };
+    let path = format!("/api/v1/namespaces/{ns}/pods/{pod}/log?follow=true&container={container}");
+    let Ok(resp) = client.stream(&path).await else {
+        return;
+    };
     let prefix = format!("{pod}/{container} | ");
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();

@@ -48,7 +48,7 @@ pub fn parse_millicpu(s: &str) -> Result<u64, String> {
 pub fn format_bytes(b: u64) -> String {
     const UNITS: &[(&str, u64)] = &[("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (u, m) in UNITS {
-        if b >= *m && b % m == 0 {
+        if b >= *m && b.is_multiple_of(*m) {
             return format!("{}{}", b / m, u);
         }
     }

@@ -60,7 +60,10 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
     if !pod.api_version.is_empty() && pod.api_version != "v1" {
         errs.push(err(
             "apiVersion",
-            format!("Unsupported value: {:?}: supported values: \"v1\"", pod.api_version),
+            format!(
+                "Unsupported value: {:?}: supported values: \"v1\"",
+                pod.api_version
+            ),
         ));
     }
     if !pod.kind.is_empty() && pod.kind != "Pod" {
@@ -77,16 +80,25 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
     }
     let spec = &pod.spec;
     if spec.containers.is_empty() {
-        errs.push(err("spec.containers", "Required value: at least one container"));
+        errs.push(err(
+            "spec.containers",
+            "Required value: at least one container",
+        ));
     }
     let mut volume_names = BTreeSet::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         let f = format!("spec.volumes[{i}]");
         if !is_dns_label(&v.name) {
-            errs.push(err(format!("{f}.name"), format!("Invalid value: {:?}", v.name)));
+            errs.push(err(
+                format!("{f}.name"),
+                format!("Invalid value: {:?}", v.name),
+            ));
         }
         if !volume_names.insert(v.name.clone()) {
-            errs.push(err(format!("{f}.name"), format!("Duplicate value: {:?}", v.name)));
+            errs.push(err(
+                format!("{f}.name"),
+                format!("Duplicate value: {:?}", v.name),
+            ));
         }
         match (&v.empty_dir, &v.host_path) {
             (None, None) => errs.push(err(
@@ -130,7 +142,10 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
         for (i, c) in list.iter().enumerate() {
             let f = format!("{group}[{i}]");
             if !names.insert(c.name.clone()) && !c.name.is_empty() {
-                errs.push(err(format!("{f}.name"), format!("Duplicate value: {:?}", c.name)));
+                errs.push(err(
+                    format!("{f}.name"),
+                    format!("Duplicate value: {:?}", c.name),
+                ));
             }
             validate_container(c, &f, init, &volume_names, &mut errs);
         }
@@ -150,7 +165,10 @@ fn validate_container(
     } else if !is_dns_label(&c.name) {
         errs.push(err(
             format!("{f}.name"),
-            format!("Invalid value: {:?}: must be a DNS-1123 label (lowercase alphanumerics and '-')", c.name),
+            format!(
+                "Invalid value: {:?}: must be a DNS-1123 label (lowercase alphanumerics and '-')",
+                c.name
+            ),
         ));
     }
     if c.image.trim().is_empty() {
@@ -173,7 +191,10 @@ fn validate_container(
     for (j, e) in c.env.iter().enumerate() {
         let ef = format!("{f}.env[{j}]");
         if e.name.is_empty() || e.name.contains('=') {
-            errs.push(err(format!("{ef}.name"), format!("Invalid value: {:?}", e.name)));
+            errs.push(err(
+                format!("{ef}.name"),
+                format!("Invalid value: {:?}", e.name),
+            ));
         }
         if let Some(vf) = &e.value_from {
             if e.value.is_some() {
@@ -195,7 +216,11 @@ fn validate_container(
                     if !OK.contains(&fr.field_path.as_str()) {
                         errs.push(err(
                             format!("{ef}.valueFrom.fieldRef.fieldPath"),
-                            format!("Unsupported value: {:?}: supported values: {}", fr.field_path, OK.join(", ")),
+                            format!(
+                                "Unsupported value: {:?}: supported values: {}",
+                                fr.field_path,
+                                OK.join(", ")
+                            ),
                         ));
                     }
                 }
@@ -210,7 +235,10 @@ fn validate_container(
         if !(1..=65535).contains(&p.container_port) {
             errs.push(err(
                 format!("{f}.ports[{j}].containerPort"),
-                format!("Invalid value: {}: must be between 1 and 65535, inclusive", p.container_port),
+                format!(
+                    "Invalid value: {}: must be between 1 and 65535, inclusive",
+                    p.container_port
+                ),
             ));
         }
         if let Some(hp) = p.host_port {
@@ -254,13 +282,19 @@ fn validate_container(
         if !volumes.contains(&m.name) {
             errs.push(err(
                 format!("{mf}.name"),
-                format!("Not found: {:?}: no volume of that name in spec.volumes", m.name),
+                format!(
+                    "Not found: {:?}: no volume of that name in spec.volumes",
+                    m.name
+                ),
             ));
         }
         if !m.mount_path.starts_with('/') {
             errs.push(err(
                 format!("{mf}.mountPath"),
-                format!("Invalid value: {:?}: must be an absolute path", m.mount_path),
+                format!(
+                    "Invalid value: {:?}: must be an absolute path",
+                    m.mount_path
+                ),
             ));
         } else if m.mount_path.split('/').any(|s| s == "..") {
             errs.push(err(
@@ -297,10 +331,14 @@ fn validate_container(
         ("startupProbe", &c.startup_probe),
     ] {
         if let Some(p) = p {
-            let n = [p.http_get.is_some(), p.tcp_socket.is_some(), p.exec.is_some()]
-                .iter()
-                .filter(|b| **b)
-                .count();
+            let n = [
+                p.http_get.is_some(),
+                p.tcp_socket.is_some(),
+                p.exec.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
             if n != 1 {
                 errs.push(err(
                     format!("{f}.{name}"),

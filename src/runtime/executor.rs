@@ -97,7 +97,11 @@ pub trait Executor: Send + Sync + 'static {
     /// Does this executor run this image?
     fn handles(&self, image: &str) -> bool;
     /// Make the image ready to start (compile and cache; pull). Idempotent and cached.
-    async fn prepare(&self, spec: &ContainerSpec, progress: ExecutorProgress) -> Result<(), ExecError>;
+    async fn prepare(
+        &self,
+        spec: &ContainerSpec,
+        progress: ExecutorProgress,
+    ) -> Result<(), ExecError>;
     /// Start an instance; it runs until it exits or is killed.
     async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError>;
 }

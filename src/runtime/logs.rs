@@ -88,11 +88,13 @@ fn truncate_to_tail(path: &Path, keep: u64) {
     }
 }
 
+type StreamMap = HashMap<(String, String), Arc<LogStream>>;
+
 /// All log streams of this node, by (pod uid, container).
 #[derive(Clone)]
 pub struct Logs {
     root: PathBuf,
-    streams: Arc<Mutex<HashMap<(String, String), Arc<LogStream>>>>,
+    streams: Arc<Mutex<StreamMap>>,
 }
 
 impl Logs {
@@ -120,7 +122,10 @@ impl Logs {
 
     /// Forget a pod's streams (followers see their stream end).
     pub fn forget_pod(&self, pod_uid: &str) {
-        self.streams.lock().unwrap().retain(|(u, _), _| u != pod_uid);
+        self.streams
+            .lock()
+            .unwrap()
+            .retain(|(u, _), _| u != pod_uid);
     }
 
     /// The last `tail` lines (all when `None`) and the byte offset the read ended at.

@@ -17,13 +17,20 @@ pub fn setup(pod: &Pod, pod_dir: &Path) -> Result<(), ExecError> {
         if v.empty_dir.is_some() {
             let p = empty_dir_path(pod_dir, &v.name);
             std::fs::create_dir_all(&p).map_err(|e| {
-                ExecError::Config(format!("volume {:?}: cannot create {}: {e}", v.name, p.display()))
+                ExecError::Config(format!(
+                    "volume {:?}: cannot create {}: {e}",
+                    v.name,
+                    p.display()
+                ))
             })?;
         } else if let Some(hp) = &v.host_path {
             let p = Path::new(&hp.path);
             match hp.type_.as_deref() {
                 Some("DirectoryOrCreate") => std::fs::create_dir_all(p).map_err(|e| {
-                    ExecError::Config(format!("volume {:?}: cannot create hostPath {}: {e}", v.name, hp.path))
+                    ExecError::Config(format!(
+                        "volume {:?}: cannot create hostPath {}: {e}",
+                        v.name, hp.path
+                    ))
                 })?,
                 _ => {
                     if !p.is_dir() {
@@ -48,19 +55,23 @@ pub fn mounts(pod: &Pod, c: &Container, pod_dir: &Path) -> Result<Vec<Mount>, Ex
             .volumes
             .iter()
             .find(|v| v.name == m.name)
-            .ok_or_else(|| ExecError::Config(format!("volumeMount {:?}: no such volume", m.name)))?;
+            .ok_or_else(|| {
+                ExecError::Config(format!("volumeMount {:?}: no such volume", m.name))
+            })?;
         let mut host = if v.empty_dir.is_some() {
             empty_dir_path(pod_dir, &v.name)
         } else if let Some(hp) = &v.host_path {
             PathBuf::from(&hp.path)
         } else {
-            return Err(ExecError::Config(format!("volume {:?} has no source", v.name)));
+            return Err(ExecError::Config(format!(
+                "volume {:?} has no source",
+                v.name
+            )));
         };
         if let Some(sp) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             host = host.join(sp);
-            std::fs::create_dir_all(&host).map_err(|e| {
-                ExecError::Config(format!("subPath {}: {e}", host.display()))
-            })?;
+            std::fs::create_dir_all(&host)
+                .map_err(|e| ExecError::Config(format!("subPath {}: {e}", host.display())))?;
         }
         out.push(Mount {
             host_path: host,

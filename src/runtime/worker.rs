@@ -110,7 +110,11 @@ impl LocalStatus {
         PodStatus {
             phase: self.phase(),
             conditions: vec![
-                cond("Initialized", self.initialized, Some("ContainersNotInitialized")),
+                cond(
+                    "Initialized",
+                    self.initialized,
+                    Some("ContainersNotInitialized"),
+                ),
                 cond("ContainersReady", ready, Some("ContainersNotReady")),
                 cond("Ready", ready, Some("ContainersNotReady")),
             ],
@@ -142,13 +146,19 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
     let uid = pod.uid().to_string();
     let pod_dir = ctx.pods_dir.join(&uid);
     let prev = pod.status.clone().unwrap_or_default();
-    let find_prev = |list: &[ContainerStatus], name: &str| list.iter().find(|s| s.name == name).cloned();
+    let find_prev =
+        |list: &[ContainerStatus], name: &str| list.iter().find(|s| s.name == name).cloned();
     let mut local = LocalStatus {
         init: pod
             .spec
             .init_containers
             .iter()
-            .map(|c| initial_status(c, find_prev(&prev.init_container_statuses, &c.name).as_ref()))
+            .map(|c| {
+                initial_status(
+                    c,
+                    find_prev(&prev.init_container_statuses, &c.name).as_ref(),
+                )
+            })
             .collect(),
         init_done: vec![false; pod.spec.init_containers.len()],
         main: pod
@@ -199,14 +209,30 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
     let prev_init_ok: Vec<bool> = local
         .init
         .iter()
-        .map(|s| s.state.terminated.as_ref().map(|t| t.exit_code == 0).unwrap_or(false))
+        .map(|s| {
+            s.state
+                .terminated
+                .as_ref()
+                .map(|t| t.exit_code == 0)
+                .unwrap_or(false)
+        })
         .collect();
     let already_initialized = (0..pod.spec.init_containers.len())
         .all(|i| pod.spec.init_containers[i].restart_policy.is_some() || prev_init_ok[i]);
     for (i, c) in pod.spec.init_containers.iter().enumerate() {
         let sidecar = c.restart_policy == Some(RestartPolicy::Always);
         if sidecar {
-            let r = Runner::new(&ctx, &pod, c, true, i, RestartPolicy::Always, &local.init[i], &tx, &pod_dir);
+            let r = Runner::new(
+                &ctx,
+                &pod,
+                c,
+                true,
+                i,
+                RestartPolicy::Always,
+                &local.init[i],
+                &tx,
+                &pod_dir,
+            );
             let token = sidecar_stop.clone();
             sidecars.spawn(r.run(token));
             // Wait until the sidecar runs (or fails to start and backs off).
@@ -232,7 +258,17 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
         } else {
             RestartPolicy::OnFailure
         };
-        let r = Runner::new(&ctx, &pod, c, true, i, init_policy, &local.init[i], &tx, &pod_dir);
+        let r = Runner::new(
+            &ctx,
+            &pod,
+            c,
+            true,
+            i,
+            init_policy,
+            &local.init[i],
+            &tx,
+            &pod_dir,
+        );
         let token = main_stop.clone();
         let mut task = tokio::spawn(r.run(token));
         let result = loop {
@@ -265,7 +301,17 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
     if !stop.is_cancelled() {
         local.initialized = true;
         for (i, c) in pod.spec.containers.iter().enumerate() {
-            let r = Runner::new(&ctx, &pod, c, false, i, policy, &local.main[i], &tx, &pod_dir);
+            let r = Runner::new(
+                &ctx,
+                &pod,
+                c,
+                false,
+                i,
+                policy,
+                &local.main[i],
+                &tx,
+                &pod_dir,
+            );
             mains.spawn(r.run(main_stop.clone()));
         }
         if !flush(&ctx, &pod, &local).await {
@@ -446,10 +492,12 @@ impl Runner {
         let c = &self.container;
         let mounts = volumes::mounts(pod, c, &self.pod_dir)?;
         let mut argv = if c.command.is_empty() {
-            vec![std::path::Path::new(c.image.strip_prefix("file://").unwrap_or(&c.image))
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| c.name.clone())]
+            vec![
+                std::path::Path::new(c.image.strip_prefix("file://").unwrap_or(&c.image))
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| c.name.clone()),
+            ]
         } else {
             c.command.clone()
         };
@@ -514,7 +562,12 @@ impl Runner {
                 reason: "Error".into(),
                 message: Some("the instance was lost when the node agent restarted".into()),
             };
-            let started = self.status.state.running.as_ref().and_then(|r| r.started_at);
+            let started = self
+                .status
+                .state
+                .running
+                .as_ref()
+                .and_then(|r| r.started_at);
             self.status.last_state = Self::terminated(&lost, started);
             if !self.should_restart(&lost) {
                 self.status.state = self.status.last_state.clone();
@@ -568,16 +621,30 @@ impl Runner {
                 Ok(s) => s,
                 Err(e) => {
                     let reason = match (&e, self.status.state.waiting.as_ref()) {
-                        (ExecError::ImagePull(_), Some(w)) if w.reason.as_deref() == Some("ErrImagePull") => "ImagePullBackOff",
+                        (ExecError::ImagePull(_), Some(w))
+                            if w.reason.as_deref() == Some("ErrImagePull") =>
+                        {
+                            "ImagePullBackOff"
+                        }
                         _ => e.waiting_reason(),
                     };
-                    if self.status.state.waiting.as_ref().and_then(|w| w.message.as_deref()) != Some(&e.to_string()) {
+                    if self
+                        .status
+                        .state
+                        .waiting
+                        .as_ref()
+                        .and_then(|w| w.message.as_deref())
+                        != Some(&e.to_string())
+                    {
                         self.ctx.recorder.warning(
                             pod_ref.clone(),
                             "Failed",
                             format!("container {name}: {e}"),
                         );
-                        self.ctx.logs.stream(self.pod.uid(), &name).note(&e.to_string());
+                        self.ctx
+                            .logs
+                            .stream(self.pod.uid(), &name)
+                            .note(&e.to_string());
                     }
                     self.status.state = ContainerState::waiting(reason, Some(e.to_string()));
                     self.report(false);
@@ -593,7 +660,8 @@ impl Runner {
             let mut instance = match executor.start(spec).await {
                 Ok(i) => i,
                 Err(e) => {
-                    self.status.state = ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
+                    self.status.state =
+                        ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
                     self.report(false);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay(Duration::ZERO)) => continue,
@@ -613,9 +681,11 @@ impl Runner {
             self.status.started = Some(true);
             self.status.ready = !self.init || self.policy == RestartPolicy::Always;
             self.report(false);
-            self.ctx
-                .recorder
-                .normal(pod_ref.clone(), "Started", format!("Started container {name}"));
+            self.ctx.recorder.normal(
+                pod_ref.clone(),
+                "Started",
+                format!("Started container {name}"),
+            );
             let exit = tokio::select! {
                 r = instance.wait() => r,
                 _ = stop.cancelled() => {
@@ -640,7 +710,10 @@ impl Runner {
             last = Some(exit.clone());
             if exit.reason == "OOMKilled" || (exit.exit_code != 0 && exit.message.is_some()) {
                 if let Some(m) = &exit.message {
-                    self.ctx.logs.stream(self.pod.uid(), &name).note(&format!("{}: {m}", exit.reason));
+                    self.ctx
+                        .logs
+                        .stream(self.pod.uid(), &name)
+                        .note(&format!("{}: {m}", exit.reason));
                 }
             }
             if !self.should_restart(&exit) {
@@ -661,7 +734,10 @@ impl Runner {
             self.ctx.recorder.warning(
                 pod_ref.clone(),
                 "BackOff",
-                format!("Back-off restarting failed container {name} in pod {}", self.pod.name()),
+                format!(
+                    "Back-off restarting failed container {name} in pod {}",
+                    self.pod.name()
+                ),
             );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

@@ -23,8 +23,12 @@ impl Requests {
                     .map(|q| q.as_string())
             };
             Requests {
-                cpu_millis: get("cpu").and_then(|q| parse_millicpu(&q).ok()).unwrap_or(0),
-                memory_bytes: get("memory").and_then(|q| parse_bytes(&q).ok()).unwrap_or(0),
+                cpu_millis: get("cpu")
+                    .and_then(|q| parse_millicpu(&q).ok())
+                    .unwrap_or(0),
+                memory_bytes: get("memory")
+                    .and_then(|q| parse_bytes(&q).ok())
+                    .unwrap_or(0),
             }
         };
         let mut sum = Requests::default();
@@ -59,8 +63,12 @@ impl NodeInfo {
             .map(|s| s.allocatable.clone())
             .unwrap_or_default();
         (
-            a.get("cpu").and_then(|q| parse_millicpu(q).ok()).unwrap_or(0),
-            a.get("memory").and_then(|q| parse_bytes(q).ok()).unwrap_or(0),
+            a.get("cpu")
+                .and_then(|q| parse_millicpu(q).ok())
+                .unwrap_or(0),
+            a.get("memory")
+                .and_then(|q| parse_bytes(q).ok())
+                .unwrap_or(0),
             a.get("pods").and_then(|q| q.parse().ok()).unwrap_or(110),
         )
     }
@@ -241,7 +249,8 @@ mod tests {
     fn pod(image: &str, mem: &str) -> Pod {
         let mut p = Pod::default();
         let mut r = Resources::default();
-        r.requests.insert("memory".into(), Quantity::Str(mem.into()));
+        r.requests
+            .insert("memory".into(), Quantity::Str(mem.into()));
         p.spec.containers.push(Container {
             name: "c".into(),
             image: image.into(),

@@ -30,9 +30,13 @@ pub struct Scheduler {
 type Placed = HashMap<String, (String, Requests)>;
 
 enum BindResult {
-    Bound { uid: String },
+    Bound {
+        uid: String,
+    },
     /// Lost the race (pod changed or gone): forget the assumption; the watch will tell.
-    Failed { uid: String },
+    Failed {
+        uid: String,
+    },
 }
 
 impl Scheduler {
@@ -91,7 +95,14 @@ impl Scheduler {
         let mut dirty = true;
         loop {
             if dirty {
-                self.schedule(&nodes, &mut placed, &mut queue, &mut unschedulable, &mut in_flight, &done_tx);
+                self.schedule(
+                    &nodes,
+                    &mut placed,
+                    &mut queue,
+                    &mut unschedulable,
+                    &mut in_flight,
+                    &done_tx,
+                );
                 dirty = false;
             }
             tokio::select! {
@@ -213,12 +224,18 @@ impl Scheduler {
                                     "Scheduled",
                                     format!("Successfully assigned {} to {node}", pod.key()),
                                 );
-                                BindResult::Bound { uid: pod.uid().to_string() }
+                                BindResult::Bound {
+                                    uid: pod.uid().to_string(),
+                                }
                             }
-                            Ok(false) => BindResult::Failed { uid: pod.uid().to_string() },
+                            Ok(false) => BindResult::Failed {
+                                uid: pod.uid().to_string(),
+                            },
                             Err(e) => {
                                 tracing::warn!(error = %e, pod = %pod.key(), "bind failed");
-                                BindResult::Failed { uid: pod.uid().to_string() }
+                                BindResult::Failed {
+                                    uid: pod.uid().to_string(),
+                                }
                             }
                         };
                         let _ = done.send(r);
@@ -235,8 +252,11 @@ impl Scheduler {
                     );
                     if unschedulable.get(&uid) != Some(&msg) {
                         unschedulable.insert(uid.clone(), msg.clone());
-                        self.recorder
-                            .warning(Recorder::pod_ref(&pod), "FailedScheduling", msg.clone());
+                        self.recorder.warning(
+                            Recorder::pod_ref(&pod),
+                            "FailedScheduling",
+                            msg.clone(),
+                        );
                         let this = self.clone();
                         tokio::spawn(async move { this.mark_unschedulable(&pod, &msg).await });
                     }
@@ -288,7 +308,13 @@ impl Scheduler {
                 return;
             }
             let st = cur.status.get_or_insert_with(PodStatus::default);
-            set_condition(st, "PodScheduled", "False", Some("Unschedulable"), Some(msg));
+            set_condition(
+                st,
+                "PodScheduled",
+                "False",
+                Some("Unschedulable"),
+                Some(msg),
+            );
             match self
                 .store
                 .update(Kind::Pod, serde_json::to_value(&cur).unwrap())
@@ -301,7 +327,13 @@ impl Scheduler {
     }
 }
 
-fn set_condition(st: &mut PodStatus, type_: &str, status: &str, reason: Option<&str>, msg: Option<&str>) {
+fn set_condition(
+    st: &mut PodStatus,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+    msg: Option<&str>,
+) {
     let c = PodCondition {
         type_: type_.into(),
         status: status.into(),

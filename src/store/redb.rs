@@ -14,9 +14,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{
-    object_key, object_rv, EventType, Store, StoreError, Watch, WatchEvent, WatchFrom,
-};
+use super::{object_key, object_rv, EventType, Store, StoreError, Watch, WatchEvent, WatchFrom};
 use crate::model::Kind;
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
@@ -299,32 +297,30 @@ impl Writer {
                         obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
                         Ok((kind, ns, name, EventType::Modified, Arc::new(obj)))
                     }),
-                    Op::Delete(kind, ns, name, pre) => {
-                        match current(&overlay, kind, &ns, &name) {
-                            None => Err(StoreError::NotFound {
-                                kind: kind.name(),
-                                name,
-                            }),
-                            Some(cur) => {
-                                let cur_rv = object_rv(&cur).unwrap_or(0);
-                                match pre {
-                                    Some(given) if given != cur_rv => Err(StoreError::Conflict {
-                                        kind: kind.name(),
-                                        name,
-                                        current: cur_rv,
-                                        given,
-                                    }),
-                                    _ => {
-                                        rv += 1;
-                                        let mut last = (*cur).clone();
-                                        last["metadata"]["resourceVersion"] =
-                                            Value::String(rv.to_string());
-                                        Ok((kind, ns, name, EventType::Deleted, Arc::new(last)))
-                                    }
+                    Op::Delete(kind, ns, name, pre) => match current(&overlay, kind, &ns, &name) {
+                        None => Err(StoreError::NotFound {
+                            kind: kind.name(),
+                            name,
+                        }),
+                        Some(cur) => {
+                            let cur_rv = object_rv(&cur).unwrap_or(0);
+                            match pre {
+                                Some(given) if given != cur_rv => Err(StoreError::Conflict {
+                                    kind: kind.name(),
+                                    name,
+                                    current: cur_rv,
+                                    given,
+                                }),
+                                _ => {
+                                    rv += 1;
+                                    let mut last = (*cur).clone();
+                                    last["metadata"]["resourceVersion"] =
+                                        Value::String(rv.to_string());
+                                    Ok((kind, ns, name, EventType::Deleted, Arc::new(last)))
                                 }
                             }
                         }
-                    }
+                    },
                 };
                 match res {
                     Ok((kind, ns, name, type_, obj)) => {

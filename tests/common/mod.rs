@@ -43,7 +43,10 @@ impl Kapsel {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
-        let tmp = tempfile::Builder::new().prefix("kapsel-test-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("kapsel-test-")
+            .tempdir()
+            .unwrap();
         let data = tmp.path().to_path_buf();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, url, stderr) = spawn(&data, &extra);
@@ -109,25 +112,45 @@ impl Kapsel {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         let code = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
-    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> (u16, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.url));
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         let r = req.send().await.unwrap();
         let code = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn pod(&self, name: &str) -> Option<Value> {
-        let (code, v) = self.get(&format!("/api/v1/namespaces/default/pods/{name}")).await;
+        let (code, v) = self
+            .get(&format!("/api/v1/namespaces/default/pods/{name}"))
+            .await;
         (code == 200).then_some(v)
     }
 
@@ -165,7 +188,10 @@ impl Kapsel {
     pub async fn logs(&self, pod: &str, container: &str) -> String {
         let r = self
             .http
-            .get(format!("{}/api/v1/namespaces/default/pods/{pod}/log?container={container}", self.url))
+            .get(format!(
+                "{}/api/v1/namespaces/default/pods/{pod}/log?container={container}",
+                self.url
+            ))
             .send()
             .await
             .unwrap();
@@ -195,7 +221,13 @@ impl Drop for Kapsel {
 
 fn spawn(data: &Path, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
     let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", "test-node"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-name",
+            "test-node",
+        ])
         .arg("--data-dir")
         .arg(data)
         .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
@@ -230,14 +262,24 @@ fn spawn(data: &Path, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
 }
 
 /// A one-container pod manifest.
-pub fn pod_yaml(name: &str, image: &str, args: &[&str], policy: &str, extra_container: &str) -> String {
-    let args = args.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+pub fn pod_yaml(
+    name: &str,
+    image: &str,
+    args: &[&str],
+    policy: &str,
+    extra_container: &str,
+) -> String {
+    let args = args
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {policy}\n  containers:\n  - name: main\n    image: {image}\n    args: [{args}]\n{extra_container}"
     )
 }
 
-pub fn state<'a>(pod: &'a Value, container: usize) -> &'a Value {
+pub fn state(pod: &Value, container: usize) -> &Value {
     &pod["status"]["containerStatuses"][container]["state"]
 }
 

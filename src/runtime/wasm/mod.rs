@@ -41,8 +41,8 @@ use self::limits::{GuestLimits, MemoryLimitExceeded};
 use self::stdio::LogSink;
 use self::throttle::Throttled;
 use super::executor::{ContainerSpec, ExecError, ExecutorProgress, ExitStatus, Instance};
-use crate::model::quantity::format_bytes;
 use crate::model::pod::is_wasm_image;
+use crate::model::quantity::format_bytes;
 
 /// Exit code reported for a trap (as `wasmtime run` exits: 128 + SIGABRT).
 pub const TRAP_EXIT_CODE: i32 = 134;
@@ -129,7 +129,11 @@ impl EngineKind {
 pub struct WasmExecutor {
     config: WasmConfig,
     pooled: Option<(Engine, Linker<P1State>)>,
-    ondemand: (Engine, Linker<P1State>, wasmtime::component::Linker<P2State>),
+    ondemand: (
+        Engine,
+        Linker<P1State>,
+        wasmtime::component::Linker<P2State>,
+    ),
     /// Prepared images by `<sha256>-<engine>`.
     prepared: Mutex<HashMap<String, Prepared>>,
     /// One lock per key so two pods of the same new module compile it once.
@@ -316,10 +320,9 @@ impl WasmExecutor {
         }
         let this = self.clone();
         let p2 = path.clone();
-        let (digest, binary, is_component) =
-            tokio::task::spawn_blocking(move || this.load(&p2))
-                .await
-                .map_err(err_internal)??;
+        let (digest, binary, is_component) = tokio::task::spawn_blocking(move || this.load(&p2))
+            .await
+            .map_err(err_internal)??;
         self.digests
             .lock()
             .unwrap()
@@ -349,7 +352,11 @@ impl WasmExecutor {
                     "compiling {} ({} KiB) for the {} engine",
                     path.display(),
                     size / 1024,
-                    if kind == EngineKind::Pooled { "pooled" } else { "on-demand" }
+                    if kind == EngineKind::Pooled {
+                        "pooled"
+                    } else {
+                        "on-demand"
+                    }
                 ));
             }
         }
@@ -363,7 +370,11 @@ impl WasmExecutor {
         let took = started.elapsed();
         if took > Duration::from_millis(500) {
             if let Some(p) = progress {
-                p(&format!("compiled {} in {:.1}s", path.display(), took.as_secs_f64()));
+                p(&format!(
+                    "compiled {} in {:.1}s",
+                    path.display(),
+                    took.as_secs_f64()
+                ));
             }
         }
         self.prepared
@@ -383,7 +394,11 @@ impl WasmExecutor {
         path: &Path,
     ) -> Result<Prepared, ExecError> {
         let invalid = |e: wasmtime::Error| {
-            ExecError::InvalidImage(format!("{}: {}", path.display(), first_lines(&format!("{e:#}"))))
+            ExecError::InvalidImage(format!(
+                "{}: {}",
+                path.display(),
+                first_lines(&format!("{e:#}"))
+            ))
         };
         let (engine, l1) = match kind {
             EngineKind::Pooled => {
@@ -541,10 +556,9 @@ impl Instance for WasmInstance {
         if let Some(r) = &self.result {
             return Ok(r.clone());
         }
-        let rx = self
-            .done
-            .take()
-            .ok_or_else(|| ExecError::Internal("invalid state transition: wait on a dropped instance".into()))?;
+        let rx = self.done.take().ok_or_else(|| {
+            ExecError::Internal("invalid state transition: wait on a dropped instance".into())
+        })?;
         let r = rx.await.unwrap_or(ExitStatus {
             exit_code: KILLED_EXIT_CODE,
             reason: "Error".into(),

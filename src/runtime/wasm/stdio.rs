@@ -32,7 +32,11 @@ impl StdoutStream for LogSink {
 }
 
 impl AsyncWrite for LogSink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.0.append(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -63,8 +63,9 @@ impl<F: Future> Future for Throttled<F> {
             // Carry over overuse into the next period so the long-run share is right.
             *this.used -= quota;
             *this.period_start = resume;
-            this.parked
-                .set(Some(tokio::time::sleep_until(tokio::time::Instant::from_std(resume))));
+            this.parked.set(Some(tokio::time::sleep_until(
+                tokio::time::Instant::from_std(resume),
+            )));
             if let Some(sleep) = this.parked.as_mut().as_pin_mut() {
                 let _ = sleep.poll(cx);
             }

@@ -1,0 +1,191 @@
+//! WASI 0.2 components with networking, and `kapsel up` as a user runs it. Components are
+//! built from source by `scripts/build-guests.sh` (componentize-py) when missing.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn component(dir: &str) -> String {
+    let out = Command::new(repo("scripts/build-guests.sh"))
+        .args(["--component-if-missing", &repo(dir).display().to_string()])
+        .output()
+        .expect("run build-guests.sh");
+    assert!(
+        out.status.success(),
+        "building {dir} failed (run scripts/install-deps.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    r.text().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn components_serve_http_talk_over_localhost_and_listen_only_on_declared_ports() {
+    let web = component("sample-pods/http-server");
+    let echo = component("tests/fixtures/echo-server");
+    let connect = component("tests/fixtures/connect");
+    let k = Kapsel::start();
+
+    // 1. An HTTP server component reachable from the host on its declared port.
+    let port = free_port();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: web\n    image: {web}\n    env: [{{name: PORT, value: \"{port}\"}}]\n    ports: [{{containerPort: {port}}}]\n"
+    );
+    k.apply("web", &yaml);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let body = loop {
+        if let Some(b) = http_get(port, "/from/the/host").await {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "component never answered: {}",
+            k.logs("web", "web").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains("hello from kapsel wasm component"), "{body}");
+    assert!(body.contains("/from/the/host"));
+    assert!(k
+        .logs("web", "web")
+        .await
+        .contains(&format!("listening on {port}")));
+
+    // 2. Listening on an undeclared port is refused.
+    let (declared, wanted) = (free_port(), free_port());
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sneaky\nspec:\n  restartPolicy: Never\n  containers:\n  - name: web\n    image: {web}\n    env: [{{name: PORT, value: \"{wanted}\"}}]\n    ports: [{{containerPort: {declared}}}]\n"
+    );
+    k.apply("sneaky", &yaml);
+    let p = k.wait_pod("sneaky", 60, |p| phase(p) == "Failed").await;
+    assert_ne!(state(&p, 0)["terminated"]["exitCode"], 0);
+    assert!(
+        http_get(wanted, "/").await.is_none(),
+        "undeclared port is serving"
+    );
+
+    // 3. Two components in one pod: a client reaches the server over 127.0.0.1.
+    let eport = free_port();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pair\nspec:\n  restartPolicy: OnFailure\n  containers:\n  - name: echo\n    image: {echo}\n    env: [{{name: PORT, value: \"{eport}\"}}]\n    ports: [{{containerPort: {eport}}}]\n  - name: client\n    image: {connect}\n    env: [{{name: PORT, value: \"{eport}\"}}]\n"
+    );
+    k.apply("pair", &yaml);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let logs = k.logs("pair", "client").await;
+        if logs.contains("reply: ping") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client never got its echo: {logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let p = k
+        .wait_pod("pair", 30, |p| {
+            p["status"]["containerStatuses"][1]["state"]["terminated"]["exitCode"] == 0
+        })
+        .await;
+    assert_eq!(p["status"]["containerStatuses"][1]["name"], "client");
+}
+
+#[test]
+fn up_prints_the_hello_output_and_exits_zero() {
+    let out = Command::new(bin())
+        .current_dir(repo(""))
+        .args([
+            "up",
+            "-f",
+            "sample-pods/hello.yaml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("hello/hello | Howdy, Kapsel user!"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("pod/hello Running"), "{stderr}");
+    assert!(stderr.contains("pod/hello Succeeded"), "{stderr}");
+}
+
+#[test]
+fn up_stops_everything_on_ctrl_c_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("forever.yaml");
+    std::fs::write(
+        &manifest,
+        pod_yaml("forever", &fixture("ticker/ticker.wasm"), &[], "Always", ""),
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "up",
+            "-f",
+            manifest.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = lines.next().expect("up ended early").unwrap();
+        if l.contains("forever/main | tick 2") {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "up did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("stopped"), "{err}");
+}
