@@ -245,6 +245,11 @@ impl NodeAgent {
                     .unwrap_or_default();
                 let prev = self.workers.remove(&uid).map(|w| w.task);
                 let ctx = self.ctx.clone();
+                ctx.recorder.normal(
+                    crate::events::Recorder::pod_ref(&pod),
+                    "Killing",
+                    "Stopping all containers".into(),
+                );
                 let task = tokio::spawn(async move {
                     stop.cancel();
                     if let Some(t) = prev {
@@ -332,10 +337,5 @@ async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
             _ => break,
         }
     }
-    ctx.recorder.normal(
-        crate::events::Recorder::pod_ref(pod),
-        "Killing",
-        "Stopped all containers; pod deleted".into(),
-    );
     cleanup_pod_dir(ctx, pod.uid());
 }

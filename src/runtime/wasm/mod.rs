@@ -39,7 +39,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 
 use self::limits::{GuestLimits, MemoryLimitExceeded};
 use self::stdio::LogSink;
-use self::throttle::Throttled;
+use self::throttle::{EpochTicker, Throttled};
 use super::executor::{ContainerSpec, ExecError, ExecutorProgress, ExitStatus, Instance};
 use crate::model::pod::is_wasm_image;
 use crate::model::quantity::format_bytes;
@@ -145,6 +145,8 @@ pub struct WasmExecutor {
     _rt_owner: Option<tokio::runtime::Runtime>,
     next_id: AtomicU64,
     stop_ticker: Arc<std::sync::atomic::AtomicBool>,
+    /// Advances the epoch while any guest executes (time slicing, CPU limits, kill).
+    ticker: Arc<EpochTicker>,
 }
 
 fn base_config() -> Config {
@@ -213,26 +215,13 @@ impl WasmExecutor {
             .build()
             .map_err(err_internal)?;
         let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
-            let engines: Vec<Engine> = pooled
-                .iter()
-                .map(|(e, _)| e.clone())
-                .chain(std::iter::once(engine.clone()))
-                .collect();
-            let stop = stop_ticker.clone();
-            let tick = config.tick;
-            std::thread::Builder::new()
-                .name("kapsel-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(tick);
-                        for e in &engines {
-                            e.increment_epoch();
-                        }
-                    }
-                })
-                .map_err(err_internal)?;
-        }
+        let engines: Vec<Engine> = pooled
+            .iter()
+            .map(|(e, _)| e.clone())
+            .chain(std::iter::once(engine.clone()))
+            .collect();
+        let ticker =
+            EpochTicker::start(engines, config.tick, stop_ticker.clone()).map_err(err_internal)?;
         Ok(Arc::new(WasmExecutor {
             config,
             pooled,
@@ -244,6 +233,7 @@ impl WasmExecutor {
             _rt_owner: Some(rt),
             next_id: AtomicU64::new(1),
             stop_ticker,
+            ticker,
         }))
     }
 
@@ -623,6 +613,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                 store.limiter(|s| &mut s.limits);
                 store.epoch_deadline_async_yield_and_update(1);
                 let token = cancel.clone();
+                let ticker = self.ticker.clone();
                 self.rt.spawn(async move {
                     let run = async {
                         let instance = pre.instantiate_async(&mut store).await?;
@@ -630,7 +621,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                         start.call_async(&mut store, ()).await.map(|_| 0)
                     };
                     let status = tokio::select! {
-                        r = Throttled::new(run, cpu) => classify(r, &oom_at, limit),
+                        r = Throttled::new(run, cpu, ticker.clone()) => classify(r, &oom_at, limit),
                         _ = token.cancelled() => killed(),
                     };
                     let _ = tx.send(status);
@@ -666,6 +657,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                 store.limiter(|s| &mut s.limits);
                 store.epoch_deadline_async_yield_and_update(1);
                 let token = cancel.clone();
+                let ticker = self.ticker.clone();
                 self.rt.spawn(async move {
                     let run = async {
                         let cmd = pre.instantiate_async(&mut store).await?;
@@ -675,7 +667,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                         }
                     };
                     let status = tokio::select! {
-                        r = Throttled::new(run, cpu) => classify(r, &oom_at, limit),
+                        r = Throttled::new(run, cpu, ticker.clone()) => classify(r, &oom_at, limit),
                         _ = token.cancelled() => killed(),
                     };
                     let _ = tx.send(status);
