@@ -4,6 +4,7 @@
 //!   2. 1,000 WASM pods POSTed in one batch until all Succeeded;
 //!   3. RSS of 1,000 idle WASM pods (blocked in sleep), per pod;
 //!   4. the ratio to `docker run --rm busybox true` per pod start.
+//!
 //! Run: `cargo bench --bench pod_start` (set BENCH_N / BENCH_BATCH to change the sizes).
 //! Prints a Markdown report, also written to target/bench-pod-start.md.
 
