@@ -481,6 +481,20 @@ async fn kill_9_and_restart_loses_nothing_and_restarts_always_pods() {
     assert!(!orphan.exists(), "orphan directory not removed");
     // The logs from before the crash survive.
     assert!(k.logs("forever", "main").await.contains("tick 1"));
+    // Compiled modules come from the on-disk cache after the restart: no "compiling" note.
+    assert!(
+        std::fs::read_dir(k.data.join("cache/wasm"))
+            .unwrap()
+            .count()
+            >= 2
+    );
+    k.apply(
+        "again",
+        &pod_yaml("again", &fixture("quick.wat"), &[], "Never", ""),
+    );
+    k.wait_pod("again", 10, |p| phase(p) == "Succeeded").await;
+    let logs = k.logs("again", "main").await;
+    assert_eq!(logs, "ok\n", "module was recompiled: {logs}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

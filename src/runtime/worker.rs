@@ -769,3 +769,68 @@ fn humantime(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::pod::StateTerminated;
+
+    fn term(code: i32) -> ContainerStatus {
+        ContainerStatus {
+            name: "c".into(),
+            state: ContainerState {
+                terminated: Some(StateTerminated {
+                    exit_code: code,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn local(main: Vec<ContainerStatus>, done: Vec<bool>) -> LocalStatus {
+        LocalStatus {
+            init: vec![],
+            init_done: vec![],
+            main,
+            main_done: done,
+            initialized: true,
+            init_failed: false,
+            start_time: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn phases_follow_kubernetes() {
+        let waiting = initial_status(&Container::default(), None);
+        assert_eq!(
+            local(vec![waiting.clone()], vec![false]).phase(),
+            PodPhase::Pending
+        );
+        assert_eq!(
+            local(vec![term(0), term(0)], vec![true, true]).phase(),
+            PodPhase::Succeeded
+        );
+        assert_eq!(
+            local(vec![term(0), term(1)], vec![true, true]).phase(),
+            PodPhase::Failed
+        );
+        // One done, one restarting: still Running.
+        assert_eq!(
+            local(vec![term(0), term(1)], vec![true, false]).phase(),
+            PodPhase::Running
+        );
+        let mut l = local(vec![waiting], vec![false]);
+        l.initialized = false;
+        assert_eq!(l.phase(), PodPhase::Pending);
+        l.init_failed = true;
+        assert_eq!(l.phase(), PodPhase::Failed);
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand_env("$(A)-$(B)", &env), "x-$(B)");
+    }
+}
