@@ -154,7 +154,9 @@ fn base_config() -> Config {
     c.epoch_interruption(true);
     c.wasm_component_model(true);
     c.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    c.parallel_compilation(true);
+    // Each module compiles on its own blocking thread: with rayon-parallel compilation a small
+    // module would queue behind every function of a large component being compiled.
+    c.parallel_compilation(false);
     c
 }
 
