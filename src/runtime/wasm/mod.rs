@@ -599,8 +599,13 @@ impl super::executor::Executor for Arc<WasmExecutor> {
         let cancel = CancellationToken::new();
         let (tx, rx) = oneshot::channel();
         let mut builder = WasmExecutor::wasi_builder(&spec)?;
-        let limit = spec.memory_limit;
-        let cpu = spec.cpu_limit_millis;
+        let guard = GuestGuard {
+            cpu: spec.cpu_limit_millis,
+            memory_limit: spec.memory_limit,
+            oom_at,
+            cancel: cancel.clone(),
+            done: tx,
+        };
         let id;
         match prepared {
             Prepared::Core { engine, pre } => {
@@ -614,20 +619,14 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                 );
                 store.limiter(|s| &mut s.limits);
                 store.epoch_deadline_async_yield_and_update(1);
-                let token = cancel.clone();
-                let ticker = self.ticker.clone();
-                self.rt.spawn(async move {
-                    let run = async {
+                self.spawn_guest(
+                    async move {
                         let instance = pre.instantiate_async(&mut store).await?;
                         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                         start.call_async(&mut store, ()).await.map(|_| 0)
-                    };
-                    let status = tokio::select! {
-                        r = Throttled::new(run, cpu, ticker.clone()) => classify(r, &oom_at, limit),
-                        _ = token.cancelled() => killed(),
-                    };
-                    let _ = tx.send(status);
-                });
+                    },
+                    guard,
+                );
             }
             Prepared::Component { engine, pre } => {
                 id = format!("wasm://component/{n}");
@@ -658,22 +657,16 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                 );
                 store.limiter(|s| &mut s.limits);
                 store.epoch_deadline_async_yield_and_update(1);
-                let token = cancel.clone();
-                let ticker = self.ticker.clone();
-                self.rt.spawn(async move {
-                    let run = async {
+                self.spawn_guest(
+                    async move {
                         let cmd = pre.instantiate_async(&mut store).await?;
-                        match cmd.wasi_cli_run().call_run(&mut store).await? {
-                            Ok(()) => Ok(0),
-                            Err(()) => Ok(1),
-                        }
-                    };
-                    let status = tokio::select! {
-                        r = Throttled::new(run, cpu, ticker.clone()) => classify(r, &oom_at, limit),
-                        _ = token.cancelled() => killed(),
-                    };
-                    let _ = tx.send(status);
-                });
+                        Ok(match cmd.wasi_cli_run().call_run(&mut store).await? {
+                            Ok(()) => 0,
+                            Err(()) => 1,
+                        })
+                    },
+                    guard,
+                );
             }
         }
         Ok(Box::new(WasmInstance {
@@ -682,6 +675,32 @@ impl super::executor::Executor for Arc<WasmExecutor> {
             result: None,
             cancel,
         }))
+    }
+}
+
+/// What watches over a running guest: its limits, its kill switch, where its exit goes.
+struct GuestGuard {
+    cpu: Option<u64>,
+    memory_limit: Option<u64>,
+    oom_at: Arc<AtomicU64>,
+    cancel: CancellationToken,
+    done: oneshot::Sender<ExitStatus>,
+}
+
+impl WasmExecutor {
+    /// Run a guest on the WASM runtime: CPU-sliced, killable, its exit classified and reported.
+    fn spawn_guest<F>(&self, run: F, g: GuestGuard)
+    where
+        F: std::future::Future<Output = wasmtime::Result<i32>> + Send + 'static,
+    {
+        let ticker = self.ticker.clone();
+        self.rt.spawn(async move {
+            let status = tokio::select! {
+                r = Throttled::new(run, g.cpu, ticker) => classify(r, &g.oom_at, g.memory_limit),
+                _ = g.cancel.cancelled() => killed(),
+            };
+            let _ = g.done.send(status);
+        });
     }
 }
 
