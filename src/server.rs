@@ -16,6 +16,7 @@ use crate::events::Recorder;
 use crate::model::Kind;
 use crate::runtime::agent::{NodeAgent, NodeResources};
 use crate::runtime::backoff::BackoffConfig;
+use crate::runtime::docker::DockerExecutor;
 use crate::runtime::executor::{ExecError, Executor};
 use crate::runtime::logs::Logs;
 use crate::runtime::wasm::{WasmConfig, WasmExecutor};
@@ -50,6 +51,8 @@ pub struct ServerConfig {
     pub wasm_pool_memory: u64,
     /// How long events are kept.
     pub event_ttl: Duration,
+    /// Docker Engine socket; `None` makes a WASM-only node.
+    pub docker_host: Option<String>,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             wasm_pool_slots: 1024,
             wasm_pool_memory: 64 << 20,
             event_ttl: Duration::from_secs(3600),
+            docker_host: Some("unix:///var/run/docker.sock".into()),
         }
     }
 }
@@ -87,7 +91,14 @@ impl Server {
         wcfg.pool_slots = cfg.wasm_pool_slots;
         wcfg.pool_memory = cfg.wasm_pool_memory;
         let wasm = WasmExecutor::new(wcfg)?;
-        let executors: Vec<Arc<dyn Executor>> = vec![Arc::new(wasm)];
+        let docker = cfg
+            .docker_host
+            .as_deref()
+            .map(|h| DockerExecutor::new(h, &cfg.node_name));
+        let mut executors: Vec<Arc<dyn Executor>> = vec![Arc::new(wasm)];
+        if let Some(d) = &docker {
+            executors.push(Arc::new(d.clone()));
+        }
 
         let listener =
             TcpListener::bind(&cfg.listen)
@@ -123,6 +134,7 @@ impl Server {
             pods_dir,
             logs,
             executors,
+            docker,
             recorder: Recorder::new(store.clone(), "kapsel-node", Some(cfg.node_name.clone())),
             backoff: cfg.backoff,
             host_ip: "127.0.0.1".into(),

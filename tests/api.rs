@@ -175,7 +175,7 @@ async fn watch_streams_added_modified_deleted() {
     assert_eq!(events[0]["object"]["metadata"]["name"], "w");
     assert!(events
         .iter()
-        .any(|e| e["type"] == "MODIFIED" && e["object"]["spec"]["nodeName"] == "test-node"));
+        .any(|e| e["type"] == "MODIFIED" && e["object"]["spec"]["nodeName"] == k.node.as_str()));
     assert!(events
         .iter()
         .any(|e| e["object"]["status"]["phase"] == "Succeeded"));
@@ -204,12 +204,12 @@ async fn watch_streams_added_modified_deleted() {
     }
     assert!(deleted);
     // Nodes: the embedded node registered itself with capacity and runtimes.
-    let (_, n) = k.get("/api/v1/nodes/test-node").await;
+    let (_, n) = k.get(&format!("/api/v1/nodes/{}", k.node)).await;
     assert_eq!(n["status"]["nodeInfo"]["runtimes"][0], "wasm");
     assert!(n["status"]["capacity"]["cpu"].is_string());
     let out = k.cli(&["get", "nodes"]);
     let t = String::from_utf8_lossy(&out.stdout);
-    assert!(t.contains("test-node") && t.contains("Ready"), "{t}");
+    assert!(t.contains(&k.node) && t.contains("Ready"), "{t}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ async fn hello_runs_to_completion_with_args_env_and_logs() {
     let t = &state(&p, 0)["terminated"];
     assert_eq!(t["exitCode"], 0);
     assert_eq!(t["reason"], "Completed");
-    assert_eq!(p["spec"]["nodeName"], "test-node");
+    assert_eq!(p["spec"]["nodeName"], k.node.as_str());
     let logs = k.logs("hello", "main").await;
     assert!(logs.contains("Hi, Kapsel tester!"), "{logs}");
     // The CLI shows the same through a table and JSON.

@@ -68,6 +68,12 @@ pub struct NodeOpts {
     /// Longest restart back-off (Kubernetes: 5m).
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub backoff_max: Duration,
+    /// Docker Engine socket for OCI containers.
+    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    pub docker_host: String,
+    /// Run WASM only, without Docker.
+    #[arg(long)]
+    pub no_docker: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,6 +195,7 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
         parse_bytes(&opts.wasm_pool_memory).map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
     cfg.backoff.initial = opts.backoff_initial;
     cfg.backoff.max = opts.backoff_max;
+    cfg.docker_host = (!opts.no_docker).then(|| opts.docker_host.clone());
     Ok(cfg)
 }
 

@@ -23,7 +23,6 @@ pub struct NodeResources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
     pub max_pods: u64,
-    pub runtimes: Vec<String>,
 }
 
 impl NodeResources {
@@ -46,7 +45,6 @@ impl NodeResources {
             cpu_millis: cpus * 1000,
             memory_bytes: mem,
             max_pods,
-            runtimes: vec!["wasm".into()],
         }
     }
 }
@@ -72,7 +70,18 @@ impl NodeAgent {
         }
     }
 
-    fn node_object(&self) -> Node {
+    /// Runtimes whose executors can run containers right now.
+    async fn runtimes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.ctx.executors {
+            if e.available().await && !out.iter().any(|r| r == e.runtime()) {
+                out.push(e.runtime().to_string());
+            }
+        }
+        out
+    }
+
+    fn node_object(&self, runtimes: &[String]) -> Node {
         let r = &self.resources;
         let mut cap = std::collections::BTreeMap::new();
         cap.insert("cpu".to_string(), format!("{}m", r.cpu_millis));
@@ -108,20 +117,24 @@ impl NodeAgent {
                 ],
                 node_info: Some(NodeInfo {
                     kubelet_version: format!("kapsel/{}", env!("CARGO_PKG_VERSION")),
-                    container_runtime_version: "wasmtime://48".into(),
+                    container_runtime_version: runtimes
+                        .iter()
+                        .map(|r| if r == "wasm" { "wasmtime://48" } else { "docker://" })
+                        .collect::<Vec<_>>()
+                        .join(","),
                     operating_system: std::env::consts::OS.into(),
                     architecture: std::env::consts::ARCH.into(),
-                    runtimes: r.runtimes.clone(),
+                    runtimes: runtimes.to_vec(),
                 }),
             }),
         }
     }
 
     /// Create or refresh this node's object (also the heartbeat).
-    pub async fn register(&self) -> Result<(), StoreError> {
+    pub async fn register(&self, runtimes: &[String]) -> Result<(), StoreError> {
         let store = &self.ctx.store;
         for _ in 0..10 {
-            let mut node = self.node_object();
+            let mut node = self.node_object(runtimes);
             match store.get(Kind::Node, "", &self.ctx.node_name)? {
                 None => {
                     node.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
@@ -154,7 +167,19 @@ impl NodeAgent {
 
     /// Run until `cancel`; then stop every pod of this node.
     pub async fn run(mut self, cancel: CancellationToken) {
-        if let Err(e) = self.register().await {
+        let mut runtimes = self.runtimes().await;
+        // Containers of an earlier run of this node: their pods are restarted from scratch
+        // (the WASM members died with the process), so none of them is kept.
+        if let Some(d) = &self.ctx.docker {
+            if runtimes.iter().any(|r| r == "oci") {
+                match d.remove_orphans(&HashSet::new()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(containers = n, "removed containers left by an earlier run"),
+                    Err(e) => tracing::warn!(error = %e, "cleaning up old containers"),
+                }
+            }
+        }
+        if let Err(e) = self.register(&runtimes).await {
             tracing::error!(error = %e, "registering node");
         }
         let mut first = true;
@@ -187,8 +212,11 @@ impl NodeAgent {
                 self.cleanup_orphans(&present);
                 first = false;
             }
-            let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+            // Runtimes are checked every 2 s (Docker coming or going changes what the node
+            // offers); the node object is rewritten on a change or every 10 s.
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
             heartbeat.tick().await;
+            let mut beats = 0u32;
             loop {
                 tokio::select! {
                     ev = watch.live.recv() => match ev {
@@ -200,8 +228,13 @@ impl NodeAgent {
                         Err(RecvError::Closed) => break 'outer,
                     },
                     _ = heartbeat.tick() => {
-                        if let Err(e) = self.register().await {
-                            tracing::warn!(error = %e, "node heartbeat");
+                        beats += 1;
+                        let now = self.runtimes().await;
+                        if now != runtimes || beats % 5 == 0 {
+                            runtimes = now;
+                            if let Err(e) = self.register(&runtimes).await {
+                                tracing::warn!(error = %e, "node heartbeat");
+                            }
                         }
                         self.workers.retain(|_, w| !(w.deleting && w.task.is_finished()));
                     }
@@ -313,6 +346,12 @@ impl NodeAgent {
 
 fn cleanup_pod_dir(ctx: &AgentCtx, uid: &str) {
     ctx.logs.forget_pod(uid);
+    if let Some(d) = ctx.docker.clone() {
+        let uid = uid.to_string();
+        tokio::spawn(async move {
+            let _ = d.remove_labelled(super::docker::LABEL_POD_UID, &uid).await;
+        });
+    }
     let dir = ctx.pods_dir.join(uid);
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -19,7 +19,11 @@ pub struct ContainerSpec {
     pub pod_name: String,
     pub name: String,
     pub image: String,
+    /// For WASM: the full argv. (OCI containers use `command` and `args` below.)
     pub argv: Vec<String>,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub pull_policy: crate::model::pod::PullPolicy,
     pub env: Vec<(String, String)>,
     pub working_dir: Option<String>,
     pub mounts: Vec<Mount>,
@@ -28,6 +32,10 @@ pub struct ContainerSpec {
     pub memory_limit: Option<u64>,
     pub cpu_limit_millis: Option<u64>,
     pub log: Arc<LogStream>,
+    /// The pod's infra container, whose network namespace OCI containers join.
+    pub infra: Option<String>,
+    /// The runtime whose thread lives in the pod's network namespace (WASM guests run there).
+    pub sandbox_rt: Option<tokio::runtime::Handle>,
 }
 
 /// A host directory made visible at `guest_path`.
@@ -72,6 +80,18 @@ pub enum ExecError {
     /// The container's configuration cannot be applied (a volume path is missing).
     #[error("{0}")]
     Config(String),
+    /// The image name is not a valid reference.
+    #[error("{0}")]
+    InvalidImageName(String),
+    /// The image is absent and `imagePullPolicy: Never`.
+    #[error("{0}")]
+    NeverPull(String),
+    /// The container runtime (Docker) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The pod's sandbox (network namespace, infra container) cannot be set up.
+    #[error("{0}")]
+    Sandbox(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -83,6 +103,10 @@ impl ExecError {
             ExecError::ImagePull(_) => "ErrImagePull",
             ExecError::InvalidImage(_) => "CreateContainerError",
             ExecError::Config(_) => "CreateContainerConfigError",
+            ExecError::InvalidImageName(_) => "InvalidImageName",
+            ExecError::NeverPull(_) => "ErrImageNeverPull",
+            ExecError::Unavailable(_) => "ContainerRuntimeUnavailable",
+            ExecError::Sandbox(_) => "CreatePodSandboxError",
             ExecError::Internal(_) => "CreateContainerError",
         }
     }
@@ -96,6 +120,16 @@ pub type ExecutorProgress = Arc<dyn Fn(&str) + Send + Sync>;
 pub trait Executor: Send + Sync + 'static {
     /// Does this executor run this image?
     fn handles(&self, image: &str) -> bool;
+    /// The runtime this executor provides to the node (`wasm`, `oci`).
+    fn runtime(&self) -> &'static str;
+    /// Can it run containers right now (is its daemon reachable)?
+    async fn available(&self) -> bool {
+        true
+    }
+    /// Does a container of this image use the network (so its pod needs a sandbox)?
+    fn needs_network(&self, _image: &str) -> bool {
+        true
+    }
     /// Make the image ready to start (compile and cache; pull). Idempotent and cached.
     async fn prepare(
         &self,

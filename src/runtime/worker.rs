@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::{Backoff, BackoffConfig};
 use super::executor::{ContainerSpec, ExecError, Executor, ExitStatus};
 use super::logs::Logs;
+use super::sandbox::{NetMode, Sandbox};
 use super::volumes;
 use crate::events::Recorder;
 use crate::model::pod::{
@@ -33,6 +34,8 @@ pub struct AgentCtx {
     pub pods_dir: PathBuf,
     pub logs: Logs,
     pub executors: Vec<Arc<dyn Executor>>,
+    /// The Docker executor, also the keeper of pods' infra containers (None: WASM-only node).
+    pub docker: Option<Arc<super::docker::DockerExecutor>>,
     pub recorder: Recorder,
     pub backoff: BackoffConfig,
     pub host_ip: String,
@@ -199,6 +202,13 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
         return;
     }
 
+    // The pod's network sandbox, shared by every member.
+    let guard = match setup_sandbox(&ctx, &pod, &mut local, &stop).await {
+        Some(g) => g,
+        None => return,
+    };
+    let net = guard.info();
+
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let main_stop = stop.child_token();
     let sidecar_stop = CancellationToken::new();
@@ -232,6 +242,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
                 &local.init[i],
                 &tx,
                 &pod_dir,
+                &net,
             );
             let token = sidecar_stop.clone();
             sidecars.spawn(r.run(token));
@@ -268,6 +279,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             &local.init[i],
             &tx,
             &pod_dir,
+            &net,
         );
         let token = main_stop.clone();
         let mut task = tokio::spawn(r.run(token));
@@ -311,6 +323,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
                 &local.main[i],
                 &tx,
                 &pod_dir,
+                &net,
             );
             mains.spawn(r.run(main_stop.clone()));
         }
@@ -341,9 +354,139 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
     while let Ok(rep) = rx.try_recv() {
         apply(&mut local, rep);
     }
+    guard.teardown().await;
     if !stop.is_cancelled() {
         flush(&ctx, &pod, &local).await;
     }
+}
+
+/// What runners need of the sandbox.
+#[derive(Clone, Default)]
+pub struct NetInfo {
+    infra: Option<String>,
+    rt: Option<tokio::runtime::Handle>,
+}
+
+/// Owns the pod's sandbox; tears it down (thread, forwarders, infra container) when dropped.
+struct SandboxGuard {
+    sandbox: Option<Sandbox>,
+    ctx: Arc<AgentCtx>,
+    uid: String,
+}
+
+impl SandboxGuard {
+    fn info(&self) -> NetInfo {
+        match &self.sandbox {
+            None => NetInfo::default(),
+            Some(s) => NetInfo {
+                infra: match &s.mode {
+                    NetMode::Infra { container_id } => Some(container_id.clone()),
+                    _ => None,
+                },
+                rt: s.runtime(),
+            },
+        }
+    }
+
+    async fn teardown(mut self) {
+        self.release().await;
+    }
+
+    async fn release(&mut self) {
+        if let Some(s) = self.sandbox.take() {
+            let infra = matches!(s.mode, NetMode::Infra { .. });
+            let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
+            if infra {
+                if let Some(d) = &self.ctx.docker {
+                    let _ = d.remove_labelled(super::docker::LABEL_POD_UID, &self.uid).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SandboxGuard {
+    fn drop(&mut self) {
+        if self.sandbox.is_some() {
+            let mut me = SandboxGuard {
+                sandbox: self.sandbox.take(),
+                ctx: self.ctx.clone(),
+                uid: self.uid.clone(),
+            };
+            tokio::spawn(async move { me.release().await });
+        }
+    }
+}
+
+/// Create the pod's network sandbox when a member needs one (OCI containers, components);
+/// retried with back-off. `None` when the pod was stopped or deleted meanwhile.
+async fn setup_sandbox(
+    ctx: &Arc<AgentCtx>,
+    pod: &Arc<Pod>,
+    local: &mut LocalStatus,
+    stop: &CancellationToken,
+) -> Option<SandboxGuard> {
+    let all: Vec<&Container> = pod.spec.init_containers.iter().chain(pod.spec.containers.iter()).collect();
+    let needs_oci = all
+        .iter()
+        .any(|c| ctx.executor(&c.image).map(|e| e.runtime() == "oci").unwrap_or(false));
+    let needs_net = needs_oci
+        || all
+            .iter()
+            .any(|c| ctx.executor(&c.image).map(|e| e.needs_network(&c.image)).unwrap_or(false));
+    let mut guard = SandboxGuard {
+        sandbox: None,
+        ctx: ctx.clone(),
+        uid: pod.uid().to_string(),
+    };
+    if !needs_net {
+        return Some(guard);
+    }
+    let mut backoff = Backoff::new(ctx.backoff);
+    loop {
+        let made = if needs_oci {
+            match &ctx.docker {
+                None => Err(ExecError::Unavailable("this node has no Docker runtime".into())),
+                Some(d) => match d.create_infra(pod.uid(), pod.ns(), pod.name()).await {
+                    Ok((id, pid)) => Sandbox::join_infra(&id, pid),
+                    Err(e) => Err(e),
+                },
+            }
+        } else {
+            Ok(Sandbox::own_or_host())
+        };
+        match made {
+            Ok(s) => {
+                guard.sandbox = Some(s);
+                break;
+            }
+            Err(e) => {
+                for c in local.init.iter_mut().chain(local.main.iter_mut()) {
+                    c.state = ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
+                }
+                ctx.recorder
+                    .warning(Recorder::pod_ref(pod), "FailedCreatePodSandBox", e.to_string());
+                if !flush(ctx, pod, local).await {
+                    return None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay(Duration::ZERO)) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+    let sandbox = guard.sandbox.as_ref().expect("set above");
+    for c in &all {
+        for p in &c.ports {
+            if let (Some(hp), Ok(cp)) = (p.host_port, u16::try_from(p.container_port)) {
+                if let Err(e) = sandbox.expose(hp as u16, cp).await {
+                    ctx.recorder.warning(Recorder::pod_ref(pod), "FailedHostPort", e.to_string());
+                }
+            }
+        }
+    }
+    Some(guard)
 }
 
 fn apply(local: &mut LocalStatus, rep: Report) {
@@ -429,6 +572,7 @@ struct Runner {
     status: ContainerStatus,
     tx: mpsc::UnboundedSender<Report>,
     pod_dir: PathBuf,
+    net: NetInfo,
 }
 
 impl Runner {
@@ -443,6 +587,7 @@ impl Runner {
         status: &ContainerStatus,
         tx: &mpsc::UnboundedSender<Report>,
         pod_dir: &std::path::Path,
+        net: &NetInfo,
     ) -> Self {
         Runner {
             ctx: ctx.clone(),
@@ -454,6 +599,7 @@ impl Runner {
             status: status.clone(),
             tx: tx.clone(),
             pod_dir: pod_dir.to_path_buf(),
+            net: net.clone(),
         }
     }
 
@@ -536,6 +682,11 @@ impl Runner {
             name: c.name.clone(),
             image: c.image.clone(),
             argv,
+            command: c.command.clone(),
+            args: c.args.clone(),
+            pull_policy: c.image_pull_policy.unwrap_or_default(),
+            infra: self.net.infra.clone(),
+            sandbox_rt: self.net.rt.clone(),
             env,
             working_dir: c.working_dir.clone(),
             mounts,
@@ -594,7 +745,7 @@ impl Runner {
                 self.status.state = ContainerState::waiting(
                     "CreateContainerError",
                     Some(format!(
-                        "no runtime on node {} runs image {:?} (this node runs WASM images: *.wasm, *.wat, file://)",
+                        "no runtime on node {} runs image {:?}",
                         self.ctx.node_name, self.container.image
                     )),
                 );

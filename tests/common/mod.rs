@@ -34,6 +34,8 @@ pub struct Kapsel {
     pub stderr: Arc<Mutex<String>>,
     pub http: reqwest::Client,
     extra: Vec<String>,
+    /// Unique per server: tests run in parallel and Docker objects are labelled by node.
+    pub node: String,
 }
 
 impl Kapsel {
@@ -49,8 +51,10 @@ impl Kapsel {
             .unwrap();
         let data = tmp.path().to_path_buf();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, url, stderr) = spawn(&data, &extra);
+        let node = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let (child, url, stderr) = spawn(&data, &node, &extra);
         Kapsel {
+            node,
             child: Some(child),
             url,
             data,
@@ -74,7 +78,7 @@ impl Kapsel {
     /// Start again on the same data directory (after `kill9`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
-        let (child, url, stderr) = spawn(&self.data, &self.extra);
+        let (child, url, stderr) = spawn(&self.data, &self.node, &self.extra);
         self.child = Some(child);
         self.url = url;
         self.stderr = stderr;
@@ -219,15 +223,9 @@ impl Drop for Kapsel {
     }
 }
 
-fn spawn(data: &Path, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
+fn spawn(data: &Path, node: &str, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
     let mut child = Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            "test-node",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", node])
         .arg("--data-dir")
         .arg(data)
         .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])

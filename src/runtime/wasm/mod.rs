@@ -580,6 +580,26 @@ impl super::executor::Executor for Arc<WasmExecutor> {
         is_wasm_image(image)
     }
 
+    fn runtime(&self) -> &'static str {
+        "wasm"
+    }
+
+    /// Only components have sockets (WASI preview 1 has none usable): a pod of core modules
+    /// needs no network namespace.
+    fn needs_network(&self, image: &str) -> bool {
+        let path = WasmExecutor::image_path(image);
+        let mut head = [0u8; 8];
+        use std::io::Read;
+        match std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head)) {
+            Ok(()) if head.starts_with(b"\0asm") => head[4..8] != [1, 0, 0, 0],
+            // Text: a component starts with `(component`.
+            Ok(()) => std::fs::read_to_string(&path)
+                .map(|t| t.trim_start().starts_with("(component"))
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
     async fn prepare(
         &self,
         spec: &ContainerSpec,
@@ -626,6 +646,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                         start.call_async(&mut store, ()).await.map(|_| 0)
                     },
                     guard,
+                    spec.sandbox_rt.as_ref(),
                 );
             }
             Prepared::Component { engine, pre } => {
@@ -666,6 +687,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                         })
                     },
                     guard,
+                    spec.sandbox_rt.as_ref(),
                 );
             }
         }
@@ -689,12 +711,13 @@ struct GuestGuard {
 
 impl WasmExecutor {
     /// Run a guest on the WASM runtime: CPU-sliced, killable, its exit classified and reported.
-    fn spawn_guest<F>(&self, run: F, g: GuestGuard)
+    fn spawn_guest<F>(&self, run: F, g: GuestGuard, rt: Option<&tokio::runtime::Handle>)
     where
         F: std::future::Future<Output = wasmtime::Result<i32>> + Send + 'static,
     {
         let ticker = self.ticker.clone();
-        self.rt.spawn(async move {
+        // A networked pod's guests run on its sandbox thread, inside the pod's namespace.
+        rt.unwrap_or(&self.rt).spawn(async move {
             let status = tokio::select! {
                 r = Throttled::new(run, g.cpu, ticker) => classify(r, &g.oom_at, g.memory_limit),
                 _ = g.cancel.cancelled() => killed(),
