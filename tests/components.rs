@@ -9,27 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn component(dir: &str) -> String {
-    let out = Command::new(repo("scripts/build-guests.sh"))
-        .args(["--component-if-missing", &repo(dir).display().to_string()])
-        .output()
-        .expect("run build-guests.sh");
-    assert!(
-        out.status.success(),
-        "building {dir} failed (run scripts/install-deps.sh): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn http_get(port: u16, path: &str) -> Option<String> {
     let r = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}{path}"))
@@ -47,10 +26,10 @@ async fn components_serve_http_talk_over_localhost_and_listen_only_on_declared_p
     let connect = component("tests/fixtures/connect");
     let k = Kapsel::start();
 
-    // 1. An HTTP server component reachable from the host on its declared port.
+    // 1. An HTTP server component in its own network namespace, reachable through hostPort.
     let port = free_port();
     let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: web\n    image: {web}\n    env: [{{name: PORT, value: \"{port}\"}}]\n    ports: [{{containerPort: {port}}}]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: web\n    image: {web}\n    env: [{{name: PORT, value: \"{port}\"}}]\n    ports: [{{containerPort: {port}, hostPort: {port}}}]\n"
     );
     k.apply("web", &yaml);
     let deadline = Instant::now() + Duration::from_secs(180);

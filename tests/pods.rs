@@ -518,18 +518,25 @@ async fn unschedulable_pod_stays_pending_with_a_reason() {
         .await;
     assert_eq!(phase(&p), "Pending");
     assert!(p["spec"]["nodeName"].is_null());
-    let ev = k.events_for("huge").await;
-    let fs = ev
-        .iter()
-        .find(|e| e["reason"] == "FailedScheduling")
-        .expect("FailedScheduling event");
-    assert!(
-        fs["message"]
-            .as_str()
-            .unwrap()
-            .contains("Insufficient memory"),
-        "{fs}"
-    );
+    // A FailedScheduling event names the reason (an earlier one may predate the node).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = k.events_for("huge").await;
+        if ev.iter().any(|e| {
+            e["reason"] == "FailedScheduling"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Insufficient memory")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no FailedScheduling naming memory: {ev:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Unbound pods delete at once.
     assert!(k.cli(&["delete", "pod", "huge"]).status.success());
 }

@@ -69,7 +69,11 @@ pub struct NodeOpts {
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub backoff_max: Duration,
     /// Docker Engine socket for OCI containers.
-    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
     pub docker_host: String,
     /// Run WASM only, without Docker.
     #[arg(long)]

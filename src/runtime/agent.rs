@@ -119,7 +119,13 @@ impl NodeAgent {
                     kubelet_version: format!("kapsel/{}", env!("CARGO_PKG_VERSION")),
                     container_runtime_version: runtimes
                         .iter()
-                        .map(|r| if r == "wasm" { "wasmtime://48" } else { "docker://" })
+                        .map(|r| {
+                            if r == "wasm" {
+                                "wasmtime://48"
+                            } else {
+                                "docker://"
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join(","),
                     operating_system: std::env::consts::OS.into(),
@@ -168,19 +174,21 @@ impl NodeAgent {
     /// Run until `cancel`; then stop every pod of this node.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut runtimes = self.runtimes().await;
+        if let Err(e) = self.register(&runtimes).await {
+            tracing::error!(error = %e, "registering node");
+        }
         // Containers of an earlier run of this node: their pods are restarted from scratch
         // (the WASM members died with the process), so none of them is kept.
         if let Some(d) = &self.ctx.docker {
             if runtimes.iter().any(|r| r == "oci") {
                 match d.remove_orphans(&HashSet::new()).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(containers = n, "removed containers left by an earlier run"),
+                    Ok(n) => {
+                        tracing::info!(containers = n, "removed containers left by an earlier run")
+                    }
                     Err(e) => tracing::warn!(error = %e, "cleaning up old containers"),
                 }
             }
-        }
-        if let Err(e) = self.register(&runtimes).await {
-            tracing::error!(error = %e, "registering node");
         }
         let mut first = true;
         'outer: loop {
@@ -230,7 +238,7 @@ impl NodeAgent {
                     _ = heartbeat.tick() => {
                         beats += 1;
                         let now = self.runtimes().await;
-                        if now != runtimes || beats % 5 == 0 {
+                        if now != runtimes || beats.is_multiple_of(5) {
                             runtimes = now;
                             if let Err(e) = self.register(&runtimes).await {
                                 tracing::warn!(error = %e, "node heartbeat");

@@ -86,9 +86,9 @@ impl DockerExecutor {
     async fn image_present(&self, d: &Docker, image: &str) -> Result<bool, ExecError> {
         match d.inspect_image(image).await {
             Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-                Ok(false)
-            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
             Err(e) => Err(unavailable(&self.host, e)),
         }
     }
@@ -133,7 +133,12 @@ impl DockerExecutor {
     }
 
     /// Create and start the pod's infra container; returns (id, pid of its process).
-    pub async fn create_infra(&self, uid: &str, ns: &str, pod: &str) -> Result<(String, u32), ExecError> {
+    pub async fn create_infra(
+        &self,
+        uid: &str,
+        ns: &str,
+        pod: &str,
+    ) -> Result<(String, u32), ExecError> {
         let d = self.docker().await?;
         self.ensure_pause(&d).await?;
         let name = format!("kapsel_{ns}_{pod}_{}_infra", &uid[..uid.len().min(8)]);
@@ -150,22 +155,39 @@ impl DockerExecutor {
         };
         // A leftover of the same name (a crash between create and record) is replaced.
         let _ = d
-            .remove_container(&name, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
             .await;
         let created = d
-            .create_container(Some(CreateContainerOptions { name: Some(name), ..Default::default() }), body)
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                body,
+            )
             .await
             .map_err(|e| ExecError::Sandbox(format!("creating the pod's infra container: {e}")))?;
-        d.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>)
-            .await
-            .map_err(|e| ExecError::Sandbox(format!("starting the pod's infra container: {e}")))?;
+        d.start_container(
+            &created.id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+        .map_err(|e| ExecError::Sandbox(format!("starting the pod's infra container: {e}")))?;
         let info = d
             .inspect_container(&created.id, None::<InspectContainerOptions>)
             .await
             .map_err(|e| ExecError::Sandbox(e.to_string()))?;
         let pid = info.state.and_then(|s| s.pid).unwrap_or(0);
         if pid <= 0 {
-            return Err(ExecError::Sandbox("the infra container has no process".into()));
+            return Err(ExecError::Sandbox(
+                "the infra container has no process".into(),
+            ));
         }
         Ok((created.id, pid as u32))
     }
@@ -175,7 +197,11 @@ impl DockerExecutor {
         let d = self.docker().await?;
         let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
         let list = d
-            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
             .await
             .map_err(|e| unavailable(&self.host, e))?;
         let n = list.len();
@@ -183,7 +209,14 @@ impl DockerExecutor {
             let d = d.clone();
             async move {
                 let _ = d
-                    .remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            v: true,
+                            ..Default::default()
+                        }),
+                    )
                     .await;
             }
         });
@@ -192,23 +225,45 @@ impl DockerExecutor {
     }
 
     /// Every Kapsel container of this node whose pod uid is not in `keep` is removed.
-    pub async fn remove_orphans(&self, keep: &std::collections::HashSet<String>) -> Result<usize, ExecError> {
+    pub async fn remove_orphans(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<usize, ExecError> {
         let d = self.docker().await?;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_NODE}={}", self.node)])]);
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_NODE}={}", self.node)],
+        )]);
         let list = d
-            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
             .await
             .map_err(|e| unavailable(&self.host, e))?;
         let mut n = 0;
         for c in list {
-            let uid = c.labels.as_ref().and_then(|l| l.get(LABEL_POD_UID)).cloned().unwrap_or_default();
+            let uid = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_POD_UID))
+                .cloned()
+                .unwrap_or_default();
             if keep.contains(&uid) {
                 continue;
             }
             if let Some(id) = c.id {
                 n += 1;
                 let _ = d
-                    .remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            v: true,
+                            ..Default::default()
+                        }),
+                    )
                     .await;
             }
         }
@@ -230,16 +285,23 @@ pub fn valid_image_name(image: &str) -> bool {
         _ => (rest, None),
     };
     if let Some(t) = tag {
-        if t.is_empty() || t.len() > 128 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        if t.is_empty()
+            || t.len() > 128
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
             return false;
         }
     }
     let parts: Vec<&str> = path.split('/').collect();
     parts.iter().enumerate().all(|(i, p)| {
-        let host = i == 0 && parts.len() > 1 && (p.contains('.') || p.contains(':') || *p == "localhost");
+        let host =
+            i == 0 && parts.len() > 1 && (p.contains('.') || p.contains(':') || *p == "localhost");
         !p.is_empty()
             && (host
-                || p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)))
+                || p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)))
     })
 }
 
@@ -257,7 +319,11 @@ impl Executor for Arc<DockerExecutor> {
         self.ping().await
     }
 
-    async fn prepare(&self, spec: &ContainerSpec, progress: ExecutorProgress) -> Result<(), ExecError> {
+    async fn prepare(
+        &self,
+        spec: &ContainerSpec,
+        progress: ExecutorProgress,
+    ) -> Result<(), ExecError> {
         if !valid_image_name(&spec.image) {
             return Err(ExecError::InvalidImageName(format!(
                 "invalid image name {:?}: expected [registry/]name[:tag] in lowercase",
@@ -277,7 +343,10 @@ impl Executor for Arc<DockerExecutor> {
             _ => {}
         }
         progress(&format!("pulling image {}", spec.image));
-        let opts = CreateImageOptions { from_image: Some(spec.image.clone()), ..Default::default() };
+        let opts = CreateImageOptions {
+            from_image: Some(spec.image.clone()),
+            ..Default::default()
+        };
         let mut s = d.create_image(Some(opts), None, None);
         let mut err = None;
         while let Some(r) = s.next().await {
@@ -290,7 +359,10 @@ impl Executor for Arc<DockerExecutor> {
             None => Ok(()),
             // Pull failed but Always with a local copy: run what we have, as a registry outage would.
             Some(_) if present => Ok(()),
-            Some(e) => Err(ExecError::ImagePull(format!("pulling image {:?}: {e}", spec.image))),
+            Some(e) => Err(ExecError::ImagePull(format!(
+                "pulling image {:?}: {e}",
+                spec.image
+            ))),
         }
     }
 
@@ -319,7 +391,11 @@ impl Executor for Arc<DockerExecutor> {
             cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             working_dir: spec.working_dir.clone(),
-            labels: Some(self.labels(&spec.pod_uid, &format!("{}/{}", spec.pod_namespace, spec.pod_name), &spec.name)),
+            labels: Some(self.labels(
+                &spec.pod_uid,
+                &format!("{}/{}", spec.pod_namespace, spec.pod_name),
+                &spec.name,
+            )),
             host_config: Some(HostConfig {
                 network_mode: Some(format!("container:{infra}")),
                 ipc_mode: Some(format!("container:{infra}")),
@@ -338,37 +414,72 @@ impl Executor for Arc<DockerExecutor> {
             spec.pod_name,
             uid8,
             spec.name,
-            uuid::Uuid::new_v4().simple().to_string().get(..6).unwrap_or("0")
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..6)
+                .unwrap_or("0")
         );
         let created = d
-            .create_container(Some(CreateContainerOptions { name: Some(name), ..Default::default() }), body)
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                body,
+            )
             .await
             .map_err(|e| ExecError::Internal(format!("creating container: {e}")))?;
         let id = created.id;
         if let Err(e) = d
-            .start_container(&id, None::<bollard::query_parameters::StartContainerOptions>)
+            .start_container(
+                &id,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
             .await
         {
             let _ = d
-                .remove_container(&id, Some(RemoveContainerOptions { force: true, ..Default::default() }))
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
                 .await;
             return Err(ExecError::Internal(format!("starting container: {e}")));
         }
-        // Logs of a container that already exited are still complete: it is removed only
-        // after `wait` has drained this follower.
+        // Follow the logs live. Docker can drop the last partial line of a container that
+        // exits while being followed, so `finish` tops the log up from a full read.
         let log = spec.log.clone();
         let ld = d.clone();
         let lid = id.clone();
+        let followed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = followed.clone();
         let logs = tokio::spawn(async move {
             let mut s = ld.logs(
                 &lid,
-                Some(LogsOptions { follow: true, stdout: true, stderr: true, ..Default::default() }),
+                Some(LogsOptions {
+                    follow: true,
+                    stdout: true,
+                    stderr: true,
+                    ..Default::default()
+                }),
             );
             while let Some(Ok(chunk)) = s.next().await {
-                log.append(&chunk.into_bytes());
+                let b = chunk.into_bytes();
+                log.append(&b);
+                count.fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
             }
         });
-        Ok(Box::new(DockerInstance { d, id, logs: Some(logs), result: None }))
+        Ok(Box::new(DockerInstance {
+            d,
+            id,
+            logs: Some(logs),
+            followed,
+            log: spec.log.clone(),
+            result: None,
+        }))
     }
 }
 
@@ -376,6 +487,9 @@ struct DockerInstance {
     d: Docker,
     id: String,
     logs: Option<tokio::task::JoinHandle<()>>,
+    /// Bytes the live follower appended.
+    followed: Arc<std::sync::atomic::AtomicU64>,
+    log: Arc<super::logs::LogStream>,
     result: Option<ExitStatus>,
 }
 
@@ -384,30 +498,76 @@ impl DockerInstance {
         if let Some(r) = &self.result {
             return Ok(r.clone());
         }
-        let mut w = self.d.wait_container(&self.id, None::<WaitContainerOptions>);
+        let mut w = self
+            .d
+            .wait_container(&self.id, None::<WaitContainerOptions>);
         let code = match w.next().await {
             Some(Ok(r)) => r.status_code,
             // bollard reports a non-zero exit as an error carrying the code.
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
             Some(Err(e)) => {
-                return Err(ExecError::Unavailable(format!("waiting for container: {e}")));
+                return Err(ExecError::Unavailable(format!(
+                    "waiting for container: {e}"
+                )));
             }
-            None => return Err(ExecError::Unavailable("container wait ended without a status".into())),
+            None => {
+                return Err(ExecError::Unavailable(
+                    "container wait ended without a status".into(),
+                ))
+            }
         };
-        let info = self.d.inspect_container(&self.id, None::<InspectContainerOptions>).await.ok();
-        let oom = info.as_ref().and_then(|i| i.state.as_ref()).and_then(|s| s.oom_killed).unwrap_or(false);
+        let info = self
+            .d
+            .inspect_container(&self.id, None::<InspectContainerOptions>)
+            .await
+            .ok();
+        let oom = info
+            .as_ref()
+            .and_then(|i| i.state.as_ref())
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false);
         let err = info
             .as_ref()
             .and_then(|i| i.state.as_ref())
             .and_then(|s| s.error.clone())
             .filter(|e| !e.is_empty());
-        // Let the log follower drain what the container wrote last.
+        // Let the follower drain, then append whatever it missed from a complete read.
         if let Some(l) = self.logs.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), l).await;
+            let abort = l.abort_handle();
+            if tokio::time::timeout(Duration::from_millis(500), l)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let seen = self.followed.load(std::sync::atomic::Ordering::SeqCst) as usize;
+        let mut all = Vec::new();
+        let mut s = self.d.logs(
+            &self.id,
+            Some(LogsOptions {
+                follow: false,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            }),
+        );
+        while let Some(Ok(chunk)) = s.next().await {
+            all.extend_from_slice(&chunk.into_bytes());
+        }
+        if all.len() > seen {
+            self.log.append(&all[seen..]);
         }
         let _ = self
             .d
-            .remove_container(&self.id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+            .remove_container(
+                &self.id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
             .await;
         let mut st = ExitStatus::code(code as i32);
         if oom {
@@ -437,7 +597,10 @@ impl Instance for DockerInstance {
                 .d
                 .stop_container(
                     &self.id,
-                    Some(StopContainerOptions { t: Some(grace.as_secs().min(600) as i32), ..Default::default() }),
+                    Some(StopContainerOptions {
+                        t: Some(grace.as_secs().min(600) as i32),
+                        ..Default::default()
+                    }),
                 )
                 .await;
         }
@@ -508,7 +671,13 @@ mod tests {
 
     #[test]
     fn image_names() {
-        for ok in ["busybox", "kapsel-test/busybox:1", "localhost:5000/a/b:v1.2", "a@sha256:abc", "registry.io/x"] {
+        for ok in [
+            "busybox",
+            "kapsel-test/busybox:1",
+            "localhost:5000/a/b:v1.2",
+            "a@sha256:abc",
+            "registry.io/x",
+        ] {
             assert!(valid_image_name(ok), "{ok}");
         }
         for bad in ["", "UPPER/case", "a b", "busybox:", "x::y", "/leading"] {

@@ -139,9 +139,13 @@ impl Sandbox {
                     _ = stop.cancelled() => return,
                 };
                 let Ok((inbound, _)) = conn else { continue };
-                let Ok(inbound) = inbound.into_std() else { continue };
+                let Ok(inbound) = inbound.into_std() else {
+                    continue;
+                };
                 rt.spawn(async move {
-                    let Ok(mut inbound) = tokio::net::TcpStream::from_std(inbound) else { return };
+                    let Ok(mut inbound) = tokio::net::TcpStream::from_std(inbound) else {
+                        return;
+                    };
                     match tokio::net::TcpStream::connect(("127.0.0.1", container_port)).await {
                         Ok(mut up) => {
                             let _ = tokio::io::copy_bidirectional(&mut inbound, &mut up).await;
@@ -219,11 +223,17 @@ fn loopback_up() -> Result<(), String> {
             req.name[i] = *b as libc::c_char;
         }
         let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
-            Err(format!("SIOCGIFFLAGS lo: {}", std::io::Error::last_os_error()))
+            Err(format!(
+                "SIOCGIFFLAGS lo: {}",
+                std::io::Error::last_os_error()
+            ))
         } else {
             req.flags |= libc::IFF_UP as libc::c_short;
             if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) != 0 {
-                Err(format!("SIOCSIFFLAGS lo: {}", std::io::Error::last_os_error()))
+                Err(format!(
+                    "SIOCSIFFLAGS lo: {}",
+                    std::io::Error::last_os_error()
+                ))
             } else {
                 Ok(())
             }

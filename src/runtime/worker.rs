@@ -132,7 +132,14 @@ impl LocalStatus {
     }
 }
 
-fn initial_status(c: &Container, prev: Option<&ContainerStatus>) -> ContainerStatus {
+/// A container's status when its pod worker starts: fresh, or carried over from before a
+/// restart of the node agent. An instance the status calls running died with the old process:
+/// it is recorded as lost and, if the policy restarts it, counted as a restart.
+fn initial_status(
+    c: &Container,
+    prev: Option<&ContainerStatus>,
+    restarts: RestartPolicy,
+) -> ContainerStatus {
     let mut s = prev.cloned().unwrap_or_else(|| ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone(),
@@ -140,6 +147,25 @@ fn initial_status(c: &Container, prev: Option<&ContainerStatus>) -> ContainerSta
         ..Default::default()
     });
     s.ready = false;
+    if let Some(r) = s.state.running.take() {
+        let lost = ContainerState {
+            terminated: Some(StateTerminated {
+                exit_code: 137,
+                reason: Some("Error".into()),
+                message: Some("the instance was lost when the node agent restarted".into()),
+                started_at: r.started_at,
+                finished_at: Some(Utc::now()),
+            }),
+            ..Default::default()
+        };
+        if restarts == RestartPolicy::Never {
+            s.state = lost;
+        } else {
+            s.last_state = lost;
+            s.restart_count += 1;
+            s.state = ContainerState::waiting("ContainerCreating", None);
+        }
+    }
     s
 }
 
@@ -157,9 +183,16 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             .init_containers
             .iter()
             .map(|c| {
+                // Init containers restart on failure (sidecars always) unless the pod says Never.
+                let p = match (c.restart_policy, pod.restart_policy()) {
+                    (Some(RestartPolicy::Always), _) => RestartPolicy::Always,
+                    (_, RestartPolicy::Never) => RestartPolicy::Never,
+                    _ => RestartPolicy::OnFailure,
+                };
                 initial_status(
                     c,
                     find_prev(&prev.init_container_statuses, &c.name).as_ref(),
+                    p,
                 )
             })
             .collect(),
@@ -168,7 +201,13 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             .spec
             .containers
             .iter()
-            .map(|c| initial_status(c, find_prev(&prev.container_statuses, &c.name).as_ref()))
+            .map(|c| {
+                initial_status(
+                    c,
+                    find_prev(&prev.container_statuses, &c.name).as_ref(),
+                    pod.restart_policy(),
+                )
+            })
             .collect(),
         main_done: vec![false; pod.spec.containers.len()],
         initialized: pod.spec.init_containers.is_empty(),
@@ -398,7 +437,9 @@ impl SandboxGuard {
             let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
             if infra {
                 if let Some(d) = &self.ctx.docker {
-                    let _ = d.remove_labelled(super::docker::LABEL_POD_UID, &self.uid).await;
+                    let _ = d
+                        .remove_labelled(super::docker::LABEL_POD_UID, &self.uid)
+                        .await;
                 }
             }
         }
@@ -426,14 +467,23 @@ async fn setup_sandbox(
     local: &mut LocalStatus,
     stop: &CancellationToken,
 ) -> Option<SandboxGuard> {
-    let all: Vec<&Container> = pod.spec.init_containers.iter().chain(pod.spec.containers.iter()).collect();
-    let needs_oci = all
+    let all: Vec<&Container> = pod
+        .spec
+        .init_containers
         .iter()
-        .any(|c| ctx.executor(&c.image).map(|e| e.runtime() == "oci").unwrap_or(false));
+        .chain(pod.spec.containers.iter())
+        .collect();
+    let needs_oci = all.iter().any(|c| {
+        ctx.executor(&c.image)
+            .map(|e| e.runtime() == "oci")
+            .unwrap_or(false)
+    });
     let needs_net = needs_oci
-        || all
-            .iter()
-            .any(|c| ctx.executor(&c.image).map(|e| e.needs_network(&c.image)).unwrap_or(false));
+        || all.iter().any(|c| {
+            ctx.executor(&c.image)
+                .map(|e| e.needs_network(&c.image))
+                .unwrap_or(false)
+        });
     let mut guard = SandboxGuard {
         sandbox: None,
         ctx: ctx.clone(),
@@ -446,7 +496,9 @@ async fn setup_sandbox(
     loop {
         let made = if needs_oci {
             match &ctx.docker {
-                None => Err(ExecError::Unavailable("this node has no Docker runtime".into())),
+                None => Err(ExecError::Unavailable(
+                    "this node has no Docker runtime".into(),
+                )),
                 Some(d) => match d.create_infra(pod.uid(), pod.ns(), pod.name()).await {
                     Ok((id, pid)) => Sandbox::join_infra(&id, pid),
                     Err(e) => Err(e),
@@ -464,8 +516,11 @@ async fn setup_sandbox(
                 for c in local.init.iter_mut().chain(local.main.iter_mut()) {
                     c.state = ContainerState::waiting(e.waiting_reason(), Some(e.to_string()));
                 }
-                ctx.recorder
-                    .warning(Recorder::pod_ref(pod), "FailedCreatePodSandBox", e.to_string());
+                ctx.recorder.warning(
+                    Recorder::pod_ref(pod),
+                    "FailedCreatePodSandBox",
+                    e.to_string(),
+                );
                 if !flush(ctx, pod, local).await {
                     return None;
                 }
@@ -481,7 +536,8 @@ async fn setup_sandbox(
         for p in &c.ports {
             if let (Some(hp), Ok(cp)) = (p.host_port, u16::try_from(p.container_port)) {
                 if let Err(e) = sandbox.expose(hp as u16, cp).await {
-                    ctx.recorder.warning(Recorder::pod_ref(pod), "FailedHostPort", e.to_string());
+                    ctx.recorder
+                        .warning(Recorder::pod_ref(pod), "FailedHostPort", e.to_string());
                 }
             }
         }
@@ -706,29 +762,8 @@ impl Runner {
         let pod_ref = Recorder::pod_ref(&self.pod);
         let mut backoff = Backoff::new(self.ctx.backoff);
         let name = self.container.name.clone();
-        // Crash recovery: the last report said running, but that instance died with the node.
-        if self.status.state.running.is_some() {
-            let lost = ExitStatus {
-                exit_code: 137,
-                reason: "Error".into(),
-                message: Some("the instance was lost when the node agent restarted".into()),
-            };
-            let started = self
-                .status
-                .state
-                .running
-                .as_ref()
-                .and_then(|r| r.started_at);
-            self.status.last_state = Self::terminated(&lost, started);
-            if !self.should_restart(&lost) {
-                self.status.state = self.status.last_state.clone();
-                self.status.last_state = ContainerState::default();
-                self.report(true);
-                return Some(lost);
-            }
-            self.status.restart_count += 1;
-            self.status.state = ContainerState::waiting("ContainerCreating", None);
-        } else if let Some(t) = &self.status.state.terminated {
+        // A container that already finished for good (before a restart of the agent) stays so.
+        if let Some(t) = &self.status.state.terminated {
             let prev = ExitStatus {
                 exit_code: t.exit_code,
                 reason: t.reason.clone().unwrap_or_default(),
@@ -954,7 +989,7 @@ mod tests {
 
     #[test]
     fn phases_follow_kubernetes() {
-        let waiting = initial_status(&Container::default(), None);
+        let waiting = initial_status(&Container::default(), None, RestartPolicy::Always);
         assert_eq!(
             local(vec![waiting.clone()], vec![false]).phase(),
             PodPhase::Pending

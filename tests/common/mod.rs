@@ -284,3 +284,41 @@ pub fn state(pod: &Value, container: usize) -> &Value {
 pub fn phase(pod: &Value) -> &str {
     pod["status"]["phase"].as_str().unwrap_or("")
 }
+
+/// Container ids Docker has with this label (`key=value`), running or not.
+pub fn docker_ids(label: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "-q", "--no-trunc", "--filter"])
+        .arg(format!("label={label}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+pub const BUSYBOX: &str = "kapsel-test/busybox:1";
+
+/// Build a WASI 0.2 component from its source dir (scripts/build-guests.sh), returning its path.
+pub fn component(dir: &str) -> String {
+    let out = Command::new(repo("scripts/build-guests.sh"))
+        .args(["--component-if-missing", &repo(dir).display().to_string()])
+        .output()
+        .expect("run build-guests.sh");
+    assert!(
+        out.status.success(),
+        "building {dir} failed (run scripts/install-deps.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
