@@ -352,3 +352,45 @@ async fn docker_unreachable_keeps_oci_pods_pending_and_recovers_when_it_returns(
     assert!(k.logs("oci", "main").await.contains("hi-from-docker"));
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_pods_and_removes_their_containers() {
+    let mut k = Kapsel::start();
+    let body = format!(
+        "  terminationGracePeriodSeconds: 30\n  containers:\n{}",
+        container("main", "sleep 3600")
+    );
+    k.apply("stubborn", &pod("stubborn", "Always", &body));
+    k.wait_pod("stubborn", 60, |p| !state(p, 0)["running"].is_null())
+        .await;
+    assert_eq!(docker_ids(&format!("io.kapsel.node={}", k.node)).len(), 2);
+    let mut child = k.child.take().unwrap();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "serve did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    // `sleep` as PID 1 ignores SIGTERM: the shutdown gives it 10 s, then removes it.
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let left = docker_ids(&format!("io.kapsel.node={}", k.node));
+    assert!(
+        left.is_empty(),
+        "containers outlived kapsel serve after {:?}: {left:?}\n{}",
+        t.elapsed(),
+        k.stderr.lock().unwrap()
+    );
+}

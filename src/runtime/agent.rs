@@ -250,12 +250,18 @@ impl NodeAgent {
                 }
             }
         }
-        // Shutdown: stop every pod, concurrently, and wait for them.
+        // Shutdown: stop every pod concurrently, give them 10 s in all (like `docker compose`),
+        // then force-remove whatever containers are left, so nothing outlives the node.
         for w in self.workers.values() {
             w.stop.cancel();
         }
-        for (_, w) in self.workers.drain() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), w.task).await;
+        let tasks: Vec<_> = self.workers.drain().map(|(_, w)| w.task).collect();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(tasks)).await;
+        if let Some(d) = &self.ctx.docker {
+            if let Ok(n @ 1..) = d.remove_orphans(&HashSet::new()).await {
+                tracing::info!(containers = n, "force-removed containers at shutdown");
+            }
         }
     }
 

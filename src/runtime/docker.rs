@@ -192,70 +192,61 @@ impl DockerExecutor {
         Ok((created.id, pid as u32))
     }
 
-    /// Remove containers with these labels (all of a pod, or all of this node).
+    /// Remove every container of a pod (by its uid label).
     pub async fn remove_labelled(&self, label: &str, value: &str) -> Result<usize, ExecError> {
-        let d = self.docker().await?;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
-        let list = d
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
+        self.remove_where(&format!("{label}={value}"), &Default::default())
             .await
-            .map_err(|e| unavailable(&self.host, e))?;
-        let n = list.len();
-        let futs = list.into_iter().filter_map(|c| c.id).map(|id| {
-            let d = d.clone();
-            async move {
-                let _ = d
-                    .remove_container(
-                        &id,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            v: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-            }
-        });
-        futures::future::join_all(futs).await;
-        Ok(n)
     }
 
-    /// Every Kapsel container of this node whose pod uid is not in `keep` is removed.
+    /// Every Kapsel container of this node whose pod uid is not in `keep` is removed
+    /// (checked again until none is left, for containers caught mid-stop).
     pub async fn remove_orphans(
         &self,
         keep: &std::collections::HashSet<String>,
     ) -> Result<usize, ExecError> {
-        let d = self.docker().await?;
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_NODE}={}", self.node)],
-        )]);
-        let list = d
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
+        self.remove_where(&format!("{LABEL_NODE}={}", self.node), keep)
             .await
-            .map_err(|e| unavailable(&self.host, e))?;
-        let mut n = 0;
-        for c in list {
-            let uid = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_POD_UID))
-                .cloned()
-                .unwrap_or_default();
-            if keep.contains(&uid) {
-                continue;
+    }
+
+    /// Remove containers matching a label filter, except those of pods in `keep`.
+    async fn remove_where(
+        &self,
+        label_filter: &str,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<usize, ExecError> {
+        let d = self.docker().await?;
+        let filters = HashMap::from([("label".to_string(), vec![label_filter.to_string()])]);
+        let mut removed = 0;
+        for attempt in 0..5 {
+            let list = d
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters.clone()),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|e| unavailable(&self.host, e))?;
+            let ids: Vec<String> = list
+                .into_iter()
+                .filter(|c| {
+                    let uid = c
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(LABEL_POD_UID))
+                        .cloned()
+                        .unwrap_or_default();
+                    !keep.contains(&uid)
+                })
+                .filter_map(|c| c.id)
+                .collect();
+            if ids.is_empty() {
+                break;
             }
-            if let Some(id) = c.id {
-                n += 1;
-                let _ = d
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            for id in ids {
+                match d
                     .remove_container(
                         &id,
                         Some(RemoveContainerOptions {
@@ -264,10 +255,14 @@ impl DockerExecutor {
                             ..Default::default()
                         }),
                     )
-                    .await;
+                    .await
+                {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::debug!(error = %e, container = %id, "removing container"),
+                }
             }
         }
-        Ok(n)
+        Ok(removed)
     }
 }
 

@@ -215,10 +215,29 @@ impl Kapsel {
 }
 
 impl Drop for Kapsel {
+    /// Stop the server the way a user does (SIGTERM: it stops its pods and removes their
+    /// containers), then make sure no container of this node is left either way.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        let left = docker_ids(&format!("io.kapsel.node={}", self.node));
+        if !left.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&left)
+                .output();
         }
     }
 }
