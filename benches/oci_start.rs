@@ -132,7 +132,11 @@ async fn main() {
         until_phase(&http, &url, &format!("mixed{i}"), "Succeeded").await;
         mixed.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = child.kill();
+    // SIGTERM: the server stops its pods and removes their containers.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
     let (d50, d99) = (pct(&mut docker, 0.5), pct(&mut docker, 0.9));
     let (o50, o99) = (pct(&mut oci, 0.5), pct(&mut oci, 0.9));
     let (m50, m99) = (pct(&mut mixed, 0.5), pct(&mut mixed, 0.9));
