@@ -15,12 +15,14 @@
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
-//! - `patterns` (sidecar, ambassador, adapter) arrive with their issues.
+//! - [`patterns`]: built-in pattern components run natively in a pod's sandbox: git-sync
+//!   (sidecar) now; the Redis ambassador and the metrics adapter join here.
 
 pub mod api;
 pub mod cli;
 pub mod events;
 pub mod model;
+pub mod patterns;
 pub mod runtime;
 pub mod sched;
 pub mod server;

@@ -95,7 +95,10 @@ impl Server {
             .docker_host
             .as_deref()
             .map(|h| DockerExecutor::new(h, &cfg.node_name));
-        let mut executors: Vec<Arc<dyn Executor>> = vec![Arc::new(wasm)];
+        let mut executors: Vec<Arc<dyn Executor>> = vec![
+            Arc::new(wasm),
+            Arc::new(Arc::new(crate::patterns::BuiltinExecutor)),
+        ];
         if let Some(d) = &docker {
             executors.push(Arc::new(d.clone()));
         }

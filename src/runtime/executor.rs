@@ -36,6 +36,9 @@ pub struct ContainerSpec {
     pub infra: Option<String>,
     /// The runtime whose thread lives in the pod's network namespace (WASM guests run there).
     pub sandbox_rt: Option<tokio::runtime::Handle>,
+    /// Records a Warning event on the pod (reason, message), for components that keep running
+    /// through failures (git-sync's failed syncs).
+    pub events: Option<Arc<dyn Fn(&str, &str) + Send + Sync>>,
 }
 
 /// A host directory made visible at `guest_path`.

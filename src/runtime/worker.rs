@@ -743,6 +743,14 @@ impl Runner {
             pull_policy: c.image_pull_policy.unwrap_or_default(),
             infra: self.net.infra.clone(),
             sandbox_rt: self.net.rt.clone(),
+            events: {
+                let rec = self.ctx.recorder.clone();
+                let pod_ref = Recorder::pod_ref(pod);
+                let cname = c.name.clone();
+                Some(Arc::new(move |reason: &str, msg: &str| {
+                    rec.warning(pod_ref.clone(), reason, format!("container {cname}: {msg}"))
+                }))
+            },
             env,
             working_dir: c.working_dir.clone(),
             mounts,

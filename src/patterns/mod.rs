@@ -1,0 +1,209 @@
+//! Built-in pattern components, run natively inside Kapsel in the pod's sandbox:
+//! `builtin/git-sync` (the sidecar). The Redis ambassador and the metrics adapter join here.
+//! [`BuiltinExecutor`] puts them behind the same executor trait as WASM and Docker.
+
+pub mod gitsync;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::executor::{
+    ContainerSpec, ExecError, Executor, ExecutorProgress, ExitStatus, Instance,
+};
+
+pub const GIT_SYNC: &str = "builtin/git-sync";
+
+/// Runs `builtin/*` images.
+pub struct BuiltinExecutor;
+
+fn gitsync_config(spec: &ContainerSpec) -> Result<(gitsync::Config, PathBuf), ExecError> {
+    let cfg = gitsync::Config::parse(&spec.args, &spec.env)
+        .map_err(|e| ExecError::Config(format!("git-sync: {e}")))?;
+    let mounts: Vec<(PathBuf, String)> = spec
+        .mounts
+        .iter()
+        .filter(|m| !m.read_only)
+        .map(|m| (m.host_path.clone(), m.guest_path.clone()))
+        .collect();
+    let root = gitsync::host_path(&mounts, &cfg.root).ok_or_else(|| {
+        ExecError::Config(format!(
+            "git-sync: --root {} is outside the container's writable volume mounts ({}); git-sync writes only inside its volumes",
+            cfg.root.display(),
+            spec.mounts.iter().map(|m| m.guest_path.as_str()).collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    Ok((cfg, root))
+}
+
+#[async_trait]
+impl Executor for Arc<BuiltinExecutor> {
+    fn handles(&self, image: &str) -> bool {
+        image.starts_with("builtin/")
+    }
+
+    fn runtime(&self) -> &'static str {
+        "builtin"
+    }
+
+    /// git-sync fetches from the node's network; only its `--http-bind` lives in the pod.
+    fn needs_network(&self, _image: &str) -> bool {
+        false
+    }
+
+    async fn prepare(
+        &self,
+        spec: &ContainerSpec,
+        _progress: ExecutorProgress,
+    ) -> Result<(), ExecError> {
+        match spec.image.as_str() {
+            GIT_SYNC => gitsync_config(spec).map(|_| ()),
+            other => Err(ExecError::InvalidImage(format!(
+                "unknown built-in component {other:?}; this build has: {GIT_SYNC}"
+            ))),
+        }
+    }
+
+    async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+        let (cfg, root) = gitsync_config(&spec)?;
+        let stats = Arc::new(gitsync::Stats::default());
+        let log = spec.log.clone();
+        let events = spec.events.clone();
+        let sync = Arc::new(gitsync::GitSync {
+            cfg: cfg.clone(),
+            root,
+            log: Arc::new(move |m: &str| log.append(m.as_bytes())),
+            warn: Arc::new(move |m: &str| {
+                if let Some(e) = &events {
+                    e("GitSyncFailed", m);
+                }
+            }),
+            stats: stats.clone(),
+            env: spec.env.clone(),
+        });
+        let stop = CancellationToken::new();
+        if let Some(bind) = &cfg.http_bind {
+            let app = status_router(stats.clone());
+            let bind = bind.clone();
+            let token = stop.clone();
+            let serve = async move {
+                match tokio::net::TcpListener::bind(&bind).await {
+                    Ok(l) => {
+                        let _ = axum::serve(l, app)
+                            .with_graceful_shutdown(token.cancelled_owned())
+                            .await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, %bind, "git-sync --http-bind"),
+                }
+            };
+            // Inside the pod's network namespace when it has one.
+            match &spec.sandbox_rt {
+                Some(rt) => {
+                    rt.spawn(serve);
+                }
+                None => {
+                    tokio::spawn(serve);
+                }
+            }
+        }
+        let (first_tx, first_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let r = sync.run(token, Some(first_tx)).await;
+            let _ = done_tx.send(match r {
+                Ok(()) => ExitStatus::code(0),
+                Err(m) => ExitStatus {
+                    exit_code: 1,
+                    reason: "Error".into(),
+                    message: Some(m),
+                },
+            });
+        });
+        // The container counts as started once the first sync is on disk, so a native sidecar
+        // holds the app back until then.
+        let _ = tokio::time::timeout(cfg.sync_timeout + Duration::from_secs(5), first_rx).await;
+        Ok(Box::new(BuiltinInstance {
+            id: format!("builtin://git-sync/{}", uuid::Uuid::new_v4().simple()),
+            stop,
+            done: Some(done_rx),
+            result: None,
+        }))
+    }
+}
+
+fn status_router(stats: Arc<gitsync::Stats>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let s1 = stats.clone();
+    axum::Router::new()
+        .route(
+            "/",
+            get(move || {
+                let ready = s1.synced_once.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let s = stats.clone();
+                async move {
+                    format!(
+                        "# HELP git_sync_count_total How many git syncs completed, by status.\n# TYPE git_sync_count_total counter\ngit_sync_count_total{{status=\"success\"}} {}\ngit_sync_count_total{{status=\"error\"}} {}\n# HELP git_sync_duration_seconds Duration of the last sync.\n# TYPE git_sync_duration_seconds gauge\ngit_sync_duration_seconds {}\n",
+                        s.success.load(Ordering::Relaxed),
+                        s.errors.load(Ordering::Relaxed),
+                        s.last_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
+                    )
+                }
+            }),
+        )
+}
+
+struct BuiltinInstance {
+    id: String,
+    stop: CancellationToken,
+    done: Option<oneshot::Receiver<ExitStatus>>,
+    result: Option<ExitStatus>,
+}
+
+#[async_trait]
+impl Instance for BuiltinInstance {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
+        if let Some(r) = &self.result {
+            return Ok(r.clone());
+        }
+        let rx = self.done.take().ok_or_else(|| {
+            ExecError::Internal("invalid state transition: wait on a dropped instance".into())
+        })?;
+        let r = rx.await.unwrap_or_else(|_| ExitStatus::code(1));
+        self.result = Some(r.clone());
+        Ok(r)
+    }
+
+    async fn kill(&mut self, _grace: Duration) -> Result<ExitStatus, ExecError> {
+        self.stop.cancel();
+        self.wait().await
+    }
+}
+
+impl Drop for BuiltinInstance {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
