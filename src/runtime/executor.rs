@@ -38,8 +38,11 @@ pub struct ContainerSpec {
     pub sandbox_rt: Option<tokio::runtime::Handle>,
     /// Records a Warning event on the pod (reason, message), for components that keep running
     /// through failures (git-sync's failed syncs).
-    pub events: Option<Arc<dyn Fn(&str, &str) + Send + Sync>>,
+    pub events: Option<EventSink>,
 }
+
+/// Records an event on the container's pod: (reason, message).
+pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A host directory made visible at `guest_path`.
 #[derive(Debug, Clone)]
