@@ -347,7 +347,8 @@ async fn unreachable_remote_keeps_the_last_tree_and_is_reported_then_recovers() 
         assert!(Instant::now() < deadline, "did not resume");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A bad ref with the default --max-failures=0: the sidecar fails and says why.
+    // A bad ref with the default --max-failures=0: the sidecar fails to start and says why;
+    // the app stays waiting for it.
     let args = vec![
         format!("--repo={}", remote.url()),
         "--root=/git".into(),
@@ -356,21 +357,16 @@ async fn unreachable_remote_keeps_the_last_tree_and_is_reported_then_recovers() 
     k.apply("badref", &gitsync_pod("badref", &args, &app));
     let p = k
         .wait_pod("badref", 30, |p| {
-            let s = &p["status"]["initContainerStatuses"][0];
-            !s["lastState"]["terminated"].is_null() || !s["state"]["terminated"].is_null()
+            p["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"]
+                == "RunContainerError"
         })
         .await;
-    let s = &p["status"]["initContainerStatuses"][0];
-    let t = if s["state"]["terminated"].is_null() {
-        &s["lastState"]["terminated"]
-    } else {
-        &s["state"]["terminated"]
-    };
-    assert_eq!(t["exitCode"], 1);
-    assert!(
-        t["message"].as_str().unwrap().contains("no-such-branch"),
-        "{t}"
-    );
+    let msg = p["status"]["initContainerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("no-such-branch"), "{msg}");
+    assert!(p["status"]["containerStatuses"][0]["state"]["running"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -458,4 +454,52 @@ async fn bad_input_is_named() {
         // The app never started.
         assert!(p["status"]["containerStatuses"][0]["state"]["running"].is_null());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_basic_auth_with_a_password_file() {
+    let remote = Remote::new();
+    remote.commit(&[("v.txt", "secret\n".into())]);
+    let port = free_port();
+    let base = remote.bare.parent().unwrap().to_path_buf();
+    let mut server = Command::new("python3")
+        .arg(repo("tests/support/git_http_auth.py"))
+        .args([&port.to_string(), base.to_str().unwrap(), "alice", "s3cret"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "auth server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let k = Kapsel::start();
+    // The password file lives in a hostPath volume, read-only, as a Secret would be.
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("password"), "s3cret\n").unwrap();
+    std::fs::write(secrets.path().join("wrong"), "nope\n").unwrap();
+    let url = format!("http://127.0.0.1:{port}/site.git");
+    for (name, file) in [("auth-ok", "password"), ("auth-bad", "wrong")] {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  volumes:\n  - {{name: git, emptyDir: {{}}}}\n  - {{name: secret, hostPath: {{path: {}}}}}\n  initContainers:\n  - name: git-sync\n    image: builtin/git-sync\n    restartPolicy: Always\n    args: [\"--repo={url}\", \"--root=/git\", \"--username=alice\", \"--password-file=/etc/git-secret/{file}\"]\n    volumeMounts:\n    - {{name: git, mountPath: /git}}\n    - {{name: secret, mountPath: /etc/git-secret, readOnly: true}}\n  containers:\n  - name: idle\n    image: {}\n",
+            secrets.path().display(),
+            fixture("sleep.wat")
+        );
+        k.apply(name, &yaml);
+    }
+    k.wait_pod("auth-ok", 30, |p| !state(p, 0)["running"].is_null())
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(volume(&k, "auth-ok").await.join("site/v.txt")).unwrap(),
+        "secret\n"
+    );
+    // Wrong password: the sync fails (401) and the app never starts.
+    let p = k
+        .wait_pod("auth-bad", 30, |p| {
+            p["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"]
+                == "RunContainerError"
+        })
+        .await;
+    assert!(p["status"]["containerStatuses"][0]["state"]["running"].is_null());
+    let _ = server.kill();
+    let _ = server.wait();
 }

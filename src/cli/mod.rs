@@ -148,6 +148,13 @@ pub enum Command {
         #[arg(long)]
         grace_period: Option<i64>,
     },
+    /// Run the git-sync sidecar standalone, outside any pod (kubernetes/git-sync v4 flags and
+    /// GITSYNC_* variables), e.g. `kapsel git-sync --repo=URL --root=/srv/git --one-time`.
+    #[command(name = "git-sync", disable_help_flag = true)]
+    GitSync {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Manage rollouts of Deployments (arrives with the controllers).
     Rollout {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -273,6 +280,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             wait,
             grace_period,
         } => delete(&client, &ns, resource, name, file, wait, grace_period).await,
+        Command::GitSync { args } => git_sync(args).await,
         Command::Rollout { .. } | Command::Scale { .. } => {
             bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
         }
@@ -564,4 +572,30 @@ async fn delete(
         println!("{} \"{name}\" deleted", res.trim_end_matches('s'));
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// `kapsel git-sync`: the sidecar's sync loop on this machine's filesystem.
+async fn git_sync(args: Vec<String>) -> Result<i32> {
+    use crate::patterns::gitsync::{Config, GitSync, Stats};
+    use std::sync::Arc;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("git-sync: {e}"))?;
+    let sync = GitSync {
+        root: cfg.root.clone(),
+        cfg,
+        log: Arc::new(|m: &str| eprint!("{m}")),
+        warn: Arc::new(|_: &str| {}),
+        stats: Arc::new(Stats::default()),
+        env,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        s2.cancel();
+    });
+    sync.run(stop, None)
+        .await
+        .map_err(|e| anyhow!("git-sync: {e}"))?;
+    Ok(0)
 }

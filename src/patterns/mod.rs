@@ -38,6 +38,28 @@ fn gitsync_config(spec: &ContainerSpec) -> Result<(gitsync::Config, PathBuf), Ex
             spec.mounts.iter().map(|m| m.guest_path.as_str()).collect::<Vec<_>>().join(", ")
         ))
     })?;
+    // Credentials are read from the container's volumes (a Secret mounted read-only).
+    let all: Vec<(PathBuf, String)> = spec
+        .mounts
+        .iter()
+        .map(|m| (m.host_path.clone(), m.guest_path.clone()))
+        .collect();
+    let mut cfg = cfg;
+    for (flag, p) in [
+        ("--password-file", &mut cfg.password_file),
+        ("--ssh-key-file", &mut cfg.ssh_key_file),
+        ("--ssh-known-hosts-file", &mut cfg.ssh_known_hosts_file),
+    ] {
+        if let Some(guest) = p.as_ref() {
+            let host = gitsync::host_path(&all, guest).ok_or_else(|| {
+                ExecError::Config(format!(
+                    "git-sync: {flag} {} is not inside any of the container's volume mounts",
+                    guest.display()
+                ))
+            })?;
+            *p = Some(host);
+        }
+    }
     Ok((cfg, root))
 }
 
@@ -126,8 +148,17 @@ impl Executor for Arc<BuiltinExecutor> {
             });
         });
         // The container counts as started once the first sync is on disk, so a native sidecar
-        // holds the app back until then.
-        let _ = tokio::time::timeout(cfg.sync_timeout + Duration::from_secs(5), first_rx).await;
+        // holds the app back until then. A first sync that gives up fails the start (the
+        // runner retries with back-off; the app keeps waiting).
+        match tokio::time::timeout(cfg.sync_timeout + Duration::from_secs(5), first_rx).await {
+            Ok(Ok(Err(msg))) => {
+                stop.cancel();
+                return Err(ExecError::StartFailed(format!(
+                    "git-sync: first sync failed: {msg}"
+                )));
+            }
+            _ => {}
+        }
         Ok(Box::new(BuiltinInstance {
             id: format!("builtin://git-sync/{}", uuid::Uuid::new_v4().simple()),
             stop,

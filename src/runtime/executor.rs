@@ -98,6 +98,9 @@ pub enum ExecError {
     /// The pod's sandbox (network namespace, infra container) cannot be set up.
     #[error("{0}")]
     Sandbox(String),
+    /// The container was created but failed while starting (git-sync's first sync).
+    #[error("{0}")]
+    StartFailed(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -113,6 +116,7 @@ impl ExecError {
             ExecError::NeverPull(_) => "ErrImageNeverPull",
             ExecError::Unavailable(_) => "ContainerRuntimeUnavailable",
             ExecError::Sandbox(_) => "CreatePodSandboxError",
+            ExecError::StartFailed(_) => "RunContainerError",
             ExecError::Internal(_) => "CreateContainerError",
         }
     }
