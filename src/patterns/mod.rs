@@ -150,14 +150,12 @@ impl Executor for Arc<BuiltinExecutor> {
         // The container counts as started once the first sync is on disk, so a native sidecar
         // holds the app back until then. A first sync that gives up fails the start (the
         // runner retries with back-off; the app keeps waiting).
-        match tokio::time::timeout(cfg.sync_timeout + Duration::from_secs(5), first_rx).await {
-            Ok(Ok(Err(msg))) => {
-                stop.cancel();
-                return Err(ExecError::StartFailed(format!(
-                    "git-sync: first sync failed: {msg}"
-                )));
-            }
-            _ => {}
+        let first = tokio::time::timeout(cfg.sync_timeout + Duration::from_secs(5), first_rx).await;
+        if let Ok(Ok(Err(msg))) = first {
+            stop.cancel();
+            return Err(ExecError::StartFailed(format!(
+                "git-sync: first sync failed: {msg}"
+            )));
         }
         Ok(Box::new(BuiltinInstance {
             id: format!("builtin://git-sync/{}", uuid::Uuid::new_v4().simple()),
