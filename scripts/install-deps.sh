@@ -19,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------- apt packages
-APT_PKGS=(rustc libstd-rust-dev-wasm32 busybox-static hyperfine)
+APT_PKGS=(rustc libstd-rust-dev-wasm32 busybox-static hyperfine time git python3)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
