@@ -393,6 +393,7 @@ async fn exechook_and_webhook_get_the_hash() {
         }),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let hport = free_port();
     let k = Kapsel::start();
     let args = vec![
         format!("--repo={}", remote.url()),
@@ -400,6 +401,7 @@ async fn exechook_and_webhook_get_the_hash() {
         "--period=1s".into(),
         "--exechook-command=echo \"hook $GITSYNC_HASH $(cat v.txt)\" >> ../../hooks.log".into(),
         format!("--webhook-url=http://127.0.0.1:{wport}/hook"),
+        format!("--http-bind=127.0.0.1:{hport}"),
     ];
     let app = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
     k.apply("hooks", &gitsync_pod("hooks", &args, &app));
@@ -411,6 +413,15 @@ async fn exechook_and_webhook_get_the_hash() {
     let root = volume(&k, "hooks").await;
     let log = std::fs::read_to_string(root.join("hooks.log")).unwrap();
     assert_eq!(log, format!("hook {hash} x\n"));
+    // --http-bind: ready after the first sync, and metrics.
+    assert_eq!(get(hport, "/").await.as_deref(), Some("ok\n"));
+    let m = get(hport, "/metrics").await.unwrap();
+    let ok: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("git_sync_count_total{status=\"success\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(ok >= 1, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
