@@ -3,6 +3,7 @@
 //!   - the first sync: `kapsel git-sync --one-time` vs `git clone --depth 1`;
 //!   - an incremental sync after a commit touching 100 files: `kapsel git-sync --one-time` on the
 //!     same root vs `git fetch --depth 1` + `git worktree add` of the fetched commit.
+//!
 //! Run: `cargo bench --bench gitsync_sync` (BENCH_N runs per measurement, default 5).
 
 use std::path::Path;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::executor::{
-    ContainerSpec, ExecError, Executor, ExecutorProgress, ExitStatus, Instance,
+    ContainerSpec, ExecError, Executor, ExecutorProgress, ExitStatus, Instance, TaskInstance,
 };
 
 pub const GIT_SYNC: &str = "builtin/git-sync";
@@ -157,12 +157,11 @@ impl Executor for Arc<BuiltinExecutor> {
                 "git-sync: first sync failed: {msg}"
             )));
         }
-        Ok(Box::new(BuiltinInstance {
-            id: format!("builtin://git-sync/{}", uuid::Uuid::new_v4().simple()),
+        Ok(Box::new(TaskInstance::new(
+            format!("builtin://git-sync/{}", uuid::Uuid::new_v4().simple()),
+            done_rx,
             stop,
-            done: Some(done_rx),
-            result: None,
-        }))
+        )))
     }
 }
 
@@ -198,41 +197,4 @@ fn status_router(stats: Arc<gitsync::Stats>) -> axum::Router {
                 }
             }),
         )
-}
-
-struct BuiltinInstance {
-    id: String,
-    stop: CancellationToken,
-    done: Option<oneshot::Receiver<ExitStatus>>,
-    result: Option<ExitStatus>,
-}
-
-#[async_trait]
-impl Instance for BuiltinInstance {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-
-    async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
-        if let Some(r) = &self.result {
-            return Ok(r.clone());
-        }
-        let rx = self.done.take().ok_or_else(|| {
-            ExecError::Internal("invalid state transition: wait on a dropped instance".into())
-        })?;
-        let r = rx.await.unwrap_or_else(|_| ExitStatus::code(1));
-        self.result = Some(r.clone());
-        Ok(r)
-    }
-
-    async fn kill(&mut self, _grace: Duration) -> Result<ExitStatus, ExecError> {
-        self.stop.cancel();
-        self.wait().await
-    }
-}
-
-impl Drop for BuiltinInstance {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }

@@ -161,3 +161,61 @@ pub trait Instance: Send {
     /// Returns the exit status.
     async fn kill(&mut self, grace: Duration) -> Result<ExitStatus, ExecError>;
 }
+
+/// An in-process instance: a task that reports its exit over a channel and stops when its
+/// token is cancelled (WASM guests, built-in components). No signals: `kill` is immediate.
+pub struct TaskInstance {
+    id: String,
+    done: Option<tokio::sync::oneshot::Receiver<ExitStatus>>,
+    result: Option<ExitStatus>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl TaskInstance {
+    pub fn new(
+        id: String,
+        done: tokio::sync::oneshot::Receiver<ExitStatus>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        TaskInstance {
+            id,
+            done: Some(done),
+            result: None,
+            cancel,
+        }
+    }
+}
+
+#[async_trait]
+impl Instance for TaskInstance {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
+        if let Some(r) = &self.result {
+            return Ok(r.clone());
+        }
+        let rx = self.done.take().ok_or_else(|| {
+            ExecError::Internal("invalid state transition: wait on a dropped instance".into())
+        })?;
+        let r = rx.await.unwrap_or(ExitStatus {
+            exit_code: 137,
+            reason: "Error".into(),
+            message: Some("the instance's task was lost".into()),
+        });
+        self.result = Some(r.clone());
+        Ok(r)
+    }
+
+    async fn kill(&mut self, _grace: Duration) -> Result<ExitStatus, ExecError> {
+        self.cancel.cancel();
+        self.wait().await
+    }
+}
+
+impl Drop for TaskInstance {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

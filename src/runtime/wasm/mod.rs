@@ -40,7 +40,9 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 use self::limits::{GuestLimits, MemoryLimitExceeded};
 use self::stdio::LogSink;
 use self::throttle::{EpochTicker, Throttled};
-use super::executor::{ContainerSpec, ExecError, ExecutorProgress, ExitStatus, Instance};
+use super::executor::{
+    ContainerSpec, ExecError, ExecutorProgress, ExitStatus, Instance, TaskInstance,
+};
 use crate::model::pod::is_wasm_image;
 use crate::model::quantity::format_bytes;
 
@@ -530,50 +532,6 @@ fn classify(result: wasmtime::Result<i32>, oom_at: &AtomicU64, limit: Option<u64
     }
 }
 
-/// A running guest.
-struct WasmInstance {
-    id: String,
-    done: Option<oneshot::Receiver<ExitStatus>>,
-    result: Option<ExitStatus>,
-    cancel: CancellationToken,
-}
-
-#[async_trait]
-impl Instance for WasmInstance {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-
-    async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
-        if let Some(r) = &self.result {
-            return Ok(r.clone());
-        }
-        let rx = self.done.take().ok_or_else(|| {
-            ExecError::Internal("invalid state transition: wait on a dropped instance".into())
-        })?;
-        let r = rx.await.unwrap_or(ExitStatus {
-            exit_code: KILLED_EXIT_CODE,
-            reason: "Error".into(),
-            message: Some("the guest task was lost".into()),
-        });
-        self.result = Some(r.clone());
-        Ok(r)
-    }
-
-    async fn kill(&mut self, _grace: Duration) -> Result<ExitStatus, ExecError> {
-        // WASM guests have no signal handlers: stopping is immediate (the guest yields at the
-        // next epoch tick, and the task drops it there).
-        self.cancel.cancel();
-        self.wait().await
-    }
-}
-
-impl Drop for WasmInstance {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 #[async_trait]
 impl super::executor::Executor for Arc<WasmExecutor> {
     fn handles(&self, image: &str) -> bool {
@@ -691,12 +649,9 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                 );
             }
         }
-        Ok(Box::new(WasmInstance {
-            id,
-            done: Some(rx),
-            result: None,
-            cancel,
-        }))
+        // WASM guests have no signal handlers: a kill is immediate (the guest yields at the
+        // next epoch tick, and its task drops it there).
+        Ok(Box::new(TaskInstance::new(id, rx, cancel)))
     }
 }
 
