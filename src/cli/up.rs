@@ -36,7 +36,13 @@ pub async fn run(
             tmp.path().to_path_buf()
         }
     };
-    let mut cfg = ServerConfig::new(listen, dir.clone(), &super::default_node_name());
+    // Its own node name: `up` removes leftover containers of its node at start, and must never
+    // touch those of a `kapsel serve` running on the same machine.
+    let mut cfg = ServerConfig::new(
+        listen,
+        dir.clone(),
+        &format!("{}-up", super::default_node_name()),
+    );
     cfg.max_pods = max_pods;
     let server = Server::start(cfg).await.with_context(|| {
         format!(
