@@ -16,4 +16,4 @@ echo "== building WASM guests (components are built once, then cached)"
 scripts/build-guests.sh --components
 
 echo "== cargo test --release"
-cargo test --release --locked "$@"
+cargo test --release --locked --no-fail-fast "$@"
