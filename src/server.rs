@@ -143,9 +143,12 @@ impl Server {
             host_ip: "127.0.0.1".into(),
         });
         let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
-        tracker.spawn(agent.run(cancel.clone()));
+        let (registered, node_up) = tokio::sync::oneshot::channel();
+        tracker.spawn(agent.run(cancel.clone(), Some(registered)));
         tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
         tracker.close();
+        // Ready means ready to run pods: the node has registered itself.
+        let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
         Ok(Server {
             addr,
             store,

@@ -312,7 +312,16 @@ async fn docker_unreachable_keeps_oci_pods_pending_and_recovers_when_it_returns(
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("docker.sock");
     let k = Kapsel::start_with(&["--docker-host", &format!("unix://{}", sock.display())]);
-    let (_, n) = k.get(&format!("/api/v1/nodes/{}", k.node)).await;
+    // The node registers itself shortly after the API is up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let n = loop {
+        let (code, n) = k.get(&format!("/api/v1/nodes/{}", k.node)).await;
+        if code == 200 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "node never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let rts = n["status"]["nodeInfo"]["runtimes"]
         .as_array()
         .unwrap()

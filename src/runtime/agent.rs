@@ -171,11 +171,18 @@ impl NodeAgent {
         Ok(())
     }
 
-    /// Run until `cancel`; then stop every pod of this node.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Run until `cancel`; `registered` fires once the node object exists.
+    pub async fn run(
+        mut self,
+        cancel: CancellationToken,
+        registered: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let mut runtimes = self.runtimes().await;
         if let Err(e) = self.register(&runtimes).await {
             tracing::error!(error = %e, "registering node");
+        }
+        if let Some(tx) = registered {
+            let _ = tx.send(());
         }
         // Containers of an earlier run of this node: their pods are restarted from scratch
         // (the WASM members died with the process), so none of them is kept.
