@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    r.text().await.ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn components_serve_http_talk_over_localhost_and_listen_only_on_declared_ports() {
     let web = component("sample-pods/http-server");
@@ -110,7 +100,7 @@ fn up_prints_the_hello_output_and_exits_zero() {
         stdout.contains("hello/hello | Howdy, Kapsel user!"),
         "{stdout}"
     );
-    assert!(stderr.contains("pod/hello Running"), "{stderr}");
+    // (A quick pod may go from Pending to Succeeded in one status write: Running is optional.)
     assert!(stderr.contains("pod/hello Succeeded"), "{stderr}");
 }
 

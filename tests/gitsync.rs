@@ -98,17 +98,6 @@ async fn volume(k: &Kapsel, pod: &str) -> PathBuf {
         .join("volumes/git")
 }
 
-async fn get(port: u16, path: &str) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    r.status().is_success().then_some(())?;
-    r.text().await.ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pushed_commits_are_served_within_period_plus_one_second() {
     let remote = Remote::new();
@@ -130,7 +119,7 @@ async fn pushed_commits_are_served_within_period_plus_one_second() {
     // The app starts only after the first sync: its first answer is already v1.
     let deadline = Instant::now() + Duration::from_secs(60);
     let first = loop {
-        if let Some(b) = get(port, "/site/index.html").await {
+        if let Some(b) = http_get(port, "/site/index.html").await {
             break b;
         }
         assert!(
@@ -146,7 +135,7 @@ async fn pushed_commits_are_served_within_period_plus_one_second() {
         remote.commit(&[("index.html", want.clone())]);
         let t = Instant::now();
         loop {
-            if get(port, "/site/index.html").await.as_deref() == Some(want.as_str()) {
+            if http_get(port, "/site/index.html").await.as_deref() == Some(want.as_str()) {
                 break;
             }
             assert!(
@@ -414,8 +403,8 @@ async fn exechook_and_webhook_get_the_hash() {
     let log = std::fs::read_to_string(root.join("hooks.log")).unwrap();
     assert_eq!(log, format!("hook {hash} x\n"));
     // --http-bind: ready after the first sync, and metrics.
-    assert_eq!(get(hport, "/").await.as_deref(), Some("ok\n"));
-    let m = get(hport, "/metrics").await.unwrap();
+    assert_eq!(http_get(hport, "/").await.as_deref(), Some("ok\n"));
+    let m = http_get(hport, "/metrics").await.unwrap();
     let ok: u64 = m
         .lines()
         .find_map(|l| l.strip_prefix("git_sync_count_total{status=\"success\"} "))

@@ -341,3 +341,17 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// GET `http://127.0.0.1:{port}{path}`: the body of a 2xx answer, None otherwise.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.text().await.ok()
+}
