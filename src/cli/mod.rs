@@ -155,6 +155,14 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the Redis ambassador standalone, outside any pod, e.g.
+    /// `kapsel redis-ambassador --listen=127.0.0.1:6379 --master=10.0.0.5:6379 --replica=10.0.0.6:6379`
+    /// (flags: see the README; also KAPSEL_AMBASSADOR_* variables).
+    #[command(name = "redis-ambassador", disable_help_flag = true)]
+    RedisAmbassador {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Manage rollouts of Deployments (arrives with the controllers).
     Rollout {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -281,6 +289,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             grace_period,
         } => delete(&client, &ns, resource, name, file, wait, grace_period).await,
         Command::GitSync { args } => git_sync(args).await,
+        Command::RedisAmbassador { args } => redis_ambassador(args).await,
         Command::Rollout { .. } | Command::Scale { .. } => {
             bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
         }
@@ -572,6 +581,29 @@ async fn delete(
         println!("{} \"{name}\" deleted", res.trim_end_matches('s'));
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// `kapsel redis-ambassador`: the ambassador on this machine's network.
+async fn redis_ambassador(args: Vec<String>) -> Result<i32> {
+    use crate::patterns::redis::{bind_std, Ambassador, Config};
+    use std::sync::Arc;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("redis-ambassador: {e}"))?;
+    let bind = |a: &str| -> Result<std::net::TcpListener> {
+        bind_std(a).map_err(|e| anyhow!("redis-ambassador: cannot listen on {a}: {e}"))
+    };
+    let listener = bind(&cfg.listen)?;
+    let metrics = cfg.metrics_listen.as_deref().map(bind).transpose()?;
+    let amb = Ambassador::new(cfg, Arc::new(|m: &str| eprint!("{m}")))
+        .map_err(|e| anyhow!("redis-ambassador: {e}"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        s2.cancel();
+    });
+    let _ = amb.spawn_thread(listener, metrics, stop)?.await;
+    Ok(0)
 }
 
 /// `kapsel git-sync`: the sidecar's sync loop on this machine's filesystem.

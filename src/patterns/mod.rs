@@ -1,8 +1,10 @@
 //! Built-in pattern components, run natively inside Kapsel in the pod's sandbox:
-//! `builtin/git-sync` (the sidecar). The Redis ambassador and the metrics adapter join here.
-//! [`BuiltinExecutor`] puts them behind the same executor trait as WASM and Docker.
+//! `builtin/git-sync` (the sidecar, [`gitsync`]) and `builtin/redis-ambassador` (the
+//! ambassador, [`redis`]). [`BuiltinExecutor`] puts them behind the same executor trait as WASM
+//! and Docker.
 
 pub mod gitsync;
+pub mod redis;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -18,6 +20,13 @@ use crate::runtime::executor::{
 };
 
 pub const GIT_SYNC: &str = "builtin/git-sync";
+pub const REDIS_AMBASSADOR: &str = "builtin/redis-ambassador";
+const ALL: &str = "builtin/git-sync, builtin/redis-ambassador";
+
+fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {
+    redis::Config::parse(&spec.args, &spec.env)
+        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))
+}
 
 /// Runs `builtin/*` images.
 pub struct BuiltinExecutor;
@@ -74,8 +83,9 @@ impl Executor for Arc<BuiltinExecutor> {
     }
 
     /// git-sync fetches from the node's network; only its `--http-bind` lives in the pod.
-    fn needs_network(&self, _image: &str) -> bool {
-        false
+    /// The ambassador listens on the pod's localhost, so the pod needs its own network.
+    fn needs_network(&self, image: &str) -> bool {
+        image == REDIS_AMBASSADOR
     }
 
     async fn prepare(
@@ -85,13 +95,68 @@ impl Executor for Arc<BuiltinExecutor> {
     ) -> Result<(), ExecError> {
         match spec.image.as_str() {
             GIT_SYNC => gitsync_config(spec).map(|_| ()),
+            REDIS_AMBASSADOR => ambassador_config(spec).map(|_| ()),
             other => Err(ExecError::InvalidImage(format!(
-                "unknown built-in component {other:?}; this build has: {GIT_SYNC}"
+                "unknown built-in component {other:?}; this build has: {ALL}"
             ))),
         }
     }
 
     async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+        match spec.image.as_str() {
+            REDIS_AMBASSADOR => start_ambassador(spec).await,
+            _ => start_gitsync(spec).await,
+        }
+    }
+}
+
+/// Bind `addr` in the pod's network namespace (on its runtime's thread) when it has one.
+async fn bind_in_pod(spec: &ContainerSpec, addr: &str) -> Result<std::net::TcpListener, ExecError> {
+    let std_listener = match &spec.sandbox_rt {
+        Some(rt) => {
+            let a = addr.to_string();
+            rt.spawn(async move { redis::bind_std(&a) })
+                .await
+                .map_err(|e| ExecError::StartFailed(format!("pod network thread: {e}")))?
+        }
+        None => redis::bind_std(addr),
+    }
+    .map_err(|e| ExecError::StartFailed(format!("cannot listen on {addr}: {e}")));
+    std_listener
+}
+
+async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+    let cfg = ambassador_config(&spec)?;
+    let listener = bind_in_pod(&spec, &cfg.listen).await?;
+    let metrics = match &cfg.metrics_listen {
+        Some(a) => Some(bind_in_pod(&spec, a).await?),
+        None => None,
+    };
+    let log = spec.log.clone();
+    let amb = redis::Ambassador::new(cfg, Arc::new(move |m: &str| log.append(m.as_bytes())))
+        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))?;
+    let stop = CancellationToken::new();
+    let (done_tx, done_rx) = oneshot::channel();
+    // Served from a node thread: upstream connections leave from the node's network.
+    let finished = amb
+        .spawn_thread(listener, metrics, stop.clone())
+        .map_err(|e| ExecError::StartFailed(format!("redis-ambassador thread: {e}")))?;
+    tokio::spawn(async move {
+        let _ = finished.await;
+        let _ = done_tx.send(ExitStatus::code(0));
+    });
+    Ok(Box::new(TaskInstance::new(
+        format!(
+            "builtin://redis-ambassador/{}",
+            uuid::Uuid::new_v4().simple()
+        ),
+        done_rx,
+        stop,
+    )))
+}
+
+async fn start_gitsync(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+    {
         let (cfg, root) = gitsync_config(&spec)?;
         let stats = Arc::new(gitsync::Stats::default());
         let log = spec.log.clone();

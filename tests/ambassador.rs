@@ -1,0 +1,822 @@
+//! The Redis ambassador against real redis-server processes (a master, two replicas, and a
+//! Sentinel, all on 127.0.0.1), real clients (redis-cli, redis-benchmark, raw RESP) and, in the
+//! pod test, a busybox container using it on the pod's localhost. Routing is proven from each
+//! server's own `INFO commandstats`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, free_port, Kapsel};
+use kapsel::patterns::redis::resp::{encode_command, parse_value, scan_frame, Value};
+
+// ------------------------------------------------------------------------- fixtures
+
+struct Proc {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn poll<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn redis(replica_of: Option<u16>) -> Proc {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .arg("--dir")
+    .arg(dir.path())
+    .args(["--repl-ping-replica-period", "1"]);
+    if let Some(m) = replica_of {
+        cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/install-deps.sh installs it)");
+    let p = Proc {
+        child,
+        port,
+        _dir: dir,
+    };
+    poll("redis-server to answer PING", 10, || {
+        Conn::try_open(port).and_then(|mut c| (c.cmd(&["PING"]) == b"+PONG\r\n").then_some(()))
+    });
+    if replica_of.is_some() {
+        poll("replica to finish its sync", 20, || {
+            let info = info(port, "replication");
+            (info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0"))
+                .then_some(())
+        });
+    }
+    p
+}
+
+fn sentinel(master: u16) -> Proc {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server --sentinel");
+    let p = Proc {
+        child,
+        port,
+        _dir: dir,
+    };
+    poll("sentinel to answer", 10, || {
+        Conn::try_open(port).and_then(|mut c| (c.cmd(&["PING"]) == b"+PONG\r\n").then_some(()))
+    });
+    p
+}
+
+/// `kapsel redis-ambassador` with a fast health check; waits until `healthy` replicas serve.
+fn ambassador(args: &[String], healthy: usize) -> (Proc, u16) {
+    let port = free_port();
+    let metrics = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(bin())
+        .arg("redis-ambassador")
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--metrics-listen=127.0.0.1:{metrics}"))
+        .arg("--health-interval=200ms")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        child,
+        port,
+        _dir: dir,
+    };
+    poll("the ambassador's replicas to be healthy", 20, || {
+        let m = metrics_text(metrics)?;
+        (m.matches("kapsel_ambassador_replica_healthy{").count() >= healthy
+            && m.lines()
+                .filter(|l| {
+                    l.starts_with("kapsel_ambassador_replica_healthy{") && l.ends_with(" 1")
+                })
+                .count()
+                >= healthy)
+            .then_some(())
+    });
+    (p, metrics)
+}
+
+fn metrics_text(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// A raw RESP connection: every reply exactly as the server (or ambassador) sent it.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn try_open(port: u16) -> Option<Conn> {
+        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        Some(Conn { s, buf: Vec::new() })
+    }
+
+    fn open(port: u16) -> Conn {
+        Conn::try_open(port).unwrap_or_else(|| panic!("connect to 127.0.0.1:{port}"))
+    }
+
+    fn send(&mut self, args: &[&str]) {
+        let mut out = Vec::new();
+        encode_command(&mut out, args);
+        self.s.write_all(&out).unwrap();
+    }
+
+    fn send_raw(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// The next reply frame, raw; empty if the connection closed.
+    fn reply(&mut self) -> Vec<u8> {
+        loop {
+            if let Ok(Some(n)) = scan_frame(&self.buf) {
+                return self.buf.drain(..n).collect();
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return std::mem::take(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
+        self.send(args);
+        self.reply()
+    }
+
+    fn value(&mut self, args: &[&str]) -> Value {
+        let raw = self.cmd(args);
+        parse_value(&raw)
+            .ok()
+            .flatten()
+            .map(|(v, _)| v)
+            .unwrap_or_else(|| panic!("no reply to {args:?}: {:?}", String::from_utf8_lossy(&raw)))
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn text(v: &[u8]) -> String {
+    String::from_utf8_lossy(v).into_owned()
+}
+
+fn info(port: u16, section: &str) -> String {
+    match Conn::open(port).value(&["INFO", section]) {
+        Value::Bulk(b) => text(&b),
+        other => panic!("INFO: {other:?}"),
+    }
+}
+
+/// `calls` of one command from a server's own `INFO commandstats`.
+fn calls(port: u16, command: &str) -> u64 {
+    let info = info(port, "commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn resetstat(ports: &[u16]) {
+    for p in ports {
+        assert_eq!(Conn::open(*p).cmd(&["CONFIG", "RESETSTAT"]), b"+OK\r\n");
+    }
+}
+
+fn static_args(m: &Proc, replicas: &[&Proc]) -> Vec<String> {
+    let mut a = vec![format!("--master=127.0.0.1:{}", m.port)];
+    for r in replicas {
+        a.push(format!("--replica=127.0.0.1:{}", r.port));
+    }
+    a
+}
+
+// ------------------------------------------------------------------------- tests
+
+#[test]
+fn reads_go_to_replicas_and_writes_to_the_master() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let r2 = redis(Some(m.port));
+    let (amb, metrics) = ambassador(&static_args(&m, &[&r1, &r2]), 2);
+    resetstat(&[m.port, r1.port, r2.port]);
+
+    // A real client: redis-benchmark, 20 connections, plain and pipelined.
+    for pipeline in ["1", "16"] {
+        let out = Command::new("redis-benchmark")
+            .args([
+                "-p",
+                &amb.port.to_string(),
+                "-t",
+                "set,get",
+                "-n",
+                "4000",
+                "-c",
+                "20",
+                "-P",
+                pipeline,
+                "-q",
+            ])
+            .output()
+            .expect("redis-benchmark");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // And redis-cli.
+    let out = Command::new("redis-cli")
+        .args(["-p", &amb.port.to_string(), "GET", "key:__rand_int__"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let gets = (
+        calls(m.port, "get"),
+        calls(r1.port, "get"),
+        calls(r2.port, "get"),
+    );
+    let sets_on_master = calls(m.port, "set");
+    assert_eq!(gets.0, 0, "the master served no reads: {gets:?}");
+    assert_eq!(
+        gets.1 + gets.2,
+        8001,
+        "every read reached a replica: {gets:?}"
+    );
+    assert!(
+        gets.1 >= 1600 && gets.2 >= 1600,
+        "reads are balanced over both replicas: {gets:?}"
+    );
+    assert_eq!(sets_on_master, 8000, "every write reached the master");
+    // The replicas' SETs are replication, counted once per write too, never more.
+    assert!(calls(r1.port, "set") <= 8000);
+
+    let mt = metrics_text(metrics).unwrap();
+    let routed = |addr: u16| -> u64 {
+        mt.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "kapsel_ambassador_commands_total{{upstream=\"127.0.0.1:{addr}\"}} "
+                ))
+            })
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0)
+    };
+    assert!(routed(m.port) >= 8000, "{mt}");
+    assert_eq!(routed(r1.port) + routed(r2.port), 8001, "{mt}");
+    assert!(mt.contains("kapsel_ambassador_upstream_roundtrip_seconds_bucket"));
+}
+
+/// Run a conversation against a server and return every raw reply.
+fn converse(port: u16, other: u16) -> Vec<Vec<u8>> {
+    let mut c = Conn::open(port);
+    let mut o = Conn::open(other);
+    let mut out = Vec::new();
+    let mut run = |c: &mut Conn, args: &[&str]| {
+        let r = c.cmd(args);
+        out.push(r);
+    };
+    run(&mut c, &["SET", "k", "1"]);
+    run(&mut c, &["WAIT", "2", "5000"]);
+    run(&mut c, &["GET", "k"]);
+    // A transaction.
+    for a in [
+        &["MULTI"][..],
+        &["INCR", "k"],
+        &["INCR", "k"],
+        &["GET", "k"],
+        &["EXEC"],
+    ] {
+        run(&mut c, a);
+    }
+    // WATCH: another client's write aborts the transaction.
+    run(&mut c, &["WATCH", "k"]);
+    run(&mut c, &["GET", "k"]);
+    assert_eq!(o.cmd(&["SET", "k", "100"]), b"+OK\r\n");
+    for a in [&["MULTI"][..], &["INCR", "k"], &["EXEC"]] {
+        run(&mut c, a);
+    }
+    // And without interference it commits.
+    for a in [
+        &["WATCH", "k"][..],
+        &["MULTI"],
+        &["INCR", "k"],
+        &["EXEC"],
+        &["DISCARD"],
+    ] {
+        run(&mut c, a);
+    }
+    // Lua.
+    run(
+        &mut c,
+        &[
+            "EVAL",
+            "return redis.call('incrby', KEYS[1], ARGV[1])",
+            "1",
+            "k",
+            "5",
+        ],
+    );
+    let sha = c.cmd(&[
+        "SCRIPT",
+        "LOAD",
+        "return {ARGV[1], redis.call('get', KEYS[1])}",
+    ]);
+    let sha = text(&sha).lines().nth(1).unwrap().to_string();
+    run(&mut c, &["EVALSHA", &sha, "1", "k", "hi"]);
+    run(&mut c, &["EVAL", "return redis.call('nosuch')", "0"]);
+    // SELECT: writes and replica reads in another database.
+    run(&mut c, &["SELECT", "3"]);
+    run(&mut c, &["SET", "d3", "x"]);
+    run(&mut c, &["WAIT", "2", "5000"]);
+    run(&mut c, &["GET", "d3"]);
+    run(&mut c, &["SELECT", "0"]);
+    run(&mut c, &["GET", "d3"]);
+    // RESP3 through HELLO: maps and nulls, from the master and from a replica.
+    run(&mut c, &["HSET", "h", "f", "v"]);
+    run(&mut c, &["WAIT", "2", "5000"]);
+    let _hello = c.cmd(&["HELLO", "3"]); // carries the connection id: not compared
+    run(&mut c, &["HGETALL", "h"]);
+    run(&mut c, &["GET", "nosuch"]);
+    run(&mut c, &["ZSCORE", "nosuch", "m"]);
+    let _hello = c.cmd(&["HELLO", "2"]);
+    run(&mut c, &["GET", "nosuch"]);
+    // Errors, verbatim.
+    run(&mut c, &["FOO", "bar"]);
+    run(&mut c, &["LPUSH", "l", "a"]);
+    run(&mut c, &["GET", "l"]);
+    run(&mut c, &["CLIENT", "SETNAME", "me"]);
+    run(&mut c, &["CLIENT", "GETNAME"]);
+    out
+}
+
+#[test]
+fn transactions_lua_select_resp3_and_errors_behave_as_against_redis() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let r2 = redis(Some(m.port));
+    let (amb, _) = ambassador(&static_args(&m, &[&r1, &r2]), 2);
+
+    let flush = || {
+        let mut c = Conn::open(m.port);
+        assert_eq!(c.cmd(&["FLUSHALL"]), b"+OK\r\n");
+        c.cmd(&["WAIT", "2", "5000"]);
+    };
+    flush();
+    let direct = converse(m.port, m.port);
+    flush();
+    let via = converse(amb.port, amb.port);
+    assert_eq!(direct.len(), via.len());
+    for (i, (d, v)) in direct.iter().zip(&via).enumerate() {
+        assert_eq!(text(d), text(v), "reply #{i} differs");
+    }
+    assert_eq!(text(&via[2]), "$1\r\n1\r\n");
+    assert!(
+        text(&via[7]).starts_with("*3\r\n:2\r\n:3\r\n"),
+        "{}",
+        text(&via[7])
+    );
+
+    // Pipelined: 300 commands in one write, replies in order and identical to Redis's own.
+    let mut script = Vec::new();
+    for i in 0..100 {
+        encode_command(&mut script, &["INCR", "ctr"]);
+        encode_command(&mut script, &["GET", "preloaded"]);
+        match i % 4 {
+            0 => encode_command(&mut script, &["MULTI"]),
+            1 => encode_command(&mut script, &["INCR", "tx"]),
+            2 => encode_command(&mut script, &["EXEC"]),
+            _ => encode_command(
+                &mut script,
+                &["EVAL", "return ARGV[1]", "0", &i.to_string()],
+            ),
+        }
+    }
+    let mut results = Vec::new();
+    for port in [m.port, amb.port] {
+        flush();
+        let mut c = Conn::open(m.port);
+        c.cmd(&["SET", "preloaded", "p"]);
+        c.cmd(&["WAIT", "2", "5000"]);
+        let mut c = Conn::open(port);
+        c.send_raw(&script);
+        let replies: Vec<Vec<u8>> = (0..300).map(|_| c.reply()).collect();
+        results.push(replies);
+    }
+    assert_eq!(
+        results[0].iter().map(|r| text(r)).collect::<Vec<_>>(),
+        results[1].iter().map(|r| text(r)).collect::<Vec<_>>()
+    );
+    // Inline commands (telnet style) work too.
+    let mut c = Conn::open(amb.port);
+    c.send_raw(b"PING\r\nECHO hello\r\n");
+    assert_eq!(c.reply(), b"+PONG\r\n");
+    assert_eq!(c.reply(), b"$5\r\nhello\r\n");
+}
+
+#[test]
+fn pubsub_and_blocking_commands_through_the_ambassador() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let (amb, _) = ambassador(&static_args(&m, &[&r1]), 1);
+
+    // RESP2 subscriber, pattern subscriber, and a RESP3 client that subscribes and keeps
+    // issuing commands (push messages interleave with replies).
+    let mut sub = Conn::open(amb.port);
+    assert_eq!(sub.cmd(&["GET", "x"]), b"$-1\r\n");
+    assert_eq!(
+        text(&sub.cmd(&["SUBSCRIBE", "news"])),
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    let mut psub = Conn::open(amb.port);
+    assert_eq!(
+        text(&psub.cmd(&["PSUBSCRIBE", "n*"])),
+        "*3\r\n$10\r\npsubscribe\r\n$2\r\nn*\r\n:1\r\n"
+    );
+    let mut r3 = Conn::open(amb.port);
+    assert!(text(&r3.cmd(&["HELLO", "3"])).starts_with('%'));
+    assert_eq!(
+        text(&r3.cmd(&["SUBSCRIBE", "news"])),
+        ">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+
+    let mut publisher = Conn::open(amb.port);
+    assert_eq!(publisher.cmd(&["PUBLISH", "news", "hello"]), b":3\r\n");
+    assert_eq!(
+        text(&sub.reply()),
+        "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(
+        text(&psub.reply()),
+        "*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(
+        text(&r3.reply()),
+        ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(r3.cmd(&["PING"]), b"+PONG\r\n");
+    assert_eq!(
+        text(&sub.cmd(&["UNSUBSCRIBE", "news"])),
+        "*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n"
+    );
+
+    // Blocking: BLPOP waits on the master until another client pushes.
+    let port = amb.port;
+    let waiter = std::thread::spawn(move || {
+        let mut c = Conn::open(port);
+        let t = Instant::now();
+        let r = c.cmd(&["BLPOP", "queue", "10"]);
+        (r, t.elapsed())
+    });
+    poll("BLPOP to block on the master", 10, || {
+        (info(m.port, "clients").contains("blocked_clients:1")).then_some(())
+    });
+    assert_eq!(publisher.cmd(&["RPUSH", "queue", "job"]), b":1\r\n");
+    let (r, waited) = waiter.join().unwrap();
+    assert_eq!(text(&r), "*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n");
+    assert!(waited < Duration::from_secs(5));
+    // A BLPOP that times out returns nil after its timeout, like Redis.
+    let mut c = Conn::open(amb.port);
+    let t = Instant::now();
+    assert_eq!(c.cmd(&["BLPOP", "empty", "1"]), b"*-1\r\n");
+    assert!(t.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn a_killed_replica_does_not_stop_reads_and_unhealthy_replicas_are_skipped() {
+    let m = redis(None);
+    let mut r1 = redis(Some(m.port));
+    let r2 = redis(Some(m.port));
+    let (amb, metrics) = ambassador(&static_args(&m, &[&r1, &r2]), 2);
+    let mut c = Conn::open(amb.port);
+    assert_eq!(c.cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    assert_eq!(Conn::open(m.port).cmd(&["WAIT", "2", "5000"]), b":2\r\n");
+
+    // Kill -9 one replica in the middle of a stream of reads from several clients.
+    let port = amb.port;
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Conn::open(port);
+                let mut bad = Vec::new();
+                for _ in 0..1500 {
+                    let r = c.cmd(&["GET", "k"]);
+                    if r != b"$1\r\nv\r\n" {
+                        bad.push(text(&r));
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    r1.child.kill().unwrap();
+    r1.child.wait().unwrap();
+    for t in readers {
+        let bad = t.join().unwrap();
+        assert!(bad.is_empty(), "reads failed after a replica died: {bad:?}");
+    }
+    poll("the dead replica to be marked unhealthy", 10, || {
+        metrics_text(metrics).filter(|t| {
+            t.contains(&format!(
+                "kapsel_ambassador_replica_healthy{{upstream=\"127.0.0.1:{}\"}} 0",
+                r1.port
+            ))
+        })
+    });
+
+    // The other replica loses its master link: no healthy replica left, reads go to the master.
+    let dead = free_port();
+    assert_eq!(
+        Conn::open(r2.port).cmd(&["REPLICAOF", "127.0.0.1", &dead.to_string()]),
+        b"+OK\r\n"
+    );
+    poll("the unlinked replica to be skipped", 10, || {
+        metrics_text(metrics).filter(|t| {
+            t.contains(&format!(
+                "kapsel_ambassador_replica_healthy{{upstream=\"127.0.0.1:{}\"}} 0",
+                r2.port
+            ))
+        })
+    });
+    resetstat(&[m.port, r2.port]);
+    let mut c = Conn::open(amb.port);
+    for _ in 0..200 {
+        assert_eq!(c.cmd(&["GET", "k"]), b"$1\r\nv\r\n");
+    }
+    assert_eq!(calls(m.port, "get"), 200, "reads fell back to the master");
+    assert_eq!(
+        calls(r2.port, "get"),
+        0,
+        "the unhealthy replica served nothing"
+    );
+}
+
+#[test]
+fn writes_follow_a_sentinel_failover() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let r2 = redis(Some(m.port));
+    let s = sentinel(m.port);
+    // Sentinel learns the replicas from the master's INFO.
+    poll("sentinel to know both replicas", 20, || {
+        match Conn::open(s.port).value(&["SENTINEL", "replicas", "mymaster"]) {
+            Value::Array(a) if a.len() == 2 => Some(()),
+            _ => None,
+        }
+    });
+    let (amb, metrics) = ambassador(
+        &[
+            format!("--sentinel=127.0.0.1:{}", s.port),
+            "--master-name=mymaster".to_string(),
+        ],
+        2,
+    );
+    let mut c = Conn::open(amb.port);
+    assert_eq!(c.cmd(&["SET", "before", "1"]), b"+OK\r\n");
+    assert_eq!(
+        calls(m.port, "set"),
+        1,
+        "the first write reached the original master"
+    );
+
+    poll("Sentinel to start a failover", 20, || {
+        (Conn::open(s.port).cmd(&["SENTINEL", "FAILOVER", "mymaster"]) == b"+OK\r\n").then_some(())
+    });
+    let new_master = poll("Sentinel to promote a replica", 30, || {
+        match Conn::open(s.port).value(&["SENTINEL", "get-master-addr-by-name", "mymaster"]) {
+            Value::Array(a) => {
+                let port: u16 = a[1].as_text().unwrap().parse().unwrap();
+                (port != m.port).then_some(port)
+            }
+            _ => None,
+        }
+    });
+    assert!(new_master == r1.port || new_master == r2.port);
+    // Writes through the same client connection land on the new master.
+    let t = Instant::now();
+    // (A write the old master accepted during the switch is lost, as for any client: poll
+    // until one lands on the new master, which is what the ambassador must get to.)
+    let mut direct = Conn::open(new_master);
+    let mut i = 0;
+    poll("a write to reach the new master", 30, || {
+        i += 1;
+        let v = i.to_string();
+        let r = c.cmd(&["SET", "after", &v]);
+        (r == b"+OK\r\n"
+            && text(&direct.cmd(&["GET", "after"])) == format!("${}\r\n{v}\r\n", v.len()))
+        .then_some(())
+    });
+    // And keep landing there.
+    for j in 0..20 {
+        assert_eq!(c.cmd(&["SET", "steady", &j.to_string()]), b"+OK\r\n");
+        assert_eq!(
+            text(&direct.cmd(&["GET", "steady"])),
+            format!("${}\r\n{j}\r\n", j.to_string().len())
+        );
+    }
+    assert!(text(&direct.cmd(&["ROLE"])).contains("master"));
+    eprintln!(
+        "writes followed the failover {:?} after promotion",
+        t.elapsed()
+    );
+    let mt = metrics_text(metrics).unwrap();
+    assert!(mt.contains("kapsel_ambassador_failovers_total 1"), "{mt}");
+}
+
+#[test]
+fn bad_input_gets_an_error_and_other_clients_are_unharmed() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let (amb, metrics) = ambassador(&static_args(&m, &[&r1]), 1);
+    let mut good = Conn::open(amb.port);
+    assert_eq!(good.cmd(&["SET", "g", "1"]), b"+OK\r\n");
+
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"*1\r\n:3\r\n",
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            b"*1\r\n$99999999999\r\n",
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            b"*abc\r\n",
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            b"GET \"unbalanced\r\n",
+            "-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+    ];
+    for (input, want) in cases {
+        let mut bad = Conn::open(amb.port);
+        bad.send_raw(input);
+        assert_eq!(text(&bad.reply()), want);
+        assert!(
+            bad.closed(),
+            "the connection is closed after a protocol error"
+        );
+        assert_eq!(
+            good.cmd(&["INCR", "g"]).first(),
+            Some(&b':'),
+            "the other client is unharmed"
+        );
+    }
+    // A valid bulk length still under the limit, sent slowly, is fine.
+    let mut slow = Conn::open(amb.port);
+    slow.send_raw(b"*3\r\n$3\r\nSET\r\n$4\r\nbig1\r\n$100000\r\n");
+    slow.send_raw(&vec![b'x'; 100_000]);
+    slow.send_raw(b"\r\n");
+    assert_eq!(slow.reply(), b"+OK\r\n");
+    // Unknown commands: Redis's own error, verbatim; the connection lives on.
+    let mut c = Conn::open(amb.port);
+    assert_eq!(
+        text(&c.cmd(&["NOSUCH", "a"])),
+        "-ERR unknown command 'NOSUCH', with args beginning with: 'a' \r\n"
+    );
+    assert_eq!(c.cmd(&["PING"]), b"+PONG\r\n");
+    // CLIENT REPLY would desynchronise replies: refused, clearly.
+    assert!(text(&c.cmd(&["CLIENT", "REPLY", "OFF"])).contains("not supported"));
+    assert_eq!(c.cmd(&["PING"]), b"+PONG\r\n");
+    let mt = metrics_text(metrics).unwrap();
+    assert!(
+        mt.contains("kapsel_ambassador_protocol_errors_total 4"),
+        "{mt}"
+    );
+
+    // An unreachable master: a RESP error, quickly, never a hang.
+    let dead = free_port();
+    let (amb2, _) = ambassador(&[format!("--master=127.0.0.1:{dead}")], 0);
+    let mut c = Conn::open(amb2.port);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = text(&c.cmd(&["SET", "a", "1"]));
+        assert!(
+            r.starts_with(&format!(
+                "-ERR kapsel ambassador: master 127.0.0.1:{dead} unreachable"
+            )),
+            "{r}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    // Bad flags are named.
+    let out = Command::new(bin())
+        .args(["redis-ambassador", "--master=127.0.0.1:1", "--bogus=1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown flag: --bogus"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_container_uses_the_ambassador_on_the_pods_localhost() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let k = Kapsel::start();
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: redis-app}}
+spec:
+  restartPolicy: Never
+  initContainers:
+  - name: ambassador
+    image: builtin/redis-ambassador
+    restartPolicy: Always
+    args: ["--master=127.0.0.1:{}", "--replica=127.0.0.1:{}", "--health-interval=200ms"]
+  containers:
+  - name: app
+    image: {}
+    command: ["sh", "-c", "printf 'SET from-pod hello\\r\\nINCR visits\\r\\nGET from-pod\\r\\nQUIT\\r\\n' | nc -w 5 127.0.0.1 6379"]
+"#,
+        m.port,
+        r1.port,
+        common::BUSYBOX
+    );
+    k.apply("redis-app", &yaml);
+    k.wait_pod("redis-app", 90, |p| {
+        p["status"]["containerStatuses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "app"))
+            .is_some_and(|c| !c["state"]["terminated"].is_null())
+    })
+    .await;
+    let logs = k.logs("redis-app", "app").await;
+    assert!(logs.contains("+OK\r\n:1\r\n$5\r\nhello\r\n"), "{logs:?}");
+    // The write reached the master on the node's loopback, outside the pod's network.
+    let mut direct = Conn::open(m.port);
+    assert_eq!(direct.cmd(&["GET", "from-pod"]), b"$5\r\nhello\r\n");
+    assert_eq!(calls(m.port, "set"), 1);
+    let amb_logs = k.logs("redis-app", "ambassador").await;
+    assert!(
+        amb_logs.contains("listening on 127.0.0.1:6379"),
+        "{amb_logs}"
+    );
+    // Nothing listens on the node's own 127.0.0.1:6379 because of this pod.
+    drop(r1);
+}
