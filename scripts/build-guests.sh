@@ -87,6 +87,13 @@ build_components() {
     while IFS= read -r app; do
         build_component "$(dirname "$app")"
     done < <(find sample-pods tests/fixtures -name app.py -type f | sort)
+    # The redis-py sample bundles a PyPI package, so it has its own build script.
+    local ra="$ROOT/sample-pods/redis-app"
+    if [ ! -f "$ra/app.wasm" ] || [ "$ra/redis_app.py" -nt "$ra/app.wasm" ] || [ "$ra/ssl_shim.py" -nt "$ra/app.wasm" ]; then
+        "$ra/build.sh"
+    else
+        log "sample-pods/redis-app/app.wasm is up to date"
+    fi
 }
 
 component_if_missing() {   # $1 = component dir or its app.wasm path; prints the absolute .wasm path
