@@ -825,7 +825,10 @@ spec:
     assert!(py.contains("iteration 3: visits="), "{py}");
     assert!(py.contains("done, 3/3 iterations succeeded"), "{py}");
     assert_eq!(direct.cmd(&["GET", "app:last"]), b"$1\r\n3\r\n");
-    assert!(calls(m.port, "multi") >= 3, "redis-py's MULTI/EXEC pipelines ran on the master");
+    assert!(
+        calls(m.port, "multi") >= 3,
+        "redis-py's MULTI/EXEC pipelines ran on the master"
+    );
     drop(r1);
 }
 
