@@ -788,7 +788,7 @@ spec:
   - name: ambassador
     image: builtin/redis-ambassador
     restartPolicy: Always
-    args: ["--master=127.0.0.1:{}", "--replica=127.0.0.1:{}", "--health-interval=200ms"]
+    args: ["--master=127.0.0.1:{}", "--replica=127.0.0.1:{}", "--health-interval=200ms", "--read-your-writes=1s"]
   containers:
   - name: app
     image: {}
@@ -841,4 +841,93 @@ fn redis_app() -> String {
         p.display()
     );
     p.display().to_string()
+}
+
+#[test]
+fn read_your_writes_window_sends_a_clients_reads_to_the_master() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let mut args = static_args(&m, &[&r1]);
+    args.push("--read-your-writes=2s".into());
+    let (amb, _) = ambassador(&args, 1);
+    let mut writer = Conn::open(amb.port);
+    let mut other = Conn::open(amb.port);
+    assert_eq!(other.cmd(&["GET", "warm"]), b"$-1\r\n");
+    resetstat(&[m.port, r1.port]);
+    assert_eq!(writer.cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    // Right after its write, this client reads from the master: it sees its own write.
+    assert_eq!(writer.cmd(&["GET", "k"]), b"$1\r\nv\r\n");
+    assert_eq!(calls(m.port, "get"), 1);
+    // Another client, which wrote nothing, still reads from the replica.
+    other.cmd(&["GET", "k"]);
+    assert_eq!(calls(r1.port, "get"), 1);
+    // After the window, the writer's reads go back to the replica.
+    std::thread::sleep(Duration::from_millis(2100));
+    writer.cmd(&["GET", "k"]);
+    assert_eq!(calls(r1.port, "get"), 2);
+    assert_eq!(calls(m.port, "get"), 1);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_stops_reading_cannot_grow_the_ambassador_without_bound() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let mut args = static_args(&m, &[&r1]);
+    args.push("--max-client-output-bytes=16777216".into());
+    let (amb, metrics) = ambassador(&args, 1);
+    let big = "x".repeat(256 * 1024);
+    let mut c = Conn::open(m.port);
+    assert_eq!(c.cmd(&["SET", "big", &big]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["WAIT", "1", "5000"]), b":1\r\n");
+    let before = rss_kib(amb.child.id());
+
+    // 20,000 pipelined GETs of 256 KiB (5 GiB of replies) from a client that never reads.
+    let mut slow = TcpStream::connect(("127.0.0.1", amb.port)).unwrap();
+    slow.set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut pipeline = Vec::new();
+    for _ in 0..20_000 {
+        encode_command(&mut pipeline, &["GET", "big"]);
+    }
+    let writer = std::thread::spawn(move || {
+        let _ = slow.write_all(&pipeline);
+        slow
+    });
+    // Meanwhile another client is served normally, and the ambassador's memory stays bounded.
+    let mut good = Conn::open(amb.port);
+    let mut peak = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        assert_eq!(good.cmd(&["INCR", "n"]).first(), Some(&b':'));
+        peak = peak.max(rss_kib(amb.child.id()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _slow = writer.join().unwrap();
+    eprintln!("ambassador RSS {before} KiB before, peak {peak} KiB");
+    assert!(
+        peak < before + 200 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
+    poll(
+        "the slow client to be disconnected at the limit",
+        30,
+        || {
+            metrics_text(metrics)
+                .filter(|t| t.contains("kapsel_ambassador_clients_output_limit_total 1"))
+        },
+    );
+    let peak = peak.max(rss_kib(amb.child.id()));
+    assert!(
+        peak < before + 200 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
 }

@@ -41,6 +41,9 @@ pub struct Config {
     pub max_clients: usize,
     /// Pipelined batches a client may have in flight before the ambassador stops reading it.
     pub max_inflight_batches: usize,
+    /// Replies a client may have waiting in the ambassador before it is disconnected (Redis's
+    /// `client-output-buffer-limit`, which a client that stops reading runs into).
+    pub max_client_output: usize,
 }
 
 /// (flag, takes a list)
@@ -61,6 +64,7 @@ const FLAGS: &[(&str, bool)] = &[
     ("max-bulk-bytes", false),
     ("max-clients", false),
     ("max-inflight-batches", false),
+    ("max-client-output-bytes", false),
 ];
 
 pub const ENV_PREFIX: &str = "KAPSEL_AMBASSADOR_";
@@ -204,6 +208,7 @@ impl Config {
             max_bulk_bytes: num("max-bulk-bytes", 512 << 20)?,
             max_clients: num("max-clients", 10_000)?,
             max_inflight_batches: num("max-inflight-batches", 32)?,
+            max_client_output: num("max-client-output-bytes", 64 << 20)?,
         };
         if cfg.health_interval < Duration::from_millis(50) {
             return Err("--health-interval must be at least 50ms".into());

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     pub refused_commands: AtomicU64,
     pub reads_on_master: AtomicU64,
+    pub clients_output_limit: AtomicU64,
 }
 
 impl Metrics {
@@ -101,6 +102,13 @@ impl Metrics {
             self.refused_commands.load(Ordering::Relaxed),
         );
         g(&mut o, "kapsel_ambassador_reads_on_master_total", "Read batches sent to the master (no healthy replica, a transaction, WATCH or read-your-writes).", "counter", self.reads_on_master.load(Ordering::Relaxed));
+        g(
+            &mut o,
+            "kapsel_ambassador_clients_output_limit_total",
+            "Clients disconnected for not reading their replies (--max-client-output-bytes).",
+            "counter",
+            self.clients_output_limit.load(Ordering::Relaxed),
+        );
         g(
             &mut o,
             "kapsel_ambassador_failovers_total",

@@ -26,9 +26,21 @@ pub struct MuxReq {
     pub cmds: Bytes,
     pub n: u32,
     pub reply: oneshot::Sender<Reply>,
+    /// The client's account of reply bytes delivered but not yet written to it.
+    pub owed: Option<Arc<Owed>>,
 }
 
-type Pending = Arc<(Mutex<VecDeque<(u32, oneshot::Sender<Reply>)>>, Notify)>;
+/// Reply bytes a client has waiting in the ambassador, and what happens past its limit.
+pub struct Owed {
+    pub bytes: std::sync::atomic::AtomicUsize,
+    pub limit: usize,
+    /// Cancelled when `bytes` passes `limit`: the session ends and its buffers are freed.
+    pub kill: CancellationToken,
+}
+
+type PendingReq = (u32, oneshot::Sender<Reply>, Option<Arc<Owed>>);
+
+type Pending = Arc<(Mutex<VecDeque<PendingReq>>, Notify)>;
 
 /// Settings a multiplexer needs from the ambassador.
 #[derive(Clone)]
@@ -79,7 +91,7 @@ pub async fn run(up: Arc<Upstream>, mut rx: mpsc::UnboundedReceiver<MuxReq>, ctx
             e = read_loop(&up, r, buf, pending.clone()) => e,
         };
         let mut q = pending.0.lock().unwrap();
-        for (_, tx) in q.drain(..) {
+        for (_, tx, _) in q.drain(..) {
             let _ = tx.send(Err(why.clone()));
         }
         drop(q);
@@ -131,7 +143,7 @@ async fn write_loop(
             let mut q = pending.0.lock().unwrap();
             for r in batch.drain(..) {
                 wbuf.extend_from_slice(&r.cmds);
-                q.push_back((r.n, r.reply));
+                q.push_back((r.n, r.reply, r.owed));
             }
         }
         pending.1.notify_one();
@@ -161,7 +173,7 @@ async fn read_loop(
             }
             notified.await;
         };
-        let (n, tx) = head;
+        let (n, tx, owed) = head;
         let mut total = 0usize;
         let mut got = 0u32;
         while got < n {
@@ -192,6 +204,14 @@ async fn read_loop(
                     let _ = tx.send(Err(why.clone()));
                     return why;
                 }
+            }
+        }
+        if let Some(o) = owed {
+            let before = o
+                .bytes
+                .fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+            if before + total > o.limit {
+                o.kill.cancel();
             }
         }
         let _ = tx.send(Ok(buf.split_to(total).freeze()));

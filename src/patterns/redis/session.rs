@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::commands::{classify, Class};
 use super::metrics::Metrics;
-use super::mux::{MuxCtx, MuxReq, Reply};
+use super::mux::{MuxCtx, MuxReq, Owed, Reply};
 use super::resp::{self, Limits};
 use super::topology::{Topology, Upstream, View};
 
@@ -49,10 +49,11 @@ pub struct Shared {
 
 /// Reader/writer handshake for leaving the shared connections: the reader waits until every
 /// request it put on them has been answered, so no command overtakes another.
-#[derive(Default)]
 struct SessionSync {
     answered: AtomicU64,
     notify: Notify,
+    /// Reply bytes the shared connections delivered that are not yet written to the client.
+    owed: Arc<Owed>,
 }
 
 /// One multiplexed request of a batch: its answer, and for reads the commands themselves, so
@@ -66,6 +67,7 @@ struct MuxSlot {
 }
 
 const SLOT_MASTER: usize = 0;
+const MAX_BATCH_COMMANDS: usize = 256;
 const SLOT_REPLICA: usize = 1;
 
 type ConnId = u32;
@@ -150,7 +152,16 @@ pub async fn run(
     let (r, w) = stream.into_split();
     let cap = shared.topo.cfg.max_inflight_batches;
     let (tx, rx) = mpsc::channel::<Batch>(cap);
-    let sync = Arc::new(SessionSync::default());
+    let sync = Arc::new(SessionSync {
+        answered: AtomicU64::new(0),
+        notify: Notify::new(),
+        owed: Arc::new(Owed {
+            bytes: Default::default(),
+            limit: shared.topo.cfg.max_client_output,
+            kill: tokio_util::sync::CancellationToken::new(),
+        }),
+    });
+    let kill = sync.owed.kill.clone();
     let mut reader = Reader::new(shared.clone(), sync.clone());
     let mut writer = Writer::new(shared.clone(), sync);
     let work = async {
@@ -160,6 +171,17 @@ pub async fn run(
     let (clean_reader, clean_writer) = tokio::select! {
         r = work => r,
         _ = stop.cancelled() => return,
+        // A client that stops reading while it keeps sending: replies pile up here, not in
+        // Redis. Past the limit it is disconnected, as Redis does with
+        // `client-output-buffer-limit`; dropping the session frees what it held.
+        _ = kill.cancelled() => {
+            shared.metrics.clients_output_limit.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                limit = shared.topo.cfg.max_client_output,
+                "redis-ambassador: client disconnected: more than --max-client-output-bytes of replies waiting"
+            );
+            return;
+        }
     };
     // Return clean connections to the pool.
     if clean_reader && clean_writer {
@@ -388,7 +410,14 @@ impl Reader {
             let mut end_after: Option<EndKind> = None;
             let mut mux_n = [0u32; 2];
             let mut switch = false;
+            let mut parsed = 0usize;
             while pos < rbuf.len() {
+                // Bounded batches: a client that sends a huge pipeline has it worked through
+                // (and its replies owed) a slice at a time.
+                if parsed >= MAX_BATCH_COMMANDS {
+                    skip_read = true;
+                    break;
+                }
                 let req = match resp::parse_request(&rbuf[pos..], &limits, &mut args) {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
@@ -410,6 +439,7 @@ impl Reader {
                 if args.is_empty() {
                     continue;
                 }
+                parsed += 1;
                 let base = raw.start;
                 let arg = |i: usize| &rbuf[base + args[i].start..base + args[i].end];
                 let rest: Vec<&[u8]> = if args.len() > 1 && needs_rest(arg(0)) {
@@ -670,6 +700,7 @@ impl Reader {
                         cmds,
                         n,
                         reply: rtx,
+                        owed: Some(self.sync.owed.clone()),
                     },
                     &self.shared.mux,
                 );
@@ -910,6 +941,9 @@ impl Writer {
                         }
                         self.out.extend_from_slice(&data[..total]);
                         data.advance(total);
+                        // Only the shared connections add to the account, only this removes.
+                        let owed = &self.sync.owed.bytes;
+                        owed.fetch_sub(total.min(owed.load(Ordering::Relaxed)), Ordering::Relaxed);
                     }
                     Entry::Open(c) => self.conns.push(*c),
                     Entry::Local(b) => self.out.extend_from_slice(&b),
@@ -1039,6 +1073,7 @@ impl Writer {
                     cmds: cmds.clone(),
                     n: m.n,
                     reply: tx,
+                    owed: None,
                 },
                 &self.shared.mux,
             );

@@ -433,7 +433,7 @@ impl Topology {
             let v = match r {
                 Ok(v) => v,
                 Err(e) => {
-                    errors.push(e);
+                    errors.push(format!("{s}: {e}"));
                     continue;
                 }
             };
@@ -548,30 +548,24 @@ impl Topology {
         let work = async {
             let mut s = TcpStream::connect(addr)
                 .await
-                .map_err(|e| format!("{addr} unreachable: {e}"))?;
+                .map_err(|e| format!("unreachable: {e}"))?;
             let mut out = prelude.map(|p| p.to_vec()).unwrap_or_default();
             for c in cmds {
                 resp::encode_command(&mut out, c);
             }
-            s.write_all(&out)
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
+            s.write_all(&out).await.map_err(|e| e.to_string())?;
             let want = cmds.len() + usize::from(prelude.is_some());
             let mut buf = bytes::BytesMut::with_capacity(8192);
             let mut vals = Vec::new();
             while vals.len() < want {
-                match resp::parse_value(&buf).map_err(|e| format!("{addr}: {e}"))? {
+                match resp::parse_value(&buf).map_err(|e| e.to_string())? {
                     Some((v, n)) => {
                         bytes::Buf::advance(&mut buf, n);
                         vals.push(v);
                     }
                     None => {
-                        if s.read_buf(&mut buf)
-                            .await
-                            .map_err(|e| format!("{addr}: {e}"))?
-                            == 0
-                        {
-                            return Err(format!("{addr} closed the connection"));
+                        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                            return Err("closed the connection".to_string());
                         }
                     }
                 }
@@ -580,7 +574,7 @@ impl Topology {
         };
         tokio::time::timeout(t * 2, work)
             .await
-            .map_err(|_| format!("{addr}: no answer within {:?}", t * 2))?
+            .map_err(|_| format!("no answer within {:?}", t * 2))?
     }
 }
 
