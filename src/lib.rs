@@ -16,7 +16,9 @@
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
 //! - [`patterns`]: built-in pattern components run natively in a pod's sandbox: git-sync
-//!   (sidecar) now; the Redis ambassador and the metrics adapter join here.
+//!   (the sidecar, `patterns::gitsync`) and the Redis ambassador (`patterns::redis`: RESP
+//!   framing, command table, topology and Sentinel, sessions, multiplexed upstreams). The
+//!   metrics adapter joins here.
 
 pub mod api;
 pub mod cli;
