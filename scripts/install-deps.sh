@@ -2,7 +2,7 @@
 # install-deps.sh — install what Kapsel's guests, tests and benchmarks need on a fresh Debian 12 machine.
 # Idempotent: installs only what is missing, and runs `apt-get update` only if an apt package is missing.
 # Run as root (or with sudo available).
-#   apt:  rustc libstd-rust-dev-wasm32 (Debian's rustc 1.63 + wasm32-wasi std, for the preview-1 guests),
+#   apt:  rustc lld-14 libstd-rust-dev-wasm32 (Debian's rustc 1.63 + wasm32-wasi std + the rust-lld it links with, for the preview-1 guests),
 #         busybox-static (the test container image), hyperfine (benchmarks),
 #         redis-server redis-tools redis-sentinel (ambassador tests), nutcracker (twemproxy, the ambassador's bench anchor)
 #   pip:  componentize-py (WASI 0.2 Python components)
@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------- apt packages
-APT_PKGS=(rustc libstd-rust-dev-wasm32 busybox-static hyperfine time git python3 redis-server redis-tools redis-sentinel nutcracker)
+APT_PKGS=(rustc lld-14 libstd-rust-dev-wasm32 busybox-static hyperfine time git python3 redis-server redis-tools redis-sentinel nutcracker)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
