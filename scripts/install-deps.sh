@@ -4,7 +4,8 @@
 # Run as root (or with sudo available).
 #   apt:  rustc lld-14 libstd-rust-dev-wasm32 (Debian's rustc 1.63 + wasm32-wasi std + the rust-lld it links with, for the preview-1 guests),
 #         busybox-static (the test container image), hyperfine (benchmarks),
-#         redis-server redis-tools redis-sentinel (ambassador tests), nutcracker (twemproxy, the ambassador's bench anchor)
+#         redis-server redis-tools redis-sentinel (ambassador tests), nutcracker (twemproxy, the ambassador's bench anchor),
+#         prometheus (scrapes the metrics adapter in its test)
 #   pip:  componentize-py (WASI 0.2 Python components)
 #   docker image kapsel-test/busybox:1 (imported from busybox-static; skipped with a warning without docker)
 set -euo pipefail
@@ -20,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # ---------------------------------------------------------------- apt packages
-APT_PKGS=(rustc lld-14 libstd-rust-dev-wasm32 busybox-static hyperfine time git python3 redis-server redis-tools redis-sentinel nutcracker)
+APT_PKGS=(rustc lld-14 libstd-rust-dev-wasm32 busybox-static hyperfine time git python3 redis-server redis-tools redis-sentinel nutcracker prometheus)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

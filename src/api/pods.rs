@@ -33,6 +33,29 @@ pub fn routes() -> Router<AppState> {
             get(read).put(replace_status),
         )
         .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(log))
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/metrics",
+            get(adapter_metrics),
+        )
+}
+
+/// The latest values of the pod's `builtin/metrics-adapter` containers on this node, for
+/// controllers and people: `{"items": [{"container", "metric", "labels", "value"}]}`.
+async fn adapter_metrics(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    get_one(&s, Kind::Pod, &ns, &name)?;
+    let items: Vec<Value> = crate::patterns::adapter::pod_values(&ns, &name)
+        .into_iter()
+        .map(|(c, m, l, v)| {
+            serde_json::json!({"container": c, "metric": m, "labels": l,
+                "value": if v.is_finite() { serde_json::json!(v) } else { serde_json::json!(v.to_string()) }})
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({"kind": "PodMetricsList", "items": items}),
+    ))
 }
 
 async fn list_all(

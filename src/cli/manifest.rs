@@ -283,7 +283,8 @@ fn strip_json_loc(e: &serde_json::Error) -> String {
     }
 }
 
-/// Make relative WASM image paths absolute, against the manifest's directory.
+/// Make relative WASM image paths and `hostPath` volumes absolute, against the manifest's
+/// directory.
 fn resolve_images(obj: &mut Value, dir: &Path) {
     for list in ["containers", "initContainers"] {
         if let Some(cs) = obj
@@ -313,6 +314,24 @@ fn resolve_images(obj: &mut Value, dir: &Path) {
                 });
                 c["image"] = Value::String(format!("{prefix}{}", abs.display()));
             }
+        }
+    }
+    // Relative `hostPath` volumes too (Kubernetes wants absolute ones; samples stay portable).
+    if let Some(vols) = obj
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("volumes"))
+        .and_then(|v| v.as_array_mut())
+    {
+        for v in vols {
+            let Some(p) = v["hostPath"]["path"].as_str().map(str::to_string) else {
+                continue;
+            };
+            if Path::new(&p).is_absolute() {
+                continue;
+            }
+            let abs = dir.join(&p);
+            let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
+            v["hostPath"]["path"] = Value::String(abs.display().to_string());
         }
     }
 }

@@ -163,6 +163,13 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the metrics adapter standalone, e.g.
+    /// `kapsel metrics-adapter --statsd.listen-udp=:9125 --web.listen-address=:9102 --config=sources.yaml`.
+    #[command(name = "metrics-adapter", disable_help_flag = true)]
+    MetricsAdapter {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Manage rollouts of Deployments (arrives with the controllers).
     Rollout {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -290,6 +297,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         } => delete(&client, &ns, resource, name, file, wait, grace_period).await,
         Command::GitSync { args } => git_sync(args).await,
         Command::RedisAmbassador { args } => redis_ambassador(args).await,
+        Command::MetricsAdapter { args } => metrics_adapter(args).await,
         Command::Rollout { .. } | Command::Scale { .. } => {
             bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
         }
@@ -603,6 +611,32 @@ async fn redis_ambassador(args: Vec<String>) -> Result<i32> {
         s2.cancel();
     });
     let _ = amb.spawn_thread(listener, metrics, stop)?.await;
+    Ok(0)
+}
+
+/// `kapsel metrics-adapter`: the adapter on this machine's network and filesystem.
+async fn metrics_adapter(args: Vec<String>) -> Result<i32> {
+    use crate::patterns::adapter::{bind_std, Adapter, Config};
+    use std::sync::Arc;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("metrics-adapter: {e}"))?;
+    let (udp, http) = bind_std(&cfg).map_err(|e| anyhow!("metrics-adapter: cannot listen: {e}"))?;
+    let a = Adapter::new(
+        cfg,
+        Arc::new(|p: &str| Some(std::path::PathBuf::from(p))),
+        Arc::new(|m: &str| eprint!("{m}")),
+    )
+    .map_err(|e| anyhow!("metrics-adapter: {e}"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        s2.cancel();
+    });
+    let udp = udp.map(tokio::net::UdpSocket::from_std).transpose()?;
+    Arc::new(a)
+        .serve(udp, tokio::net::TcpListener::from_std(http)?, stop)
+        .await;
     Ok(0)
 }
 

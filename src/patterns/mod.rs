@@ -3,6 +3,7 @@
 //! ambassador, [`redis`]). [`BuiltinExecutor`] puts them behind the same executor trait as WASM
 //! and Docker.
 
+pub mod adapter;
 pub mod gitsync;
 pub mod redis;
 
@@ -21,7 +22,79 @@ use crate::runtime::executor::{
 
 pub const GIT_SYNC: &str = "builtin/git-sync";
 pub const REDIS_AMBASSADOR: &str = "builtin/redis-ambassador";
-const ALL: &str = "builtin/git-sync, builtin/redis-ambassador";
+pub const METRICS_ADAPTER: &str = "builtin/metrics-adapter";
+const ALL: &str = "builtin/git-sync, builtin/redis-ambassador, builtin/metrics-adapter";
+
+/// The adapter's view of paths: its volume mounts.
+fn mount_map(spec: &ContainerSpec) -> adapter::PathMap {
+    let mounts: Vec<(PathBuf, String)> = spec
+        .mounts
+        .iter()
+        .map(|m| (m.host_path.clone(), m.guest_path.clone()))
+        .collect();
+    Arc::new(move |p: &str| gitsync::host_path(&mounts, std::path::Path::new(p)))
+}
+
+fn adapter_new(spec: &ContainerSpec) -> Result<adapter::Adapter, ExecError> {
+    let cfg = adapter::Config::parse(&spec.args, &spec.env)
+        .map_err(|e| ExecError::Config(format!("metrics-adapter: {e}")))?;
+    let log = spec.log.clone();
+    adapter::Adapter::new(
+        cfg,
+        mount_map(spec),
+        Arc::new(move |m: &str| log.append(m.as_bytes())),
+    )
+    .map_err(|e| ExecError::Config(format!("metrics-adapter: {e}")))
+}
+
+async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+    let a = Arc::new(adapter_new(&spec)?);
+    let cfg = a.cfg.clone();
+    // Sockets, scrapes and file reads all happen in the pod: it runs on the pod's runtime.
+    let bound = match &spec.sandbox_rt {
+        Some(rt) => rt
+            .spawn(async move { adapter::bind_std(&cfg) })
+            .await
+            .map_err(|e| ExecError::StartFailed(format!("pod network thread: {e}")))?,
+        None => adapter::bind_std(&cfg),
+    }
+    .map_err(|e| ExecError::StartFailed(format!("metrics-adapter: cannot listen: {e}")))?;
+    let key = format!("{}/{}/{}", spec.pod_namespace, spec.pod_name, spec.name);
+    adapter::node_registries()
+        .lock()
+        .unwrap()
+        .insert(key, Arc::downgrade(&a.reg));
+    let stop = CancellationToken::new();
+    let (done_tx, done_rx) = oneshot::channel();
+    let token = stop.clone();
+    let run = async move {
+        let (udp, http) = bound;
+        let udp: Option<tokio::net::UdpSocket> = udp
+            .map(tokio::net::UdpSocket::from_std)
+            .transpose()
+            .unwrap_or_default();
+        if let Ok(http) = tokio::net::TcpListener::from_std(http) {
+            a.serve(udp, http, token).await;
+        }
+        let _ = done_tx.send(ExitStatus::code(0));
+    };
+    match &spec.sandbox_rt {
+        Some(rt) => {
+            rt.spawn(run);
+        }
+        None => {
+            tokio::spawn(run);
+        }
+    }
+    Ok(Box::new(TaskInstance::new(
+        format!(
+            "builtin://metrics-adapter/{}",
+            uuid::Uuid::new_v4().simple()
+        ),
+        done_rx,
+        stop,
+    )))
+}
 
 fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {
     redis::Config::parse(&spec.args, &spec.env)
@@ -85,7 +158,7 @@ impl Executor for Arc<BuiltinExecutor> {
     /// git-sync fetches from the node's network; only its `--http-bind` lives in the pod.
     /// The ambassador listens on the pod's localhost, so the pod needs its own network.
     fn needs_network(&self, image: &str) -> bool {
-        image == REDIS_AMBASSADOR
+        image == REDIS_AMBASSADOR || image == METRICS_ADAPTER
     }
 
     async fn prepare(
@@ -96,6 +169,7 @@ impl Executor for Arc<BuiltinExecutor> {
         match spec.image.as_str() {
             GIT_SYNC => gitsync_config(spec).map(|_| ()),
             REDIS_AMBASSADOR => ambassador_config(spec).map(|_| ()),
+            METRICS_ADAPTER => adapter_new(spec).map(|_| ()),
             other => Err(ExecError::InvalidImage(format!(
                 "unknown built-in component {other:?}; this build has: {ALL}"
             ))),
@@ -105,6 +179,7 @@ impl Executor for Arc<BuiltinExecutor> {
     async fn start(&self, spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
         match spec.image.as_str() {
             REDIS_AMBASSADOR => start_ambassador(spec).await,
+            METRICS_ADAPTER => start_adapter(spec).await,
             _ => start_gitsync(spec).await,
         }
     }

@@ -347,7 +347,10 @@ fn decode(buf: &[u8], pos: &mut usize) -> Result<Value, ProtoError> {
     Ok(match t {
         b'+' | b',' | b'(' | b'#' => Value::Simple(text()),
         b'-' => Value::Error(text()),
-        b':' => Value::Int(parse_int(line).ok_or(ProtoError::BulkLength)?),
+        b':' => match parse_int(line) {
+            Some(i) => Value::Int(i),
+            None => Value::Simple(text()),
+        },
         b'_' => Value::Nil,
         b'$' | b'!' | b'=' => {
             let n = parse_int(line).ok_or(ProtoError::BulkLength)?;
@@ -365,6 +368,10 @@ fn decode(buf: &[u8], pos: &mut usize) -> Result<Value, ProtoError> {
         }
         b'*' | b'~' | b'>' | b'%' | b'|' => {
             let n = parse_int(line).ok_or(ProtoError::MultibulkLength)?;
+            if n < 0 && t == b'|' {
+                // No attributes: the annotated value follows (as the scanner counts it).
+                return decode(buf, pos);
+            }
             if n < 0 {
                 return Ok(Value::Nil);
             }
@@ -424,8 +431,8 @@ mod tests {
             (b"$3\r\nabc\r\n", 9),
             (b"*2\r\n$1\r\na\r\n:1\r\n", 15),
             (b"*-1\r\n", 5),
-            (b"%1\r\n+a\r\n*1\r\n_\r\n", 17),
-            (b"|1\r\n+k\r\n+v\r\n:5\r\n", 18),
+            (b"%1\r\n+a\r\n*1\r\n_\r\n", 15),
+            (b"|1\r\n+k\r\n+v\r\n:5\r\n", 16),
             (b">2\r\n+m\r\n#t\r\n", 12),
             (b"*0\r\n", 4),
         ] {

@@ -1,0 +1,653 @@
+//! The adapter's series store and its exposition (Prometheus text 0.0.4 and OpenMetrics 1.0).
+//!
+//! One family per metric name with one type and one set of label names. A sample that would
+//! change a family's type or label names, or add a series past `--max-series`, is dropped and
+//! counted (and logged once per family): the registry never fails a scrape. Series untouched
+//! for their TTL are removed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FamKind {
+    Counter,
+    Gauge,
+    Histogram,
+    Untyped,
+}
+
+impl FamKind {
+    fn name(self) -> &'static str {
+        match self {
+            FamKind::Counter => "counter",
+            FamKind::Gauge => "gauge",
+            FamKind::Histogram => "histogram",
+            FamKind::Untyped => "untyped",
+        }
+    }
+}
+
+/// What a sample does to its series.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    Add(f64),
+    Set(f64),
+    Observe(f64),
+    /// A set member: the series' value is the number of distinct members.
+    Member(&'a str),
+}
+
+struct Hist {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+struct Series {
+    value: f64,
+    hist: Option<Box<Hist>>,
+    members: Option<HashSet<String>>,
+    touched: Instant,
+    ttl: Option<Duration>,
+}
+
+struct Family {
+    kind: FamKind,
+    help: Option<String>,
+    label_names: Vec<String>,
+    buckets: Vec<f64>,
+    /// Rendered label set (`a="x",b="y"`) → series.
+    series: HashMap<String, Series>,
+}
+
+/// The adapter's own counters.
+#[derive(Default)]
+pub struct Stats {
+    pub statsd_packets: AtomicU64,
+    pub statsd_lines: AtomicU64,
+    pub statsd_malformed: AtomicU64,
+    pub statsd_dropped_by_rule: AtomicU64,
+    pub type_conflicts: AtomicU64,
+    pub label_conflicts: AtomicU64,
+    pub cardinality_dropped: AtomicU64,
+    pub expired: AtomicU64,
+    pub lines_matched: AtomicU64,
+    pub prom_malformed: AtomicU64,
+    pub config_reloads_ok: AtomicU64,
+    pub config_reloads_failed: AtomicU64,
+    /// source name → (scrapes ok, scrapes failed)
+    pub scrapes: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+pub type LogFn = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+pub struct Registry {
+    fams: Mutex<BTreeMap<String, Family>>,
+    total: AtomicU64,
+    pub stats: Stats,
+    pub max_series: usize,
+    pub default_ttl: Option<Duration>,
+    warned: Mutex<HashSet<String>>,
+    log: LogFn,
+}
+
+/// Per-update options from a mapping rule or a source.
+#[derive(Clone, Default)]
+pub struct Opts<'a> {
+    pub buckets: &'a [f64],
+    pub ttl: Option<Duration>,
+    pub help: Option<&'a str>,
+}
+
+fn escape_value(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn fmt_value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v == f64::INFINITY {
+        out.push_str("+Inf");
+    } else if v == f64::NEG_INFINITY {
+        out.push_str("-Inf");
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+impl Registry {
+    pub fn new(max_series: usize, default_ttl: Option<Duration>, log: LogFn) -> Self {
+        Registry {
+            fams: Mutex::new(BTreeMap::new()),
+            total: AtomicU64::new(0),
+            stats: Stats::default(),
+            max_series,
+            default_ttl,
+            warned: Mutex::new(HashSet::new()),
+            log,
+        }
+    }
+
+    fn warn_once(&self, key: String, msg: impl FnOnce() -> String) {
+        if self.warned.lock().unwrap().insert(key) {
+            (self.log)(&format!("metrics-adapter: {}\n", msg()));
+        }
+    }
+
+    pub fn series_count(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Apply one sample. `labels` need not be sorted; names must be valid.
+    pub fn update(&self, name: &str, kind: FamKind, labels: &[(String, String)], op: Op, o: &Opts) {
+        let mut fams = self.fams.lock().unwrap();
+        self.update_locked(&mut fams, name, kind, labels, op, o);
+    }
+
+    /// Apply many samples under one lock (a StatsD datagram, a scrape).
+    pub fn batch<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> R {
+        let mut fams = self.fams.lock().unwrap();
+        let mut b = Batch {
+            reg: self,
+            fams: &mut fams,
+        };
+        f(&mut b)
+    }
+
+    fn update_locked(
+        &self,
+        fams: &mut BTreeMap<String, Family>,
+        name: &str,
+        kind: FamKind,
+        labels: &[(String, String)],
+        op: Op,
+        o: &Opts,
+    ) {
+        let mut sorted: Vec<&(String, String)> = labels.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let fam = match fams.get_mut(name) {
+            Some(f) => f,
+            None => {
+                if self.total.load(Ordering::Relaxed) as usize >= self.max_series {
+                    self.stats
+                        .cardinality_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.warn_once(format!("card:{name}"), || {
+                        format!(
+                            "series limit (--max-series {}) reached: dropping new series of {name}",
+                            self.max_series
+                        )
+                    });
+                    return;
+                }
+                fams.entry(name.to_string()).or_insert(Family {
+                    kind,
+                    help: o.help.map(str::to_string),
+                    label_names: sorted.iter().map(|(k, _)| k.clone()).collect(),
+                    buckets: o.buckets.to_vec(),
+                    series: HashMap::new(),
+                })
+            }
+        };
+        if fam.kind != kind {
+            self.stats.type_conflicts.fetch_add(1, Ordering::Relaxed);
+            let had = fam.kind;
+            self.warn_once(format!("type:{name}"), || {
+                format!(
+                    "{name} is a {}, dropping samples that would make it a {}",
+                    had.name(),
+                    kind.name()
+                )
+            });
+            return;
+        }
+        if fam.label_names.len() != sorted.len()
+            || fam
+                .label_names
+                .iter()
+                .zip(&sorted)
+                .any(|(a, (b, _))| a != b)
+        {
+            self.stats.label_conflicts.fetch_add(1, Ordering::Relaxed);
+            let had = fam.label_names.join(",");
+            let now: Vec<&str> = sorted.iter().map(|(k, _)| k.as_str()).collect();
+            self.warn_once(format!("labels:{name}"), || {
+                format!(
+                    "{name} has labels [{had}], dropping samples with labels [{}]",
+                    now.join(",")
+                )
+            });
+            return;
+        }
+        let mut key = String::with_capacity(32);
+        for (i, (k, v)) in sorted.iter().enumerate() {
+            if i > 0 {
+                key.push(',');
+            }
+            key.push_str(k);
+            key.push_str("=\"");
+            escape_value(v, &mut key);
+            key.push('"');
+        }
+        let now = Instant::now();
+        let ttl = o.ttl.or(self.default_ttl);
+        let s = match fam.series.get_mut(&key) {
+            Some(s) => s,
+            None => {
+                if self.total.load(Ordering::Relaxed) as usize >= self.max_series {
+                    self.stats
+                        .cardinality_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.warn_once(format!("card:{name}"), || {
+                        format!(
+                            "series limit (--max-series {}) reached: dropping new series of {name}",
+                            self.max_series
+                        )
+                    });
+                    return;
+                }
+                self.total.fetch_add(1, Ordering::Relaxed);
+                fam.series.entry(key).or_insert(Series {
+                    value: 0.0,
+                    hist: (kind == FamKind::Histogram).then(|| {
+                        Box::new(Hist {
+                            counts: vec![0; fam.buckets.len()],
+                            sum: 0.0,
+                            count: 0,
+                        })
+                    }),
+                    members: None,
+                    touched: now,
+                    ttl,
+                })
+            }
+        };
+        s.touched = now;
+        s.ttl = ttl;
+        match op {
+            Op::Add(v) => s.value += v,
+            Op::Set(v) => s.value = v,
+            Op::Observe(v) => {
+                if let Some(h) = s.hist.as_mut() {
+                    if let Some(i) = fam.buckets.iter().position(|b| v <= *b) {
+                        h.counts[i] += 1;
+                    }
+                    h.sum += v;
+                    h.count += 1;
+                }
+            }
+            Op::Member(m) => {
+                let set = s.members.get_or_insert_with(Default::default);
+                if set.len() < 100_000 {
+                    set.insert(m.to_string());
+                }
+                s.value = set.len() as f64;
+            }
+        }
+    }
+
+    /// Remove series not updated within their TTL.
+    pub fn expire(&self) {
+        let now = Instant::now();
+        let mut fams = self.fams.lock().unwrap();
+        let mut removed = 0u64;
+        for f in fams.values_mut() {
+            f.series.retain(|_, s| {
+                let keep = s.ttl.is_none_or(|t| now.duration_since(s.touched) < t);
+                if !keep {
+                    removed += 1;
+                }
+                keep
+            });
+        }
+        fams.retain(|_, f| !f.series.is_empty());
+        if removed > 0 {
+            self.total.fetch_sub(removed, Ordering::Relaxed);
+            self.stats.expired.fetch_add(removed, Ordering::Relaxed);
+        }
+    }
+
+    /// The latest value of every series: (name, labels rendered, value). Histograms give their
+    /// count and sum as `name_count`/`name_sum`.
+    pub fn snapshot(&self) -> Vec<(String, String, f64)> {
+        let fams = self.fams.lock().unwrap();
+        let mut out = Vec::new();
+        for (name, f) in fams.iter() {
+            for (labels, s) in &f.series {
+                match &s.hist {
+                    Some(h) => {
+                        out.push((format!("{name}_count"), labels.clone(), h.count as f64));
+                        out.push((format!("{name}_sum"), labels.clone(), h.sum));
+                    }
+                    None => out.push((name.clone(), labels.clone(), s.value)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Exposition: Prometheus text (0.0.4), or OpenMetrics 1.0 with `openmetrics`.
+    pub fn render(&self, openmetrics: bool) -> String {
+        let fams = self.fams.lock().unwrap();
+        let mut out =
+            String::with_capacity(64 * (self.total.load(Ordering::Relaxed) as usize + 64));
+        for (name, f) in fams.iter() {
+            // OpenMetrics: a counter family is named without `_total`, its samples with it.
+            let (fam_name, sample_name) = if openmetrics && f.kind == FamKind::Counter {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                (base.to_string(), format!("{base}_total"))
+            } else {
+                (name.clone(), name.clone())
+            };
+            if let Some(h) = &f.help {
+                out.push_str("# HELP ");
+                out.push_str(&fam_name);
+                out.push(' ');
+                out.push_str(&h.replace('\\', "\\\\").replace('\n', "\\n"));
+                out.push('\n');
+            }
+            let kind = if openmetrics && f.kind == FamKind::Untyped {
+                "unknown"
+            } else {
+                f.kind.name()
+            };
+            let _ = writeln!(out, "# TYPE {fam_name} {kind}");
+            let mut keys: Vec<&String> = f.series.keys().collect();
+            keys.sort();
+            for k in keys {
+                let s = &f.series[k];
+                match &s.hist {
+                    Some(h) => {
+                        let mut cum = 0;
+                        for (i, b) in f.buckets.iter().enumerate() {
+                            cum += h.counts[i];
+                            out.push_str(name);
+                            out.push_str("_bucket{");
+                            out.push_str(k);
+                            if !k.is_empty() {
+                                out.push(',');
+                            }
+                            out.push_str("le=\"");
+                            fmt_value(*b, &mut out);
+                            let _ = writeln!(out, "\"}} {cum}");
+                        }
+                        out.push_str(name);
+                        out.push_str("_bucket{");
+                        out.push_str(k);
+                        if !k.is_empty() {
+                            out.push(',');
+                        }
+                        let _ = writeln!(out, "le=\"+Inf\"}} {}", h.count);
+                        for (suffix, v) in [("_sum", h.sum), ("_count", h.count as f64)] {
+                            out.push_str(name);
+                            out.push_str(suffix);
+                            if !k.is_empty() {
+                                out.push('{');
+                                out.push_str(k);
+                                out.push('}');
+                            }
+                            out.push(' ');
+                            fmt_value(v, &mut out);
+                            out.push('\n');
+                        }
+                    }
+                    None => {
+                        out.push_str(&sample_name);
+                        if !k.is_empty() {
+                            out.push('{');
+                            out.push_str(k);
+                            out.push('}');
+                        }
+                        out.push(' ');
+                        fmt_value(s.value, &mut out);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        drop(fams);
+        self.render_own(&mut out, openmetrics);
+        if openmetrics {
+            out.push_str("# EOF\n");
+        }
+        out
+    }
+
+    fn render_own(&self, out: &mut String, om: bool) {
+        let st = &self.stats;
+        let c = |out: &mut String, name: &str, help: &str, v: u64| {
+            let (fam, sample) = if om {
+                (
+                    name.strip_suffix("_total").unwrap_or(name).to_string(),
+                    name.to_string(),
+                )
+            } else {
+                (name.to_string(), name.to_string())
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {fam} {help}\n# TYPE {fam} counter\n{sample} {v}"
+            );
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        c(
+            out,
+            "kapsel_adapter_statsd_packets_total",
+            "StatsD datagrams received.",
+            l(&st.statsd_packets),
+        );
+        c(
+            out,
+            "kapsel_adapter_statsd_lines_total",
+            "StatsD lines parsed.",
+            l(&st.statsd_lines),
+        );
+        c(
+            out,
+            "kapsel_adapter_statsd_malformed_lines_total",
+            "StatsD lines that did not parse (dropped).",
+            l(&st.statsd_malformed),
+        );
+        c(
+            out,
+            "kapsel_adapter_statsd_dropped_by_rule_total",
+            "StatsD samples dropped by an action: drop rule.",
+            l(&st.statsd_dropped_by_rule),
+        );
+        c(
+            out,
+            "kapsel_adapter_type_conflicts_total",
+            "Samples dropped because their family has another type.",
+            l(&st.type_conflicts),
+        );
+        c(
+            out,
+            "kapsel_adapter_label_conflicts_total",
+            "Samples dropped because their family has other label names.",
+            l(&st.label_conflicts),
+        );
+        c(
+            out,
+            "kapsel_adapter_cardinality_dropped_total",
+            "Samples dropped at the --max-series limit.",
+            l(&st.cardinality_dropped),
+        );
+        c(
+            out,
+            "kapsel_adapter_series_expired_total",
+            "Series removed after their TTL.",
+            l(&st.expired),
+        );
+        c(
+            out,
+            "kapsel_adapter_prometheus_malformed_lines_total",
+            "Lines of scraped Prometheus text that did not parse (skipped).",
+            l(&st.prom_malformed),
+        );
+        c(
+            out,
+            "kapsel_adapter_line_matches_total",
+            "Lines of text sources that matched a rule.",
+            l(&st.lines_matched),
+        );
+        let _ = writeln!(out, "# HELP kapsel_adapter_config_reloads_total Configuration reloads by result.\n# TYPE kapsel_adapter_config_reloads{} counter", if om { "" } else { "_total" });
+        let _ = writeln!(
+            out,
+            "kapsel_adapter_config_reloads_total{{result=\"success\"}} {}",
+            l(&st.config_reloads_ok)
+        );
+        let _ = writeln!(
+            out,
+            "kapsel_adapter_config_reloads_total{{result=\"failure\"}} {}",
+            l(&st.config_reloads_failed)
+        );
+        let _ = writeln!(out, "# HELP kapsel_adapter_scrapes_total Pulls of JSON, Prometheus and file sources by result.\n# TYPE kapsel_adapter_scrapes{} counter", if om { "" } else { "_total" });
+        for (src, (ok, bad)) in st.scrapes.lock().unwrap().iter() {
+            let mut s = String::new();
+            escape_value(src, &mut s);
+            let _ = writeln!(
+                out,
+                "kapsel_adapter_scrapes_total{{source=\"{s}\",result=\"success\"}} {ok}"
+            );
+            let _ = writeln!(
+                out,
+                "kapsel_adapter_scrapes_total{{source=\"{s}\",result=\"failure\"}} {bad}"
+            );
+        }
+        let _ = writeln!(out, "# HELP kapsel_adapter_series Series held.\n# TYPE kapsel_adapter_series gauge\nkapsel_adapter_series {}", self.series_count());
+    }
+
+    pub fn scrape_result(&self, source: &str, ok: bool) {
+        let mut m = self.stats.scrapes.lock().unwrap();
+        let e = m.entry(source.to_string()).or_default();
+        if ok {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+}
+
+/// Updates under one lock.
+pub struct Batch<'r> {
+    reg: &'r Registry,
+    fams: &'r mut BTreeMap<String, Family>,
+}
+
+impl Batch<'_> {
+    pub fn update(
+        &mut self,
+        name: &str,
+        kind: FamKind,
+        labels: &[(String, String)],
+        op: Op,
+        o: &Opts,
+    ) {
+        self.reg.update_locked(self.fams, name, kind, labels, op, o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn reg(max: usize) -> Registry {
+        Registry::new(max, None, Arc::new(|_: &str| {}))
+    }
+
+    #[test]
+    fn renders_both_formats_and_counts_conflicts() {
+        let r = reg(10);
+        let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        r.update(
+            "hits_total",
+            FamKind::Counter,
+            &l("route", "/a\"b"),
+            Op::Add(2.0),
+            &Opts::default(),
+        );
+        r.update(
+            "hits_total",
+            FamKind::Counter,
+            &l("route", "/a\"b"),
+            Op::Add(1.0),
+            &Opts::default(),
+        );
+        r.update(
+            "hits_total",
+            FamKind::Gauge,
+            &l("route", "/a"),
+            Op::Set(1.0),
+            &Opts::default(),
+        );
+        r.update(
+            "hits_total",
+            FamKind::Counter,
+            &l("path", "/a"),
+            Op::Add(1.0),
+            &Opts::default(),
+        );
+        let b = [0.1, 1.0];
+        let o = Opts {
+            buckets: &b,
+            ..Default::default()
+        };
+        r.update("lat_seconds", FamKind::Histogram, &[], Op::Observe(0.5), &o);
+        r.update("lat_seconds", FamKind::Histogram, &[], Op::Observe(5.0), &o);
+        let t = r.render(false);
+        assert!(
+            t.contains("# TYPE hits_total counter\nhits_total{route=\"/a\\\"b\"} 3\n"),
+            "{t}"
+        );
+        assert!(t.contains("lat_seconds_bucket{le=\"0.1\"} 0\nlat_seconds_bucket{le=\"1\"} 1\nlat_seconds_bucket{le=\"+Inf\"} 2\nlat_seconds_sum 5.5\nlat_seconds_count 2\n"), "{t}");
+        assert!(t.contains("kapsel_adapter_type_conflicts_total 1"));
+        assert!(t.contains("kapsel_adapter_label_conflicts_total 1"));
+        let om = r.render(true);
+        assert!(
+            om.contains("# TYPE hits counter\nhits_total{route=\"/a\\\"b\"} 3\n"),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"));
+        // Cardinality.
+        let r = reg(2);
+        for i in 0..5 {
+            r.update(
+                "g",
+                FamKind::Gauge,
+                &l("i", &i.to_string()),
+                Op::Set(1.0),
+                &Opts::default(),
+            );
+        }
+        assert_eq!(r.series_count(), 2);
+        assert_eq!(r.stats.cardinality_dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn series_expire_after_their_ttl() {
+        let r = reg(10);
+        let o = Opts {
+            ttl: Some(Duration::from_millis(1)),
+            ..Default::default()
+        };
+        r.update("g", FamKind::Gauge, &[], Op::Set(1.0), &o);
+        r.update("keep", FamKind::Gauge, &[], Op::Set(1.0), &Opts::default());
+        std::thread::sleep(Duration::from_millis(5));
+        r.expire();
+        let t = r.render(false);
+        assert!(!t.contains("\ng 1"));
+        assert!(t.contains("keep 1"));
+        assert_eq!(r.series_count(), 1);
+    }
+}
