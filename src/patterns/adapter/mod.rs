@@ -481,7 +481,7 @@ impl Adapter {
                             return Err(format!("HTTP {}", resp.status()));
                         }
                         let doc: serde_json::Value = resp.json().await.map_err(|e| format!("not JSON: {e}"))?;
-                        Ok(sources::apply_json(&me.reg, src, kinds, &doc))
+                        Ok(sources::apply_json(&me.reg, src, kinds, &doc, Some(*every * 3)))
                     }
                     .await;
                     me.report(&format!("json/{}", src.name), &src.url, r);
@@ -500,7 +500,7 @@ impl Adapter {
                             return Err(format!("HTTP {}", resp.status()));
                         }
                         let t = resp.text().await.map_err(|e| e.to_string())?;
-                        Ok(sources::apply_prom(&me.reg, src, keep.as_ref(), drop_re.as_ref(), &t))
+                        Ok(sources::apply_prom(&me.reg, src, keep.as_ref(), drop_re.as_ref(), &t, Some(*every * 3)))
                     }
                     .await;
                     me.report(&format!("prometheus/{}", src.name), &src.url, r);

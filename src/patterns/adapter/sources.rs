@@ -299,12 +299,14 @@ pub fn apply_json(
     src: &JsonSource,
     kinds: &[FamKind],
     doc: &serde_json::Value,
+    ttl: Option<Duration>,
 ) -> usize {
     let mut n = 0;
     reg.batch(|b| {
         for (m, kind) in src.metrics.iter().zip(kinds) {
             let o = Opts {
                 help: m.help.as_deref(),
+                ttl,
                 ..Default::default()
             };
             for obj in select(doc, &m.path) {
@@ -440,6 +442,7 @@ pub fn apply_prom(
     keep: Option<&Regex>,
     drop_re: Option<&Regex>,
     text: &str,
+    ttl: Option<Duration>,
 ) -> usize {
     let (samples, types, bad) = parse_prom(text);
     if bad > 0 {
@@ -471,7 +474,10 @@ pub fn apply_prom(
                 kind,
                 &labels,
                 Op::Set(v),
-                &Opts::default(),
+                &Opts {
+                    ttl,
+                    ..Default::default()
+                },
             );
             n += 1;
         }
@@ -556,7 +562,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            apply_json(&reg, &src, &[FamKind::Gauge, FamKind::Gauge], &doc),
+            apply_json(&reg, &src, &[FamKind::Gauge, FamKind::Gauge], &doc, None),
             3
         );
         let t = reg.render(false);
@@ -577,7 +583,14 @@ mod tests {
             "name: web\nurl: http://x\nprefix: web_\nlabels: {source: web}\n",
         )
         .unwrap();
-        apply_prom(&reg, &src, None, Some(&Regex::new("^up$").unwrap()), text);
+        apply_prom(
+            &reg,
+            &src,
+            None,
+            Some(&Regex::new("^up$").unwrap()),
+            text,
+            None,
+        );
         let t = reg.render(false);
         assert!(t.contains("# TYPE web_http_requests_total counter"), "{t}");
         assert!(t.contains("source=\"web\""));
