@@ -1,4 +1,4 @@
-//! The event recorder: how the scheduler and the node agent record their decisions as `v1 Event`
+//! The event recorder: how the scheduler, the controllers and the node agent record their decisions as `v1 Event`
 //! objects (`kapsel describe` shows them). Repeats of the same (object, reason, message) bump
 //! `count` instead of piling up; writes are fire-and-forget so a decision never waits on them.
 
@@ -33,6 +33,17 @@ impl Recorder {
             namespace: pod.ns().to_string(),
             name: pod.name().to_string(),
             uid: pod.uid().to_string(),
+            field_path: None,
+        }
+    }
+
+    /// A reference to any object by kind and metadata.
+    pub fn obj_ref(kind: &str, meta: &ObjectMeta) -> ObjectReference {
+        ObjectReference {
+            kind: kind.into(),
+            namespace: meta.ns().to_string(),
+            name: meta.name.clone(),
+            uid: meta.uid.clone().unwrap_or_default(),
             field_path: None,
         }
     }

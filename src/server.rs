@@ -21,6 +21,7 @@ use crate::runtime::executor::{ExecError, Executor};
 use crate::runtime::logs::Logs;
 use crate::runtime::wasm::{WasmConfig, WasmExecutor};
 use crate::runtime::worker::AgentCtx;
+use crate::sched::controllers::Controllers;
 use crate::sched::scheduler::Scheduler;
 use crate::store::redb::RedbStore;
 use crate::store::{Store, StoreError};
@@ -130,6 +131,7 @@ impl Server {
         });
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
+        tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
 
         let ctx = Arc::new(AgentCtx {
             store: store.clone(),

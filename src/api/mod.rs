@@ -1,7 +1,9 @@
-//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes and Events, list/watch,
+//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments and
+//! ReplicaSets, list/watch,
 //! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
 //! get and watch machinery lives here.
 
+pub mod deployments;
 pub mod error;
 pub mod events;
 pub mod nodes;
@@ -63,6 +65,7 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .merge(pods::routes())
+        .merge(deployments::routes())
         .merge(nodes::routes())
         .merge(events::routes())
         .fallback(|| async {
@@ -175,7 +178,7 @@ pub fn list_or_watch(
         .collect();
     Ok(Json(json!({
         "kind": format!("{}List", kind.name()),
-        "apiVersion": "v1",
+        "apiVersion": kind.api_version(),
         "metadata": {"resourceVersion": rv.to_string()},
         "items": items,
     }))

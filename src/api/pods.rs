@@ -18,7 +18,7 @@ use super::{decode, get_one, list_or_watch, AppState, ListQuery};
 use crate::model::pod::{PodPhase, PodStatus, PullPolicy, RestartPolicy};
 use crate::model::validate::{validate_pod, FieldError};
 use crate::model::{Kind, Pod};
-use crate::store::object_rv;
+use crate::store::{object_rv, Store, StoreError};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -235,29 +235,46 @@ async fn delete(
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let cur_v = get_one(&s, Kind::Pod, &ns, &name)?;
-    let mut cur: Pod =
-        serde_json::from_value(cur_v.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let force = q.grace_period_seconds == Some(0);
+    get_one(&s, Kind::Pod, &ns, &name)?;
+    Ok(Json(
+        delete_pod(&*s.store, &ns, &name, q.grace_period_seconds).await?,
+    ))
+}
+
+/// Delete a pod as Kubernetes does: a pod running on a node is marked with
+/// `deletionTimestamp`, stopped by its node agent, then removed. Unbound or finished pods, and
+/// a grace period of 0, are removed at once (the node agent then stops what is left). Used by
+/// the API and by the controllers.
+pub async fn delete_pod(
+    store: &dyn Store,
+    ns: &str,
+    name: &str,
+    grace_period_seconds: Option<i64>,
+) -> Result<Value, StoreError> {
+    let cur_v = store
+        .get(Kind::Pod, ns, name)?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "Pod",
+            name: name.to_string(),
+        })?;
+    let mut cur: Pod = serde_json::from_value((*cur_v).clone())
+        .map_err(|e| StoreError::Backend(format!("stored pod {name}: {e}")))?;
+    let force = grace_period_seconds == Some(0);
     let active = cur.spec.node_name.is_some() && !cur.phase().is_terminal();
     if force || !active {
-        return Ok(Json(
-            s.store
-                .delete(Kind::Pod, &ns, &name, object_rv(&cur_v))
-                .await?,
-        ));
+        return store.delete(Kind::Pod, ns, name, object_rv(&cur_v)).await;
     }
     if cur.metadata.deletion_timestamp.is_some() {
-        return Ok(Json(cur_v));
+        return Ok((*cur_v).clone());
     }
     cur.metadata.deletion_timestamp = Some(Utc::now());
     cur.metadata.deletion_grace_period_seconds = Some(
-        q.grace_period_seconds
+        grace_period_seconds
             .or(cur.spec.termination_grace_period_seconds)
             .unwrap_or(30),
     );
-    let v = serde_json::to_value(&cur).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(s.store.update(Kind::Pod, v).await?))
+    let v = serde_json::to_value(&cur).map_err(|e| StoreError::Backend(e.to_string()))?;
+    store.update(Kind::Pod, v).await
 }
 
 #[derive(Debug, Default, Deserialize)]

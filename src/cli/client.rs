@@ -135,7 +135,7 @@ fn api_error(status: StatusCode, v: &Value) -> ClientError {
 pub fn path_for(resource: &str, ns: &str, name: Option<&str>) -> String {
     let base = match resource {
         "nodes" => "/api/v1/nodes".to_string(),
-        "deployments" => format!("/apis/apps/v1/namespaces/{ns}/deployments"),
+        "deployments" | "replicasets" => format!("/apis/apps/v1/namespaces/{ns}/{resource}"),
         r => format!("/api/v1/namespaces/{ns}/{r}"),
     };
     match name {

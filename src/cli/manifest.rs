@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::model::pod::is_wasm_image;
-use crate::model::{Node, Pod, TypeMeta};
+use crate::model::{Deployment, Node, Pod, ReplicaSet, TypeMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -37,6 +37,7 @@ impl Manifest {
         match self.kind.as_str() {
             "Pod" => "pods",
             "Node" => "nodes",
+            "ReplicaSet" => "replicasets",
             _ => "deployments",
         }
     }
@@ -185,6 +186,16 @@ fn parse_yaml(doc: &str, offset: usize, file: &str) -> Result<Vec<Manifest>, Man
             let n: Node = serde_norway::from_str(doc).map_err(|e| yaml_err(&e, offset, file, 0))?;
             serde_json::to_value(n).expect("node serializes")
         }
+        "Deployment" => {
+            let d: Deployment =
+                serde_norway::from_str(doc).map_err(|e| yaml_err(&e, offset, file, 0))?;
+            serde_json::to_value(d).expect("deployment serializes")
+        }
+        "ReplicaSet" => {
+            let r: ReplicaSet =
+                serde_norway::from_str(doc).map_err(|e| yaml_err(&e, offset, file, 0))?;
+            serde_json::to_value(r).expect("replicaset serializes")
+        }
         other => return Err(unsupported_kind(other, &tm.api_version, &source)),
     };
     Ok(vec![manifest(tm.kind, object, source)])
@@ -196,13 +207,8 @@ fn unsupported_kind(kind: &str, api_version: &str, source: &str) -> ManifestErro
             "{source}: kind: Required value (e.g. `kind: Pod`)"
         ));
     }
-    if kind == "Deployment" {
-        return ManifestError::Invalid(format!(
-            "{source}: kind Deployment ({api_version}) is not supported by this build yet (Deployments arrive with the controllers); supported kinds: Pod, Node"
-        ));
-    }
     ManifestError::Invalid(format!(
-        "{source}: unsupported kind {kind:?} (apiVersion {api_version:?}); supported kinds: Pod, Node"
+        "{source}: unsupported kind {kind:?} (apiVersion {api_version:?}); supported kinds: Pod, Node, Deployment, ReplicaSet"
     ))
 }
 
@@ -248,6 +254,22 @@ fn parse_json(doc: &str, file: &str) -> Result<Vec<Manifest>, ManifestError> {
                 source,
             )])
         }
+        "Deployment" => {
+            let d: Deployment = serde_json::from_str(doc).map_err(jerr)?;
+            Ok(vec![manifest(
+                tm.kind,
+                serde_json::to_value(d).unwrap(),
+                source,
+            )])
+        }
+        "ReplicaSet" => {
+            let r: ReplicaSet = serde_json::from_str(doc).map_err(jerr)?;
+            Ok(vec![manifest(
+                tm.kind,
+                serde_json::to_value(r).unwrap(),
+                source,
+            )])
+        }
         "List" => {
             let mut out = Vec::new();
             for (i, item) in generic["items"]
@@ -264,6 +286,10 @@ fn parse_json(doc: &str, file: &str) -> Result<Vec<Manifest>, ManifestError> {
                         .map(|p| serde_json::to_value(p).unwrap()),
                     "Node" => serde_json::from_value::<Node>(item)
                         .map(|n| serde_json::to_value(n).unwrap()),
+                    "Deployment" => serde_json::from_value::<Deployment>(item)
+                        .map(|d| serde_json::to_value(d).unwrap()),
+                    "ReplicaSet" => serde_json::from_value::<ReplicaSet>(item)
+                        .map(|r| serde_json::to_value(r).unwrap()),
                     other => return Err(unsupported_kind(other, &tm.api_version, &src)),
                 }
                 .map_err(|e| ManifestError::Invalid(format!("{src}: {}", strip_json_loc(&e))))?;
@@ -286,6 +312,11 @@ fn strip_json_loc(e: &serde_json::Error) -> String {
 /// Make relative WASM image paths and `hostPath` volumes absolute, against the manifest's
 /// directory.
 fn resolve_images(obj: &mut Value, dir: &Path) {
+    // Deployments and ReplicaSets carry a pod spec in `spec.template`.
+    if let Some(t) = obj.get_mut("spec").and_then(|s| s.get_mut("template")) {
+        resolve_images(t, dir);
+        return;
+    }
     for list in ["containers", "initContainers"] {
         if let Some(cs) = obj
             .get_mut("spec")

@@ -1,10 +1,11 @@
-//! The `kapsel` command line: `serve`, `up`, `apply`, `get`, `describe`, `logs`, `delete`
-//! (see CONTRACT.md). Client commands talk HTTP to `--server`; `serve` and `up` run the
+//! The `kapsel` command line: `serve`, `up`, `apply`, `get`, `describe`, `logs`, `delete`,
+//! `rollout`, `scale` (see CONTRACT.md). Client commands talk HTTP to `--server`; `serve` and `up` run the
 //! embedded control plane and node. `anyhow` lives here, at the edge, and nowhere else.
 
 pub mod client;
 pub mod manifest;
 pub mod output;
+pub mod rollout;
 pub mod up;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use self::client::{path_for, Client};
 use self::manifest::Manifest;
 use crate::api::pods::default_pod;
 use crate::model::quantity::parse_bytes;
-use crate::model::{Event, Node, Pod};
+use crate::model::{Deployment, Event, Node, Pod, ReplicaSet};
 use crate::server::{Server, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -170,15 +171,20 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Manage rollouts of Deployments (arrives with the controllers).
+    /// Manage the rollouts of Deployments: status, history, undo, pause, resume, restart, and
+    /// a canary's promote or abort.
     Rollout {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: rollout::RolloutCmd,
     },
-    /// Scale a Deployment (arrives with the controllers).
+    /// Set a Deployment's replicas: `kapsel scale deployment NAME --replicas N` (or
+    /// `deployment/NAME`).
     Scale {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// `deployment`, `deployment/NAME` or `NAME`.
+        target: String,
+        name: Option<String>,
+        #[arg(long)]
+        replicas: i64,
     },
 }
 
@@ -208,7 +214,10 @@ fn resource_name(r: &str) -> Result<&'static str> {
         "node" | "nodes" | "no" => "nodes",
         "event" | "events" | "ev" => "events",
         "deployment" | "deployments" | "deploy" => "deployments",
-        other => bail!("unknown resource type {other:?}: use pods, nodes or events"),
+        "replicaset" | "replicasets" | "rs" => "replicasets",
+        other => bail!(
+            "unknown resource type {other:?}: use pods, deployments, replicasets, nodes or events"
+        ),
     })
 }
 
@@ -298,8 +307,18 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::GitSync { args } => git_sync(args).await,
         Command::RedisAmbassador { args } => redis_ambassador(args).await,
         Command::MetricsAdapter { args } => metrics_adapter(args).await,
-        Command::Rollout { .. } | Command::Scale { .. } => {
-            bail!("Deployments are not available in this build yet: `rollout` and `scale` arrive with the controllers (issue #7)")
+        Command::Rollout { action } => rollout::run(&client, &ns, action).await,
+        Command::Scale {
+            target,
+            name,
+            replicas,
+        } => {
+            let target = match (target.as_str(), name) {
+                ("deployment" | "deployments" | "deploy", Some(n)) => n,
+                (_, Some(n)) => bail!("scale supports deployments, not {target:?} {n:?}"),
+                (t, None) => t.to_string(),
+            };
+            rollout::scale(&client, &ns, &target, replicas).await
         }
     }
 }
@@ -380,7 +399,33 @@ async fn apply_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
             return Ok(format!("{kind}/{} unchanged", m.name));
         }
     }
+    if m.kind == "Deployment" {
+        use crate::api::deployments::Workload;
+        let mut want: Deployment = serde_json::from_value(m.object.clone())?;
+        want.defaults();
+        let cur_d: Deployment = serde_json::from_value(cur.clone())?;
+        if cur_d.spec == want.spec
+            && cur_d.metadata.labels == want.metadata.labels
+            && want
+                .metadata
+                .annotations
+                .iter()
+                .all(|(k, v)| cur_d.metadata.annotations.get(k) == Some(v))
+        {
+            return Ok(format!("deployment.apps/{} unchanged", m.name));
+        }
+    }
     let mut next = m.object.clone();
+    if m.kind == "Deployment" {
+        // Keep the annotations the controllers own (revision, promotion).
+        if let Some(a) = cur["metadata"]["annotations"].as_object() {
+            for (k, v) in a {
+                if k.starts_with("deployment.") && next["metadata"]["annotations"][k].is_null() {
+                    next["metadata"]["annotations"][k] = v.clone();
+                }
+            }
+        }
+    }
     next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
     next["metadata"]["namespace"] = Value::String(ns.to_string());
     client
@@ -399,11 +444,12 @@ async fn get(
     all_ns: bool,
 ) -> Result<i32> {
     let res = resource_name(resource)?;
-    if res == "deployments" {
-        bail!("Deployments are not available in this build yet (they arrive with the controllers)");
-    }
     let mut path = if all_ns && name.is_none() && res != "nodes" {
-        format!("/api/v1/{res}")
+        if matches!(res, "deployments" | "replicasets") {
+            format!("/apis/apps/v1/{res}")
+        } else {
+            format!("/api/v1/{res}")
+        }
     } else {
         path_for(res, ns, name)
     };
@@ -443,6 +489,20 @@ async fn get(
                 .map(serde_json::from_value)
                 .collect::<Result<_, _>>()?;
             output::nodes_table(&nodes, wide)
+        }
+        "deployments" => {
+            let ds: Vec<Deployment> = items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()?;
+            output::deployments_table(&ds, wide)
+        }
+        "replicasets" => {
+            let rss: Vec<ReplicaSet> = items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()?;
+            output::replicasets_table(&rss, wide)
         }
         _ => {
             let mut evs: Vec<Event> = items
@@ -503,7 +563,33 @@ async fn describe(client: &Client, ns: &str, resource: &str, name: &str) -> Resu
                 .collect();
             print!("{}", output::describe_node(&node, &pods));
         }
-        other => bail!("describe supports pods and nodes, not {other}"),
+        "deployments" => {
+            let d: Deployment = serde_json::from_value(
+                client.get(&path_for("deployments", ns, Some(name))).await?,
+            )?;
+            let uid = d.metadata.uid.clone().unwrap_or_default();
+            let rss: Vec<ReplicaSet> = client.get(&path_for("replicasets", ns, None)).await?
+                ["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| serde_json::from_value::<ReplicaSet>(r).ok())
+                .filter(|r| r.metadata.owner_references.iter().any(|o| o.uid == uid))
+                .collect();
+            let evs = client.get(&path_for("events", ns, None)).await?;
+            let mut events: Vec<Event> = evs["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| serde_json::from_value::<Event>(e).ok())
+                .filter(|e| e.involved_object.uid == uid)
+                .collect();
+            events.sort_by_key(|e| e.first_timestamp);
+            print!("{}", output::describe_deployment(&d, &rss, &events));
+        }
+        other => bail!("describe supports pods, deployments and nodes, not {other}"),
     }
     Ok(0)
 }
@@ -554,9 +640,6 @@ async fn delete(
             bail!("usage: kapsel delete pod|node NAME, or kapsel delete -f FILE");
         };
         let r = resource_name(&r)?;
-        if r == "deployments" {
-            bail!("Deployments are not available in this build yet (they arrive with the controllers)");
-        }
         targets.push((r.to_string(), ns.to_string(), n));
     }
     let mut failed = false;

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::model::deployment::{revision_of, Deployment, ReplicaSet};
 use crate::model::{Event, Node, Pod};
 
 /// `5s`, `3m`, `2h`, `4d`, as kubectl prints ages.
@@ -355,6 +356,12 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
             o.push_str(&format!("  {}:\n    Type:\t{kind}\n", v.name));
         }
     }
+    events_section(&mut o, events);
+    tabs_to_columns(&o)
+}
+
+/// The `Events:` part of `describe`.
+fn events_section(o: &mut String, events: &[Event]) {
     o.push_str("Events:");
     if events.is_empty() {
         o.push_str("\t<none>\n");
@@ -386,7 +393,6 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
         }
         o.push_str(&table(rows));
     }
-    tabs_to_columns(&o)
 }
 
 pub fn describe_node(n: &Node, pods: &[Pod]) -> String {
@@ -442,4 +448,245 @@ pub fn render(v: &Value, format: &str) -> String {
         "yaml" => serde_norway::to_string(v).unwrap_or_default(),
         _ => serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
     }
+}
+
+/// kubectl's `get deployments` columns (wide adds containers, images, selector).
+pub fn deployments_table(ds: &[Deployment], wide: bool) -> String {
+    let mut head = vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"];
+    if wide {
+        head.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+    }
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for d in ds {
+        let st = d.status.clone().unwrap_or_default();
+        let mut r = vec![
+            d.metadata.name.clone(),
+            format!("{}/{}", st.ready_replicas, d.spec.replicas()),
+            st.updated_replicas.to_string(),
+            st.available_replicas.to_string(),
+            age(d.metadata.creation_timestamp),
+        ];
+        if wide {
+            let cs = &d.spec.template.spec.containers;
+            r.push(
+                cs.iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            r.push(
+                cs.iter()
+                    .map(|c| c.image.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            r.push(selector_string(&d.spec.selector));
+        }
+        rows.push(r);
+    }
+    table(rows)
+}
+
+pub fn replicasets_table(rss: &[ReplicaSet], wide: bool) -> String {
+    let mut head = vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"];
+    if wide {
+        head.extend(["REVISION", "IMAGES"]);
+    }
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
+    for rs in rss {
+        let st = rs.status.clone().unwrap_or_default();
+        let mut r = vec![
+            rs.metadata.name.clone(),
+            rs.replicas().to_string(),
+            st.replicas.to_string(),
+            st.ready_replicas.to_string(),
+            age(rs.metadata.creation_timestamp),
+        ];
+        if wide {
+            r.push(rs.revision().to_string());
+            r.push(
+                rs.spec
+                    .template
+                    .spec
+                    .containers
+                    .iter()
+                    .map(|c| c.image.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+        }
+        rows.push(r);
+    }
+    table(rows)
+}
+
+fn selector_string(s: &crate::model::deployment::LabelSelector) -> String {
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in &s.match_expressions {
+        parts.push(format!("{} {} ({})", e.key, e.operator, e.values.join(",")));
+    }
+    parts.join(",")
+}
+
+/// `rollout history`: one row per revision, oldest first.
+pub fn history_table(rss: &[ReplicaSet]) -> String {
+    let mut rows = vec![vec![
+        "REVISION".to_string(),
+        "REPLICASET".into(),
+        "IMAGES".into(),
+        "CHANGE-CAUSE".into(),
+    ]];
+    let mut rss: Vec<&ReplicaSet> = rss.iter().collect();
+    rss.sort_by_key(|r| r.revision());
+    for rs in rss {
+        rows.push(vec![
+            rs.revision().to_string(),
+            rs.metadata.name.clone(),
+            rs.spec
+                .template
+                .spec
+                .containers
+                .iter()
+                .map(|c| c.image.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            rs.metadata
+                .annotations
+                .get(crate::model::deployment::CHANGE_CAUSE_ANNOTATION)
+                .cloned()
+                .unwrap_or_else(|| "<none>".into()),
+        ]);
+    }
+    table(rows)
+}
+
+pub fn describe_deployment(d: &Deployment, rss: &[ReplicaSet], events: &[Event]) -> String {
+    let mut o = String::new();
+    let st = d.status.clone().unwrap_or_default();
+    o.push_str(&format!(
+        "Name:\t{}\nNamespace:\t{}\nCreationTimestamp:\t{}\n",
+        d.metadata.name,
+        d.metadata.ns(),
+        fmt_ts(d.metadata.creation_timestamp)
+    ));
+    o.push_str(&format!(
+        "Selector:\t{}\n",
+        selector_string(&d.spec.selector)
+    ));
+    o.push_str(&format!(
+        "Replicas:\t{} desired | {} updated | {} total | {} available | {} unavailable\n",
+        d.spec.replicas(),
+        st.updated_replicas,
+        st.replicas,
+        st.available_replicas,
+        st.unavailable_replicas
+    ));
+    o.push_str(&format!("Revision:\t{}\n", revision_of(&d.metadata)));
+    let strat = d.spec.strategy.clone().unwrap_or_default();
+    o.push_str(&format!("StrategyType:\t{:?}\n", d.spec.strategy_type()));
+    let iop = |v: &Option<crate::model::deployment::IntOrPercent>| match v {
+        Some(crate::model::deployment::IntOrPercent::Int(n)) => n.to_string(),
+        Some(crate::model::deployment::IntOrPercent::Str(s)) => s.clone(),
+        None => "-".into(),
+    };
+    if let Some(ru) = &strat.rolling_update {
+        o.push_str(&format!(
+            "RollingUpdateStrategy:\t{} max unavailable, {} max surge\n",
+            iop(&ru.max_unavailable),
+            iop(&ru.max_surge)
+        ));
+    }
+    if let Some(c) = &strat.canary {
+        o.push_str(&format!(
+            "CanaryStrategy:\t{} canaries, auto-promote {}, {} max unavailable, {} max surge\n",
+            iop(&c.replicas),
+            c.auto_promote.unwrap_or(false),
+            iop(&c.max_unavailable),
+            iop(&c.max_surge)
+        ));
+    }
+    if let Some(c) = &st.canary {
+        o.push_str(&format!(
+            "Canary:\trevision {}: {}/{} ready, {}\n",
+            c.revision,
+            c.ready,
+            c.desired,
+            if c.promoted {
+                "promoted"
+            } else {
+                "waiting for promotion"
+            }
+        ));
+    }
+    o.push_str(&format!(
+        "MinReadySeconds:\t{}\nProgressDeadlineSeconds:\t{}\nAutoRollback:\t{}\nPaused:\t{}\n",
+        d.spec.min_ready(),
+        d.spec.progress_deadline(),
+        d.spec.auto_rollback.unwrap_or(false),
+        d.spec.paused.unwrap_or(false)
+    ));
+    o.push_str("Pod Template:\n");
+    o.push_str(&format!(
+        "  Labels:\t{}\n",
+        d.spec
+            .template
+            .metadata
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
+    for c in &d.spec.template.spec.containers {
+        o.push_str(&format!("  {}:\n    Image:\t{}\n", c.name, c.image));
+    }
+    if !st.conditions.is_empty() {
+        o.push_str("Conditions:\n  Type\tStatus\tReason\n");
+        for c in &st.conditions {
+            o.push_str(&format!(
+                "  {}\t{}\t{}\n",
+                c.type_,
+                c.status,
+                c.reason.clone().unwrap_or_default()
+            ));
+        }
+    }
+    let mut rss: Vec<&ReplicaSet> = rss.iter().collect();
+    rss.sort_by_key(|r| std::cmp::Reverse(r.revision()));
+    let cur = revision_of(&d.metadata);
+    let fmt = |r: &ReplicaSet| {
+        format!(
+            "{} ({}/{} replicas created, revision {})",
+            r.metadata.name,
+            r.status.as_ref().map(|s| s.replicas).unwrap_or(0),
+            r.replicas(),
+            r.revision()
+        )
+    };
+    let olds: Vec<String> = rss
+        .iter()
+        .filter(|r| r.revision() != cur && r.replicas() > 0)
+        .map(|r| fmt(r))
+        .collect();
+    o.push_str(&format!(
+        "OldReplicaSets:\t{}\n",
+        if olds.is_empty() {
+            "<none>".into()
+        } else {
+            olds.join(", ")
+        }
+    ));
+    o.push_str(&format!(
+        "NewReplicaSet:\t{}\n",
+        rss.iter()
+            .find(|r| r.revision() == cur)
+            .map(|r| fmt(r))
+            .unwrap_or_else(|| "<none>".into())
+    ));
+    events_section(&mut o, events);
+    tabs_to_columns(&o)
 }

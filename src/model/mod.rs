@@ -1,6 +1,7 @@
-//! The object model: Kubernetes-shaped kinds (Pod, Node, Event), their quantities and validation.
+//! The object model: Kubernetes-shaped kinds (Pod, Node, Event, Deployment, ReplicaSet), their quantities and validation.
 //! Types are strict (`deny_unknown_fields`) so a typo in a manifest is an error naming the field.
 
+pub mod deployment;
 pub mod event;
 pub mod meta;
 pub mod node;
@@ -8,6 +9,7 @@ pub mod pod;
 pub mod quantity;
 pub mod validate;
 
+pub use deployment::{Deployment, ReplicaSet};
 pub use event::{Event, ObjectReference};
 pub use meta::{ObjectMeta, TypeMeta};
 pub use node::Node;
@@ -19,6 +21,8 @@ pub enum Kind {
     Pod,
     Node,
     Event,
+    Deployment,
+    ReplicaSet,
 }
 
 impl Kind {
@@ -27,6 +31,8 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Node => "nodes",
             Kind::Event => "events",
+            Kind::Deployment => "deployments",
+            Kind::ReplicaSet => "replicasets",
         }
     }
     pub fn name(self) -> &'static str {
@@ -34,6 +40,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Node => "Node",
             Kind::Event => "Event",
+            Kind::Deployment => "Deployment",
+            Kind::ReplicaSet => "ReplicaSet",
         }
     }
     pub fn namespaced(self) -> bool {
@@ -44,8 +52,23 @@ impl Kind {
             "pods" | "pod" | "po" => Some(Kind::Pod),
             "nodes" | "node" | "no" => Some(Kind::Node),
             "events" | "event" | "ev" => Some(Kind::Event),
+            "deployments" | "deployment" | "deploy" => Some(Kind::Deployment),
+            "replicasets" | "replicaset" | "rs" => Some(Kind::ReplicaSet),
             _ => None,
         }
     }
-    pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Node, Kind::Event];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::Node,
+        Kind::Event,
+        Kind::Deployment,
+        Kind::ReplicaSet,
+    ];
+    /// `v1` or `apps/v1`.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Deployment | Kind::ReplicaSet => "apps/v1",
+            _ => "v1",
+        }
+    }
 }

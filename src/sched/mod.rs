@@ -1,5 +1,11 @@
-//! Scheduling and controllers: the scheduler and its filter/score pipeline. (Controllers for
-//! Deployments join here.)
+//! Scheduling and controllers: the scheduler and its filter/score pipeline; the controller
+//! manager (watch → de-duplicating work queue → bounded workers) with the Deployment and
+//! ReplicaSet reconcilers.
 
+pub mod controllers;
+pub mod deployment;
 pub mod plugins;
+pub mod replicaset;
 pub mod scheduler;
+pub mod view;
+pub mod workqueue;
