@@ -73,6 +73,27 @@ pub async fn run(
             )
         })
         .collect();
+    // Pods of the Deployments applied are shown and followed too (their ReplicaSets are
+    // named `<deployment>-<hash>`); with a Deployment, `up` runs until stopped.
+    let deployments: HashSet<(String, String)> = manifests
+        .iter()
+        .filter(|m| m.kind == "Deployment")
+        .map(|m| {
+            (
+                m.namespace.clone().unwrap_or_else(|| ns.to_string()),
+                m.name.clone(),
+            )
+        })
+        .collect();
+    let of_deployment = |pod: &Pod| {
+        pod.metadata.owner_references.iter().any(|o| {
+            o.kind == "ReplicaSet"
+                && o.name
+                    .rsplit_once('-')
+                    .map(|(d, _)| deployments.contains(&(pod.ns().to_string(), d.to_string())))
+                    .unwrap_or(false)
+        })
+    };
 
     let mut last: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut phases: BTreeMap<(String, String), PodPhase> = BTreeMap::new();
@@ -88,7 +109,12 @@ pub async fn run(
                 continue;
             };
             let key = (pod.ns().to_string(), pod.name().to_string());
-            if !wanted.contains(&key) {
+            if !wanted.contains(&key) && !of_deployment(&pod) {
+                continue;
+            }
+            if ev.type_ == crate::store::EventType::Deleted {
+                eprintln!("kapsel: pod/{} deleted", pod.name());
+                last.remove(&key);
                 continue;
             }
             let line = summary(&pod);
@@ -112,6 +138,7 @@ pub async fn run(
             }
         }
         if !wanted.is_empty()
+            && deployments.is_empty()
             && wanted
                 .iter()
                 .all(|k| phases.get(k).map(|p| p.is_terminal()).unwrap_or(false))
