@@ -5,11 +5,14 @@
 //! [`runtime`]'s node agent runs it → status flows back through the store.
 //!
 //! ## Layout
-//! - [`model`]: the Kubernetes-shaped object types (Pod, Node, Event), quantities, validation.
+//! - [`model`]: the Kubernetes-shaped object types (Pod, Node, Event, Deployment, ReplicaSet),
+//!   quantities, validation.
 //! - [`store`]: the `Store` trait (revisions, compare-and-swap, watch) and its embedded redb
 //!   backend with group commit.
 //! - [`api`]: the axum HTTP API — one file per resource kind, errors mapped to `Status` once.
-//! - [`sched`]: the scheduler and its filter/score plugin pipeline.
+//! - [`sched`]: the scheduler and its filter/score plugin pipeline; the controller manager
+//!   (watch → de-duplicating work queue → workers) with the Deployment (rolling update,
+//!   recreate, canary, progress deadline, rollback) and ReplicaSet reconcilers.
 //! - [`runtime`]: the node agent, pod workers, the executor trait, the WASM executor, logs,
 //!   volumes, restart back-off.
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
