@@ -325,26 +325,158 @@ fn validate_container(
             ));
         }
     }
+    validate_probes(c, f, init, errs);
+}
+
+/// Probes: one handler each, ports that exist, sane timing; none on plain init containers
+/// (native sidecars may have them), exec only in OCI containers, HTTP only.
+fn validate_probes(c: &Container, f: &str, init: bool, errs: &mut Vec<FieldError>) {
+    let sidecar = c.restart_policy == Some(RestartPolicy::Always);
     for (name, p) in [
         ("livenessProbe", &c.liveness_probe),
         ("readinessProbe", &c.readiness_probe),
         ("startupProbe", &c.startup_probe),
     ] {
-        if let Some(p) = p {
-            let n = [
-                p.http_get.is_some(),
-                p.tcp_socket.is_some(),
-                p.exec.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if n != 1 {
+        let Some(p) = p else { continue };
+        let pf = format!("{f}.{name}");
+        if init && !sidecar {
+            errs.push(err(
+                &pf,
+                "Forbidden: may not be set for init containers without restartPolicy=Always",
+            ));
+            continue;
+        }
+        let n = [
+            p.http_get.is_some(),
+            p.tcp_socket.is_some(),
+            p.exec.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if n != 1 {
+            errs.push(err(
+                &pf,
+                "Required value: exactly one of httpGet, tcpSocket, exec",
+            ));
+        }
+        if let Some(e) = &p.exec {
+            if c.is_wasm() || c.image.starts_with("builtin/") {
                 errs.push(err(
-                    format!("{f}.{name}"),
-                    "Required value: exactly one of httpGet, tcpSocket, exec",
+                    format!("{pf}.exec"),
+                    "Unsupported: exec probes run only in OCI containers",
+                ));
+            } else if e.command.is_empty() {
+                errs.push(err(format!("{pf}.exec.command"), "Required value"));
+            }
+        }
+        if let Some(h) = &p.http_get {
+            validate_probe_port(&h.port, c, &format!("{pf}.httpGet.port"), errs);
+            match h.scheme.as_deref() {
+                None | Some("HTTP") => {}
+                Some("HTTPS") => errs.push(err(
+                    format!("{pf}.httpGet.scheme"),
+                    "Unsupported value: \"HTTPS\": HTTPS probes are not supported; supported values: \"HTTP\"",
+                )),
+                Some(s) => errs.push(err(
+                    format!("{pf}.httpGet.scheme"),
+                    format!("Unsupported value: {s:?}: supported values: \"HTTP\""),
+                )),
+            }
+            if let Some(path) = &h.path {
+                if path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                    errs.push(err(
+                        format!("{pf}.httpGet.path"),
+                        format!("Invalid value: {path:?}: must not contain whitespace or control characters"),
+                    ));
+                }
+            }
+            validate_probe_host(h.host.as_deref(), &format!("{pf}.httpGet.host"), errs);
+        }
+        if let Some(t) = &p.tcp_socket {
+            validate_probe_port(&t.port, c, &format!("{pf}.tcpSocket.port"), errs);
+            validate_probe_host(t.host.as_deref(), &format!("{pf}.tcpSocket.host"), errs);
+        }
+        for (field, v, min) in [
+            ("initialDelaySeconds", p.initial_delay_seconds, 0),
+            ("periodSeconds", p.period_seconds, 1),
+            ("timeoutSeconds", p.timeout_seconds, 1),
+            ("successThreshold", p.success_threshold, 1),
+            ("failureThreshold", p.failure_threshold, 1),
+        ] {
+            if let Some(v) = v {
+                if v < min {
+                    errs.push(err(
+                        format!("{pf}.{field}"),
+                        format!("Invalid value: {v}: must be greater than or equal to {min}"),
+                    ));
+                }
+            }
+        }
+        if name != "readinessProbe" {
+            if let Some(v) = p.success_threshold {
+                if v != 1 {
+                    errs.push(err(
+                        format!("{pf}.successThreshold"),
+                        format!("Invalid value: {v}: must be 1"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// A probe's port: a number in 1..=65535, or the name of one of the container's ports.
+fn validate_probe_port(
+    port: &serde_json::Value,
+    c: &Container,
+    field: &str,
+    errs: &mut Vec<FieldError>,
+) {
+    match port {
+        serde_json::Value::Number(n) => {
+            if !n.as_i64().is_some_and(|p| (1..=65535).contains(&p)) {
+                errs.push(err(
+                    field,
+                    format!("Invalid value: {n}: must be between 1 and 65535, inclusive"),
                 ));
             }
+        }
+        serde_json::Value::String(name) => {
+            if !c
+                .ports
+                .iter()
+                .any(|p| p.name.as_deref() == Some(name.as_str()))
+            {
+                errs.push(err(
+                    field,
+                    format!("Not found: {name:?}: no port of that name in the container's ports"),
+                ));
+            }
+        }
+        other => errs.push(err(
+            field,
+            format!("Invalid value: {other}: must be a port number or a port name"),
+        )),
+    }
+}
+
+fn validate_probe_host(host: Option<&str>, field: &str, errs: &mut Vec<FieldError>) {
+    if let Some(h) = host {
+        if h.is_empty() {
+            return;
+        }
+        let ok = h.parse::<std::net::IpAddr>().is_ok()
+            || h.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            errs.push(err(
+                field,
+                format!("Invalid value: {h:?}: must be an IP address or a DNS name"),
+            ));
         }
     }
 }
@@ -352,7 +484,10 @@ fn validate_container(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::pod::{Container, Pod, VolumeMount};
+    use crate::model::pod::{
+        Container, ContainerPort, ExecAction, HttpGetAction, Pod, Probe, TcpSocketAction,
+        VolumeMount,
+    };
 
     fn pod() -> Pod {
         let mut p = Pod::default();
@@ -399,6 +534,155 @@ mod tests {
         let errs = validate_pod(&p);
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "spec.containers[1].name");
+    }
+
+    fn tcp_probe(port: serde_json::Value) -> Probe {
+        Probe {
+            tcp_socket: Some(TcpSocketAction { port, host: None }),
+            ..Default::default()
+        }
+    }
+
+    fn fields(p: &Pod) -> Vec<String> {
+        validate_pod(p).iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn probes_need_exactly_one_handler() {
+        let mut p = pod();
+        p.spec.containers[0].liveness_probe = Some(Probe::default());
+        let mut two = tcp_probe(serde_json::json!(80));
+        two.exec = Some(ExecAction {
+            command: vec!["true".into()],
+        });
+        p.spec.containers[0].readiness_probe = Some(two);
+        let e = fields(&p);
+        assert!(e[0].starts_with("spec.containers[0].livenessProbe: Required value"));
+        assert!(e[1].starts_with("spec.containers[0].readinessProbe: Required value"));
+    }
+
+    #[test]
+    fn exec_probes_only_in_oci_containers() {
+        let exec = Probe {
+            exec: Some(ExecAction {
+                command: vec!["true".into()],
+            }),
+            ..Default::default()
+        };
+        let mut p = pod();
+        p.spec.containers[0].liveness_probe = Some(exec.clone());
+        assert_eq!(
+            fields(&p),
+            vec!["spec.containers[0].livenessProbe.exec: Unsupported: exec probes run only in OCI containers"]
+        );
+        p.spec.containers[0].image = "builtin/git-sync".into();
+        assert_eq!(
+            validate_pod(&p)[0].field,
+            "spec.containers[0].livenessProbe.exec"
+        );
+        p.spec.containers[0].image = "busybox".into();
+        assert!(validate_pod(&p).is_empty());
+        p.spec.containers[0].liveness_probe = Some(Probe {
+            exec: Some(ExecAction::default()),
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&p),
+            vec!["spec.containers[0].livenessProbe.exec.command: Required value"]
+        );
+    }
+
+    #[test]
+    fn probe_ports_are_numbers_in_range_or_named_ports() {
+        let mut p = pod();
+        let c = &mut p.spec.containers[0];
+        c.ports.push(ContainerPort {
+            container_port: 8080,
+            name: Some("http".into()),
+            ..Default::default()
+        });
+        c.liveness_probe = Some(tcp_probe(serde_json::json!("http")));
+        c.startup_probe = Some(tcp_probe(serde_json::json!(8080)));
+        c.readiness_probe = Some(Probe {
+            http_get: Some(HttpGetAction {
+                port: serde_json::json!("http"),
+                path: Some("/healthz".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(validate_pod(&p).is_empty(), "{:?}", validate_pod(&p));
+        let c = &mut p.spec.containers[0];
+        c.liveness_probe = Some(tcp_probe(serde_json::json!("metrics")));
+        c.startup_probe = Some(tcp_probe(serde_json::json!(0)));
+        c.readiness_probe = Some(tcp_probe(serde_json::json!(65536)));
+        let e = fields(&p);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with(
+            "spec.containers[0].livenessProbe.tcpSocket.port: Not found: \"metrics\""
+        ));
+        assert!(e[1]
+            .starts_with("spec.containers[0].readinessProbe.tcpSocket.port: Invalid value: 65536"));
+        assert!(
+            e[2].starts_with("spec.containers[0].startupProbe.tcpSocket.port: Invalid value: 0")
+        );
+    }
+
+    #[test]
+    fn probe_timing_thresholds_and_scheme() {
+        let mut p = pod();
+        let c = &mut p.spec.containers[0];
+        c.liveness_probe = Some(Probe {
+            period_seconds: Some(0),
+            initial_delay_seconds: Some(-1),
+            success_threshold: Some(2),
+            ..tcp_probe(serde_json::json!(80))
+        });
+        c.readiness_probe = Some(Probe {
+            success_threshold: Some(2),
+            failure_threshold: Some(0),
+            timeout_seconds: Some(0),
+            ..tcp_probe(serde_json::json!(80))
+        });
+        c.startup_probe = Some(Probe {
+            http_get: Some(HttpGetAction {
+                port: serde_json::json!(80),
+                scheme: Some("HTTPS".into()),
+                ..Default::default()
+            }),
+            success_threshold: Some(3),
+            ..Default::default()
+        });
+        let got: Vec<String> = validate_pod(&p).into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            got,
+            vec![
+                "spec.containers[0].livenessProbe.initialDelaySeconds",
+                "spec.containers[0].livenessProbe.periodSeconds",
+                "spec.containers[0].livenessProbe.successThreshold",
+                "spec.containers[0].readinessProbe.timeoutSeconds",
+                "spec.containers[0].readinessProbe.failureThreshold",
+                "spec.containers[0].startupProbe.httpGet.scheme",
+                "spec.containers[0].startupProbe.successThreshold",
+            ]
+        );
+    }
+
+    #[test]
+    fn probes_on_init_containers_only_for_sidecars() {
+        let mut p = pod();
+        p.spec.init_containers.push(Container {
+            name: "setup".into(),
+            image: "busybox".into(),
+            readiness_probe: Some(tcp_probe(serde_json::json!(80))),
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&p),
+            vec!["spec.initContainers[0].readinessProbe: Forbidden: may not be set for init containers without restartPolicy=Always"]
+        );
+        p.spec.init_containers[0].restart_policy = Some(RestartPolicy::Always);
+        assert!(validate_pod(&p).is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
@@ -26,6 +27,24 @@ pub const LABEL_NODE: &str = "io.kapsel.node";
 pub const LABEL_CONTAINER: &str = "io.kapsel.container";
 /// The image holding pod network namespaces, built by Kapsel itself (no registry needed).
 pub const PAUSE_IMAGE: &str = "kapsel/pause:1";
+
+/// What `DockerExecutor::exec` gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    /// stdout and stderr interleaved, at most 1 KiB.
+    pub output: String,
+}
+
+const EXEC_OUTPUT_MAX: usize = 1024;
+
+fn humantime_secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
 
 pub struct DockerExecutor {
     /// `unix:///var/run/docker.sock` or a path.
@@ -190,6 +209,72 @@ impl DockerExecutor {
             ));
         }
         Ok((created.id, pid as u32))
+    }
+
+    /// Run `argv` inside a running container (`docker exec`), as exec probes do: its exit code
+    /// and the first KiB of its output. `timeout` bounds the command's run (setting the exec up
+    /// has its own bound, so a slow daemon is not mistaken for a slow command). A command still
+    /// running after it is an error; the process itself is left to finish (the Engine API
+    /// cannot kill an exec).
+    pub async fn exec(
+        &self,
+        container_id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ExecError> {
+        let d = self.docker().await?;
+        let id = container_id
+            .strip_prefix("docker://")
+            .unwrap_or(container_id);
+        let short = &id[..id.len().min(12)];
+        let failed =
+            |e: bollard::errors::Error| ExecError::Internal(format!("exec in {short}: {e}"));
+        let created = tokio::time::timeout(
+            Duration::from_secs(10),
+            d.create_exec(
+                id,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(argv.to_vec()),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .map_err(|_| unavailable(&self.host, "creating an exec timed out"))?
+        .map_err(failed)?;
+        let run = async {
+            let mut output = Vec::new();
+            if let StartExecResults::Attached { output: mut s, .. } = d
+                .start_exec(&created.id, None::<StartExecOptions>)
+                .await
+                .map_err(failed)?
+            {
+                while let Some(Ok(chunk)) = s.next().await {
+                    let b = chunk.into_bytes();
+                    let room = EXEC_OUTPUT_MAX.saturating_sub(output.len());
+                    output.extend_from_slice(&b[..b.len().min(room)]);
+                }
+            }
+            // The stream ends when the process does; its exit code may lag a moment behind.
+            loop {
+                let info = d.inspect_exec(&created.id).await.map_err(failed)?;
+                if let (false, Some(code)) = (info.running == Some(true), info.exit_code) {
+                    return Ok(ExecOutput {
+                        exit_code: code,
+                        output: String::from_utf8_lossy(&output).into_owned(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| {
+            ExecError::Internal(format!(
+                "command timed out after {}",
+                humantime_secs(timeout)
+            ))
+        })?
     }
 
     /// Remove every container of a pod (by its uid label).

@@ -196,7 +196,9 @@ impl Instance for TaskInstance {
         if let Some(r) = &self.result {
             return Ok(r.clone());
         }
-        let rx = self.done.take().ok_or_else(|| {
+        // Cancel-safe: the receiver stays in place until it yields, so a `wait` dropped by a
+        // `select!` (a probe's kill, a stop) can be followed by another `wait` or `kill`.
+        let rx = self.done.as_mut().ok_or_else(|| {
             ExecError::Internal("invalid state transition: wait on a dropped instance".into())
         })?;
         let r = rx.await.unwrap_or(ExitStatus {
@@ -204,6 +206,7 @@ impl Instance for TaskInstance {
             reason: "Error".into(),
             message: Some("the instance's task was lost".into()),
         });
+        self.done = None;
         self.result = Some(r.clone());
         Ok(r)
     }

@@ -2,7 +2,9 @@
 //! containers in order (native sidecars start first and stop last), starts the app containers,
 //! restarts them by `restartPolicy` with back-off, and writes the pod's status. Each container
 //! is driven by its own runner; runners report to the worker, which coalesces their reports
-//! into status writes.
+//! into status writes. A runner also runs its container's probes (`probe.rs`) beside the
+//! instance: readiness sets `ready`, a startup probe holds back `started`, liveness and readiness,
+//! and a failed liveness or startup probe kills the instance, which then restarts by policy.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::{Backoff, BackoffConfig};
 use super::executor::{ContainerSpec, ExecError, Executor, ExitStatus};
 use super::logs::Logs;
+use super::probe::{ProbeEvent, Probes, Target as ProbeTarget};
 use super::sandbox::{NetMode, Sandbox};
 use super::volumes;
 use crate::events::Recorder;
@@ -289,7 +292,9 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             loop {
                 tokio::select! {
                     Some(rep) = rx.recv() => {
-                        let started = rep.status.state.running.is_some();
+                        // Started: running, and past its startup probe if it has one.
+                        let started = rep.status.state.running.is_some()
+                            && rep.status.started != Some(false);
                         apply(&mut local, rep);
                         if !flush(&ctx, &pod, &local).await { stop.cancel(); }
                         if started { break; }
@@ -872,26 +877,120 @@ impl Runner {
                 }),
                 ..Default::default()
             };
-            self.status.started = Some(true);
-            self.status.ready = !self.init || self.policy == RestartPolicy::Always;
+            // Ready when started, unless a readiness probe says otherwise; non-sidecar init
+            // containers are never ready (and have no probes).
+            let can_be_ready = !self.init || self.policy == RestartPolicy::Always;
+            let probes = if can_be_ready {
+                Probes::of(&self.container)
+            } else {
+                Probes::none()
+            };
+            let has_readiness = probes.has_readiness();
+            self.status.started = Some(!probes.has_startup());
+            self.status.ready = can_be_ready && !probes.has_startup() && !has_readiness;
             self.report(false);
             self.ctx.recorder.normal(
                 pod_ref.clone(),
                 "Started",
                 format!("Started container {name}"),
             );
-            let exit = tokio::select! {
-                r = instance.wait() => r,
-                _ = stop.cancelled() => {
-                    let r = instance.kill(Duration::from_secs(
-                        self.pod.spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64,
-                    )).await;
+            let grace = Duration::from_secs(
+                self.pod
+                    .spec
+                    .termination_grace_period_seconds
+                    .unwrap_or(30)
+                    .max(0) as u64,
+            );
+            // Probes run alongside the wait, in this task: they end with the instance.
+            let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<ProbeEvent>();
+            let probing = probes.run(
+                ProbeTarget {
+                    net: self.net.rt.clone(),
+                    docker: self.ctx.docker.clone(),
+                    container_id: self.status.container_id.clone(),
+                },
+                tokio::time::Instant::from_std(started),
+                probe_tx,
+            );
+            let outcome = {
+                let wait = instance.wait();
+                tokio::pin!(wait);
+                tokio::pin!(probing);
+                let mut probing_done = false;
+                loop {
+                    tokio::select! {
+                        r = &mut wait => break Outcome::Exited(r),
+                        _ = stop.cancelled() => break Outcome::Stop,
+                        _ = &mut probing, if !probing_done => probing_done = true,
+                        Some(ev) = probe_rx.recv() => match ev {
+                            ProbeEvent::Started => {
+                                self.status.started = Some(true);
+                                self.status.ready = can_be_ready && !has_readiness;
+                                self.report(false);
+                            }
+                            ProbeEvent::Ready(ready, why) => {
+                                if !ready {
+                                    self.ctx.recorder.warning(
+                                        pod_ref.clone(),
+                                        "Unhealthy",
+                                        format!("Readiness probe failed: {why}"),
+                                    );
+                                }
+                                if self.status.ready != ready {
+                                    self.status.ready = ready;
+                                    self.report(false);
+                                }
+                            }
+                            ProbeEvent::Failed(kind, why) => {
+                                let probe = kind.label();
+                                self.ctx.recorder.warning(
+                                    pod_ref.clone(),
+                                    "Unhealthy",
+                                    format!("{probe} probe failed: {why}"),
+                                );
+                                self.ctx.recorder.normal(
+                                    pod_ref.clone(),
+                                    "Killing",
+                                    format!(
+                                        "Container {name} failed {} probe, will be restarted",
+                                        probe.to_lowercase()
+                                    ),
+                                );
+                                break Outcome::Unhealthy(probe, why);
+                            }
+                        },
+                    }
+                }
+            };
+            let exit = match outcome {
+                Outcome::Exited(r) => r,
+                Outcome::Stop => {
+                    let r = instance.kill(grace).await;
                     if let Ok(exit) = &r {
                         self.status.state = Self::terminated(exit, Some(started_at));
                         self.status.ready = false;
                         self.report(true);
                     }
                     return r.ok();
+                }
+                Outcome::Unhealthy(probe, why) => {
+                    self.status.ready = false;
+                    let mut exit = instance.kill(grace).await.unwrap_or_else(|_| ExitStatus {
+                        // The instance's own status was lost with the abandoned wait.
+                        exit_code: 137,
+                        reason: "Killed".into(),
+                        message: None,
+                    });
+                    if exit.message.is_none() || exit.reason == "Killed" {
+                        exit.message =
+                            Some(format!("{} probe failed: {why}", probe.to_lowercase()));
+                    }
+                    // A container killed for failing a probe did not succeed, whatever its code.
+                    if exit.exit_code == 0 {
+                        exit.exit_code = 137;
+                        exit.reason = "Error".into();
+                    }
+                    Ok(exit)
                 }
             };
             let exit = exit.unwrap_or_else(|e| ExitStatus {
@@ -900,6 +999,7 @@ impl Runner {
                 message: Some(e.to_string()),
             });
             self.status.ready = false;
+            self.status.started = Some(false);
             self.status.state = Self::terminated(&exit, Some(started_at));
             last = Some(exit.clone());
             if exit.reason == "OOMKilled" || (exit.exit_code != 0 && exit.message.is_some()) {
@@ -940,6 +1040,15 @@ impl Runner {
             self.status.restart_count += 1;
         }
     }
+}
+
+/// How a running instance's wait ended.
+enum Outcome {
+    Exited(Result<ExitStatus, ExecError>),
+    /// The container is being stopped (pod deleted, node shutting down).
+    Stop,
+    /// A liveness or startup probe failed (its label, why): kill and restart by policy.
+    Unhealthy(&'static str, String),
 }
 
 /// `$(VAR)` references to earlier variables, as Kubernetes expands them.

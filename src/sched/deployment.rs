@@ -28,8 +28,8 @@ use super::replicaset::delete_replica_set;
 use super::view::{controller_of, PodView};
 use crate::events::Recorder;
 use crate::model::deployment::{
-    revision_of, template_hash, CanaryStatus, Deployment, DeploymentCondition, DeploymentStatus,
-    IntOrPercent, LabelSelector, ReplicaSet, ReplicaSetSpec, StrategyType, CHANGE_CAUSE_ANNOTATION,
+    template_hash, CanaryStatus, Deployment, DeploymentCondition, DeploymentStatus, IntOrPercent,
+    LabelSelector, ReplicaSet, ReplicaSetSpec, StrategyType, CHANGE_CAUSE_ANNOTATION,
     PROMOTED_ANNOTATION, REVISION_ANNOTATION, TEMPLATE_HASH_LABEL,
 };
 use crate::model::meta::{ObjectMeta, OwnerReference};
@@ -244,7 +244,8 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                         scales.push((usize::MAX, want));
                     }
                     let ready = new.available.min(want);
-                    let healthy_for = chrono::Duration::seconds(c.healthy_seconds.unwrap_or(10) as i64);
+                    let healthy_for =
+                        chrono::Duration::seconds(c.healthy_seconds.unwrap_or(10) as i64);
                     if c.auto_promote.unwrap_or(false)
                         && ready >= want
                         && new.active == want
@@ -842,7 +843,101 @@ async fn collect_orphans(
     Ok(None)
 }
 
-/// The revision of a Deployment (its newest ReplicaSet's).
-pub fn deployment_revision(d: &Deployment) -> i64 {
-    revision_of(&d.metadata)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ReplicaSet of `size` with `available` available pods (all active).
+    fn rs(size: i32, available: i32) -> Rs {
+        Rs {
+            rs: ReplicaSet::default(),
+            size,
+            active: size,
+            ready: available,
+            available,
+            present: size as usize,
+            crash_looping: false,
+            healthy_since: None,
+            hash: String::new(),
+        }
+    }
+
+    fn step(replicas: i32, surge: i64, unav: i64, new: &Rs, olds: &[Rs]) -> (i32, Vec<i32>) {
+        let mut scales = vec![];
+        rolling(
+            replicas,
+            Some(&IntOrPercent::Int(surge)),
+            Some(&IntOrPercent::Int(unav)),
+            new,
+            olds,
+            &mut scales,
+        );
+        let mut new_size = new.size;
+        let mut old_sizes: Vec<i32> = olds.iter().map(|o| o.size).collect();
+        for (i, n) in scales {
+            if i == usize::MAX {
+                new_size = n;
+            } else {
+                old_sizes[i] = n;
+            }
+        }
+        (new_size, old_sizes)
+    }
+
+    #[test]
+    fn max_unavailable_0_surges_one_at_a_time() {
+        // Start: 5 old, all available.
+        assert_eq!(step(5, 1, 0, &rs(0, 0), &[rs(5, 5)]), (1, vec![5]));
+        // The new pod is not available yet: nothing old goes.
+        assert_eq!(step(5, 1, 0, &rs(1, 0), &[rs(5, 5)]), (1, vec![5]));
+        // It is: one old pod goes, and no more than that.
+        assert_eq!(step(5, 1, 0, &rs(1, 1), &[rs(5, 5)]), (1, vec![4]));
+        assert_eq!(step(5, 1, 0, &rs(1, 1), &[rs(4, 4)]), (2, vec![4]));
+        // The end.
+        assert_eq!(step(5, 1, 0, &rs(5, 5), &[rs(1, 1)]), (5, vec![0]));
+    }
+
+    #[test]
+    fn a_never_available_version_stops_at_max_surge() {
+        for _ in 0..3 {
+            assert_eq!(step(5, 1, 0, &rs(1, 0), &[rs(5, 5)]), (1, vec![5]));
+        }
+        // With maxUnavailable 1 it may take one old pod, never more.
+        assert_eq!(step(5, 1, 1, &rs(2, 0), &[rs(4, 4)]), (2, vec![4]));
+    }
+
+    #[test]
+    fn unavailable_old_pods_go_first_and_the_floor_holds() {
+        // 3 of the 5 old pods are broken: as many go as the budget of unavailable pods
+        // allows (replicas - maxUnavailable = 4 must be kept as pods), broken ones first,
+        // and no available one.
+        let (new, olds) = step(5, 0, 1, &rs(0, 0), &[rs(5, 2)]);
+        assert_eq!(new, 0);
+        assert_eq!(olds, vec![4]);
+        let (new, olds) = step(5, 0, 3, &rs(0, 0), &[rs(5, 2)]);
+        assert_eq!(new, 0);
+        assert_eq!(olds, vec![2]);
+        // Several old revisions: the oldest shrinks first.
+        let (_, olds) = step(4, 1, 1, &rs(1, 1), &[rs(2, 2), rs(2, 2)]);
+        assert_eq!(olds, vec![0, 2]);
+    }
+
+    #[test]
+    fn scaling_without_a_rollout() {
+        assert_eq!(step(1000, 250, 250, &rs(0, 0), &[]), (1000, vec![]));
+        assert_eq!(step(2, 1, 0, &rs(6, 6), &[]), (2, vec![]));
+    }
+
+    #[test]
+    fn both_zero_means_one_unavailable() {
+        assert_eq!(
+            surge_unavailable(4, Some(&IntOrPercent::Int(0)), Some(&IntOrPercent::Int(0))),
+            (0, 1)
+        );
+        assert_eq!(surge_unavailable(4, None, None), (1, 1));
+        assert_eq!(
+            surge_unavailable(10, Some(&IntOrPercent::Str("25%".into())), None),
+            (3, 2)
+        );
+    }
 }
