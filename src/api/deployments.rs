@@ -92,23 +92,36 @@ fn default_template(spec: &mut crate::model::pod::PodSpec) {
     *spec = p.spec;
 }
 
+/// The accessors both kinds implement the same way (same field names).
+macro_rules! workload_fields {
+    () => {
+        fn meta(&self) -> &ObjectMeta {
+            &self.metadata
+        }
+        fn meta_mut(&mut self) -> &mut ObjectMeta {
+            &mut self.metadata
+        }
+        fn spec_value(&self) -> Value {
+            serde_json::to_value(&self.spec).unwrap_or_default()
+        }
+        fn selector(&self) -> &LabelSelector {
+            &self.spec.selector
+        }
+        fn replicas_mut(&mut self) -> &mut Option<i32> {
+            &mut self.spec.replicas
+        }
+        fn take_status(&mut self, other: &Self) {
+            self.status = other.status.clone();
+        }
+        fn status_replicas(&self) -> i32 {
+            self.status.as_ref().map(|s| s.replicas).unwrap_or(0)
+        }
+    };
+}
+
 impl Workload for Deployment {
     const KIND: Kind = Kind::Deployment;
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-    fn spec_value(&self) -> Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn selector(&self) -> &LabelSelector {
-        &self.spec.selector
-    }
-    fn replicas_mut(&mut self) -> &mut Option<i32> {
-        &mut self.spec.replicas
-    }
+    workload_fields!();
     fn defaults(&mut self) {
         self.api_version = "apps/v1".into();
         self.kind = "Deployment".into();
@@ -138,31 +151,11 @@ impl Workload for Deployment {
     fn validate(&self) -> Vec<FieldError> {
         validate_deployment(self)
     }
-    fn take_status(&mut self, other: &Self) {
-        self.status = other.status.clone();
-    }
-    fn status_replicas(&self) -> i32 {
-        self.status.as_ref().map(|s| s.replicas).unwrap_or(0)
-    }
 }
 
 impl Workload for ReplicaSet {
     const KIND: Kind = Kind::ReplicaSet;
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-    fn spec_value(&self) -> Value {
-        serde_json::to_value(&self.spec).unwrap_or_default()
-    }
-    fn selector(&self) -> &LabelSelector {
-        &self.spec.selector
-    }
-    fn replicas_mut(&mut self) -> &mut Option<i32> {
-        &mut self.spec.replicas
-    }
+    workload_fields!();
     fn defaults(&mut self) {
         self.api_version = "apps/v1".into();
         self.kind = "ReplicaSet".into();
@@ -171,12 +164,6 @@ impl Workload for ReplicaSet {
     }
     fn validate(&self) -> Vec<FieldError> {
         validate_replica_set(self)
-    }
-    fn take_status(&mut self, other: &Self) {
-        self.status = other.status.clone();
-    }
-    fn status_replicas(&self) -> i32 {
-        self.status.as_ref().map(|s| s.replicas).unwrap_or(0)
     }
 }
 

@@ -384,6 +384,27 @@ async fn apply_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
         Err(e) if e.code() == Some(409) && e.reason() == "AlreadyExists" => {}
         Err(e) => return Err(e.into()),
     }
+    // A controller may write the object (its status) between our read and our write: retry.
+    let mut tries = 0;
+    loop {
+        match update_one(client, m, ns).await {
+            Err(e)
+                if tries < 5
+                    && e.downcast_ref::<client::ClientError>()
+                        .map(|c| c.code() == Some(409) && c.reason() == "Conflict")
+                        .unwrap_or(false) =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Read the stored object and replace it with the manifest's (unless nothing changed).
+async fn update_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
+    let resource = m.resource();
+    let kind = m.kind.to_lowercase();
     let cur = client.get(&path_for(resource, ns, Some(&m.name))).await?;
     if m.kind == "Pod" {
         let mut want: Pod = serde_json::from_value(m.object.clone())?;
@@ -476,34 +497,10 @@ async fn get(
         return Ok(0);
     }
     let text = match res {
-        "pods" => {
-            let pods: Vec<Pod> = items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()?;
-            output::pods_table(&pods, wide, all_ns)
-        }
-        "nodes" => {
-            let nodes: Vec<Node> = items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()?;
-            output::nodes_table(&nodes, wide)
-        }
-        "deployments" => {
-            let ds: Vec<Deployment> = items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()?;
-            output::deployments_table(&ds, wide)
-        }
-        "replicasets" => {
-            let rss: Vec<ReplicaSet> = items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()?;
-            output::replicasets_table(&rss, wide)
-        }
+        "pods" => output::pods_table(&typed::<Pod>(items)?, wide, all_ns),
+        "nodes" => output::nodes_table(&typed::<Node>(items)?, wide),
+        "deployments" => output::deployments_table(&typed::<Deployment>(items)?, wide),
+        "replicasets" => output::replicasets_table(&typed::<ReplicaSet>(items)?, wide),
         _ => {
             let mut evs: Vec<Event> = items
                 .into_iter()
@@ -515,6 +512,14 @@ async fn get(
     };
     print!("{text}");
     Ok(0)
+}
+
+/// The items of a list, as their type.
+fn typed<T: serde::de::DeserializeOwned>(items: Vec<Value>) -> Result<Vec<T>> {
+    Ok(items
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?)
 }
 
 fn urlencode(s: &str) -> String {

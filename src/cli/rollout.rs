@@ -228,14 +228,7 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
                 ns,
                 &name,
                 |d, _| {
-                    let c = d
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.canary.clone())
-                        .filter(|c| !c.promoted)
-                        .ok_or_else(|| {
-                            anyhow!("deployment {name:?} has no canary waiting for promotion")
-                        })?;
+                    let c = waiting_canary(d)?;
                     rev = c.revision;
                     d.metadata
                         .annotations
@@ -256,14 +249,7 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
                 ns,
                 &name,
                 |d, rss| {
-                    let c = d
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.canary.clone())
-                        .filter(|c| !c.promoted)
-                        .ok_or_else(|| {
-                            anyhow!("deployment {name:?} has no canary waiting for promotion")
-                        })?;
+                    let c = waiting_canary(d)?;
                     rev = c.revision;
                     to = roll_back_to(d, rss, None)?;
                     Ok(())
@@ -275,6 +261,20 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The canary a Deployment is waiting to promote, or an error saying there is none.
+fn waiting_canary(d: &Deployment) -> Result<crate::model::deployment::CanaryStatus> {
+    d.status
+        .as_ref()
+        .and_then(|s| s.canary.clone())
+        .filter(|c| !c.promoted)
+        .ok_or_else(|| {
+            anyhow!(
+                "deployment {:?} has no canary waiting for promotion",
+                d.metadata.name
+            )
+        })
 }
 
 async fn set_paused(client: &Client, ns: &str, target: &str, pause: bool) -> Result<i32> {

@@ -319,7 +319,13 @@ pub struct ContainerStatus {
     pub state: ContainerState,
     #[serde(default, skip_serializing_if = "ContainerState::is_empty")]
     pub last_state: ContainerState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `containerID`, spelled as Kubernetes does (`containerId` is read too).
+    #[serde(
+        default,
+        rename = "containerID",
+        alias = "containerId",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub container_id: Option<String>,
 }
 
