@@ -404,6 +404,41 @@ async fn automatic_rollback_after_the_progress_deadline() {
             .any(|(r, m)| r == "DeploymentRollback" && m.contains("to revision 1")),
         "{ev:?}"
     );
+
+    // Long after it completed (past the 2 s deadline), scaling is progress, not a timeout.
+    let settled = Instant::now();
+    wait_deploy(&k, "api", 10, "complete", |d| {
+        progressing(d).1 == "NewReplicaSetAvailable"
+    })
+    .await;
+    while settled.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cli_ok(&k, &["scale", "deployment/api", "--replicas", "5"]);
+    wait_pods(&k, "api", 20, "5 of v1", |p| all_ready(p, 5, "1")).await;
+    wait_deploy(&k, "api", 10, "complete at 5", |d| {
+        progressing(d).1 == "NewReplicaSetAvailable" && d["status"]["availableReplicas"] == 5
+    })
+    .await;
+    let rollbacks =
+        |ev: &[(String, String)]| ev.iter().filter(|(r, _)| r == "DeploymentRollback").count();
+    assert_eq!(rollbacks(&deployment_events(&k, "api").await), 1);
+
+    // Two bad releases in a row go back to the good one, not to each other.
+    k.apply("api", &never_ready("api", 5, "2", spec));
+    wait_deploy(&k, "api", 10, "revision 4", |d| {
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "4"
+    })
+    .await;
+    k.apply("api", &never_ready("api", 5, "3", spec));
+    let d = wait_deploy(&k, "api", 30, "back to v1", |d| {
+        d["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "1"
+            && progressing(d).1 == "NewReplicaSetAvailable"
+    })
+    .await;
+    assert_eq!(d["status"]["availableReplicas"], 5);
+    wait_pods(&k, "api", 20, "only v1 again", |p| all_ready(p, 5, "1")).await;
+    assert_eq!(rollbacks(&deployment_events(&k, "api").await), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +484,14 @@ async fn canary_promoted_by_command_then_aborted_by_command() {
     k.apply("shop", &deployment("shop", 4, "3", spec));
     wait_pods(&k, "shop", 20, "v3 canary", |p| {
         p.iter().filter(|x| x.2 == "3" && x.1).count() == 1
+    })
+    .await;
+    // A newer template replaces the waiting canary: v3's pod goes, v2 stays at 4.
+    k.apply("shop", &deployment("shop", 4, "3b", spec));
+    wait_pods(&k, "shop", 20, "v3b canary replaces v3", |p| {
+        p.iter().filter(|x| x.2 == "3b" && x.1).count() == 1
+            && !p.iter().any(|x| x.2 == "3")
+            && p.iter().filter(|x| x.2 == "2" && x.1).count() == 4
     })
     .await;
     let out = k.cli(&["rollout", "promote", "deployment/nope"]);

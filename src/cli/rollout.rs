@@ -13,7 +13,8 @@ use super::client::{path_for, Client};
 use super::output;
 use super::parse_duration;
 use crate::model::deployment::{
-    revision_of, Deployment, ReplicaSet, PROMOTED_ANNOTATION, TEMPLATE_HASH_LABEL,
+    revision_of, Deployment, ReplicaSet, COMPLETE_ANNOTATION, PROMOTED_ANNOTATION,
+    TEMPLATE_HASH_LABEL,
 };
 
 #[derive(Subcommand, Debug)]
@@ -58,7 +59,9 @@ fn deployment_name(target: &str) -> Result<String> {
     match target.split_once('/') {
         None => Ok(target.to_string()),
         Some(("deployment" | "deployments" | "deploy", n)) if !n.is_empty() => Ok(n.to_string()),
-        Some((kind, _)) => bail!("rollouts are for deployments, not {kind:?}: use deployment/NAME"),
+        Some((kind, _)) => {
+            bail!("this command works on deployments, not {kind:?}: use deployment/NAME")
+        }
     }
 }
 
@@ -110,9 +113,30 @@ async fn update(
     bail!("deployment {name:?} kept changing; try again")
 }
 
-/// Set the template of `revision` (or the one before the current) into `d`; returns it.
-fn roll_back_to(d: &mut Deployment, rss: &[ReplicaSet], revision: Option<i64>) -> Result<i64> {
+/// Set the template of `revision` (or the one before the current; with `stable`, the newest
+/// earlier one that completed) into `d`; returns it.
+fn roll_back_to(
+    d: &mut Deployment,
+    rss: &[ReplicaSet],
+    revision: Option<i64>,
+    stable: bool,
+) -> Result<i64> {
+    if d.spec.paused == Some(true) {
+        bail!(
+            "you cannot roll back a paused deployment; resume it first with `kapsel rollout resume deployment/{}`",
+            d.metadata.name
+        );
+    }
     let cur = revision_of(&d.metadata);
+    let complete = rss.iter().filter(|rs| {
+        rs.revision() < cur && rs.metadata.annotations.contains_key(COMPLETE_ANNOTATION)
+    });
+    if let (true, None, Some(rs)) = (stable, revision, complete.max_by_key(|rs| rs.revision())) {
+        let mut t = rs.spec.template.clone();
+        t.metadata.labels.remove(TEMPLATE_HASH_LABEL);
+        d.spec.template = t;
+        return Ok(rs.revision());
+    }
     let target = match revision {
         Some(r) => rss
             .iter()
@@ -188,7 +212,7 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
                 ns,
                 &name,
                 |d, rss| {
-                    to = roll_back_to(d, rss, to_revision)?;
+                    to = roll_back_to(d, rss, to_revision, false)?;
                     Ok(())
                 },
                 true,
@@ -232,7 +256,7 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
                     rev = c.revision;
                     d.metadata
                         .annotations
-                        .insert(PROMOTED_ANNOTATION.into(), c.revision.to_string());
+                        .insert(PROMOTED_ANNOTATION.into(), c.pod_template_hash.clone());
                     Ok(())
                 },
                 false,
@@ -251,7 +275,7 @@ pub async fn run(client: &Client, ns: &str, cmd: RolloutCmd) -> Result<i32> {
                 |d, rss| {
                     let c = waiting_canary(d)?;
                     rev = c.revision;
-                    to = roll_back_to(d, rss, None)?;
+                    to = roll_back_to(d, rss, None, true)?;
                     Ok(())
                 },
                 true,

@@ -16,10 +16,13 @@ use super::validate::{validate_object_name, validate_pod, FieldError};
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 /// The label every pod and ReplicaSet of a revision carries.
 pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+/// On a ReplicaSet whose rollout completed once: a revision that is known to work, the
+/// target of automatic rollbacks and canary aborts.
+pub const COMPLETE_ANNOTATION: &str = "deployment.kapsel.io/complete";
 /// `kubernetes.io/change-cause`, shown by `rollout history`.
 pub const CHANGE_CAUSE_ANNOTATION: &str = "kubernetes.io/change-cause";
-/// Set by `kapsel rollout promote` (or by the controller on auto-promotion): the revision whose
-/// canary is promoted.
+/// Set by `kapsel rollout promote` (or by the controller on auto-promotion, or when going back
+/// to an earlier template): the `pod-template-hash` of the template that is promoted.
 pub const PROMOTED_ANNOTATION: &str = "deployment.kapsel.io/promoted-revision";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -264,6 +267,9 @@ pub struct DeploymentStatus {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CanaryStatus {
     pub revision: i64,
+    /// The canary's `pod-template-hash`: what `rollout promote` records as promoted.
+    #[serde(default)]
+    pub pod_template_hash: String,
     pub desired: i32,
     pub ready: i32,
     pub promoted: bool,

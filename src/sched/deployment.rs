@@ -30,7 +30,7 @@ use crate::events::Recorder;
 use crate::model::deployment::{
     template_hash, CanaryStatus, Deployment, DeploymentCondition, DeploymentStatus, IntOrPercent,
     LabelSelector, ReplicaSet, ReplicaSetSpec, StrategyType, CHANGE_CAUSE_ANNOTATION,
-    PROMOTED_ANNOTATION, REVISION_ANNOTATION, TEMPLATE_HASH_LABEL,
+    COMPLETE_ANNOTATION, PROMOTED_ANNOTATION, REVISION_ANNOTATION, TEMPLATE_HASH_LABEL,
 };
 use crate::model::meta::{ObjectMeta, OwnerReference};
 use crate::model::{Kind, ObjectReference};
@@ -147,13 +147,12 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                 // An old template is back (undo, rollback, an aborted canary): it becomes the
                 // newest revision. Going back is never canaried: it is marked promoted first.
                 if d.spec.strategy_type() == StrategyType::Canary
-                    && d.metadata.annotations.get(PROMOTED_ANNOTATION)
-                        != Some(&(max_rev + 1).to_string())
+                    && d.metadata.annotations.get(PROMOTED_ANNOTATION) != Some(&hash)
                 {
                     let mut nd = d.clone();
                     nd.metadata
                         .annotations
-                        .insert(PROMOTED_ANNOTATION.into(), (max_rev + 1).to_string());
+                        .insert(PROMOTED_ANNOTATION.into(), hash.clone());
                     store
                         .update(Kind::Deployment, serde_json::to_value(&nd)?)
                         .await?;
@@ -188,13 +187,16 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
     let mut canary_status = None;
     let mut canary_failed = false;
     let olds_live = olds.iter().any(|o| o.size > 0 || o.present > 0);
-    let mut promoted =
-        d.metadata.annotations.get(PROMOTED_ANNOTATION) == Some(&new_rev.to_string());
+    let mut promoted = d.metadata.annotations.get(PROMOTED_ANNOTATION) == Some(&hash);
     if strategy == StrategyType::Canary && !promoted && !olds_live && !paused {
         promoted = true; // a first rollout has nothing to compare against
     }
 
     let mut scales: Vec<(usize, i32)> = Vec::new(); // (index in olds or usize::MAX for new, size)
+    if paused && !olds.iter().any(|o| o.size > 0) && new.size != replicas {
+        // A paused Deployment still scales (its rollout does not move).
+        scales.push((usize::MAX, replicas));
+    }
     if !paused {
         match strategy {
             StrategyType::Recreate => {
@@ -232,16 +234,33 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                     .as_ref()
                     .and_then(|s| s.canary.clone())
                     .unwrap_or_default();
-                let want = c
-                    .replicas
-                    .as_ref()
-                    .unwrap_or(&IntOrPercent::Int(1))
-                    .resolve(replicas, true)
-                    .unwrap_or(1)
-                    .clamp(1, replicas.max(1));
+                let want = if replicas == 0 {
+                    0
+                } else {
+                    c.replicas
+                        .as_ref()
+                        .unwrap_or(&IntOrPercent::Int(1))
+                        .resolve(replicas, true)
+                        .unwrap_or(1)
+                        .clamp(1, replicas)
+                };
                 if !promoted {
                     if new.size != want {
                         scales.push((usize::MAX, want));
+                    }
+                    // Canaries of templates replaced before promotion go: only the stable
+                    // revision (the newest that completed) runs beside this canary.
+                    if let Some(stable) = olds
+                        .iter()
+                        .filter(|o| is_complete(&o.rs))
+                        .map(|o| o.rs.revision())
+                        .max()
+                    {
+                        for (i, o) in olds.iter().enumerate() {
+                            if o.rs.revision() > stable && o.size > 0 {
+                                scales.push((i, 0));
+                            }
+                        }
                     }
                     let ready = new.available.min(want);
                     let healthy_for =
@@ -257,6 +276,7 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                                     ctx,
                                     &d,
                                     new_rev,
+                                    &hash,
                                     &dref,
                                     &format!(
                                         "every canary has been ready for {}s without a restart",
@@ -273,6 +293,7 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                     canary_failed = new.crash_looping;
                     canary_status = Some(CanaryStatus {
                         revision: new_rev,
+                        pod_template_hash: hash.clone(),
                         desired: want,
                         ready,
                         promoted: false,
@@ -289,6 +310,16 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                 }
             }
         }
+    }
+
+    // The new ReplicaSet counts availability with the Deployment's current minReadySeconds.
+    if new.rs.spec.min_ready_seconds != d.spec.min_ready_seconds {
+        let mut rs = new.rs.clone();
+        rs.spec.min_ready_seconds = d.spec.min_ready_seconds;
+        let stored = store
+            .update(Kind::ReplicaSet, serde_json::to_value(&rs)?)
+            .await?;
+        new.rs = serde_json::from_value(stored)?;
     }
 
     // Apply the sizes.
@@ -516,13 +547,14 @@ async fn promote(
     ctx: &Ctx,
     d: &Deployment,
     revision: i64,
+    hash: &str,
     dref: &ObjectReference,
     why: &str,
 ) -> Result<(), ControllerError> {
     let mut nd = d.clone();
     nd.metadata
         .annotations
-        .insert(PROMOTED_ANNOTATION.into(), revision.to_string());
+        .insert(PROMOTED_ANNOTATION.into(), hash.to_string());
     ctx.store
         .update(Kind::Deployment, serde_json::to_value(&nd)?)
         .await?;
@@ -534,7 +566,12 @@ async fn promote(
     Ok(())
 }
 
-/// Put the template of the revision before the current one back (automatic rollback).
+/// Did this revision's rollout complete once?
+fn is_complete(rs: &ReplicaSet) -> bool {
+    rs.metadata.annotations.contains_key(COMPLETE_ANNOTATION)
+}
+
+/// Put the template of the last revision that worked back (automatic rollback).
 async fn rollback(
     ctx: &Ctx,
     d: &Deployment,
@@ -544,10 +581,12 @@ async fn rollback(
     reason: &str,
     why: &str,
 ) -> Result<(), ControllerError> {
-    let Some(prev) = olds
-        .iter()
-        .filter(|o| o.rs.revision() < new_rev)
+    // The newest earlier revision that once completed; else simply the one before.
+    let earlier = || olds.iter().filter(|o| o.rs.revision() < new_rev);
+    let Some(prev) = earlier()
+        .filter(|o| is_complete(&o.rs))
         .max_by_key(|o| o.rs.revision())
+        .or_else(|| earlier().max_by_key(|o| o.rs.revision()))
     else {
         ctx.recorder.warning(
             dref.clone(),
@@ -675,6 +714,7 @@ async fn write_status(
 
     let mut requeue = None;
     let mut failed: Option<(&str, String)> = None;
+    let mut mark_complete = None;
     let new_rev = new.map(|n| n.rs.revision()).unwrap_or(0);
     if let Some(n) = new {
         let rs_name = &n.rs.metadata.name;
@@ -690,8 +730,15 @@ async fn write_status(
             && available >= replicas
             && n.size == replicas
             && olds.iter().all(|o| o.present == 0 && o.size == 0);
+        // A rollout (re)starting from a settled state (complete, paused, a canary waiting)
+        // starts its deadline now, not from when that state was reached.
+        let settled = !matches!(
+            cur.as_ref().and_then(|c| c.reason.as_deref()),
+            Some("ReplicaSetUpdated" | "NewReplicaSetCreated" | "ProgressDeadlineExceeded")
+        );
         let progressed = created_new
             || !refers_to_new
+            || settled
             || updated > prev.updated_replicas
             || ready > prev.ready_replicas
             || available > prev.available_replicas
@@ -712,6 +759,9 @@ async fn write_status(
                 false,
             );
         } else if complete {
+            if !is_complete(&n.rs) {
+                mark_complete = Some(n.rs.clone());
+            }
             set_condition(
                 &mut conds,
                 "Progressing",
@@ -748,7 +798,12 @@ async fn write_status(
             requeue = deadline.to_std().ok();
         } else if cur.as_ref().and_then(|c| c.reason.as_deref()) == Some("ProgressDeadlineExceeded")
         {
-            // Stays failed until it progresses or a new rollout starts.
+            // Stays failed until it progresses or a new rollout starts. A rollback that did not
+            // get written (a conflict, a restart) is tried again.
+            failed = Some((
+                "DeploymentRollback",
+                format!("revision {new_rev} missed its progress deadline"),
+            ));
         } else {
             let since = cur.and_then(|c| c.last_update_time).unwrap_or(now);
             if now - since >= deadline {
@@ -797,7 +852,10 @@ async fn write_status(
         updated_replicas: updated,
         ready_replicas: ready,
         available_replicas: available,
-        unavailable_replicas: (replicas - available).max(0),
+        unavailable_replicas: (new.map(|n| n.size).unwrap_or(0)
+            + olds.iter().map(|o| o.size).sum::<i32>()
+            - available)
+            .max(0),
         conditions: conds,
         canary: canary.map(|(c, _)| c),
     };
@@ -814,6 +872,15 @@ async fn write_status(
             .update(Kind::Deployment, serde_json::to_value(&nd)?)
             .await?;
         nd = serde_json::from_value(stored)?;
+    }
+    if let Some(mut rs) = mark_complete {
+        // This revision works: the target of later automatic rollbacks and canary aborts.
+        rs.metadata
+            .annotations
+            .insert(COMPLETE_ANNOTATION.into(), "true".into());
+        ctx.store
+            .update(Kind::ReplicaSet, serde_json::to_value(&rs)?)
+            .await?;
     }
     if let Some((reason, why)) = failed {
         if d.spec.auto_rollback.unwrap_or(false) {

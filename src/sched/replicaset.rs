@@ -32,11 +32,20 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
     let rs: ReplicaSet = serde_json::from_value((*obj).clone())?;
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let (all, _) = store.list(Kind::Pod, Some(ns))?;
-    let pods: Vec<PodView> = all
-        .iter()
-        .filter_map(PodView::of)
-        .filter(|p| p.owner_uid == uid)
-        .collect();
+    let mut pods: Vec<PodView> = Vec::new();
+    for p in all.iter().filter_map(PodView::of) {
+        if p.owner_uid == uid {
+            pods.push(p);
+        } else if !p.terminating
+            && matches!(controller_of(&p.obj), Some(("ReplicaSet", owner, _)) if owner == name)
+        {
+            // Left by an earlier ReplicaSet of the same name (deleted and re-created).
+            match delete_pod(&**store, ns, &p.name, None).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let rs_ref = Recorder::obj_ref("ReplicaSet", &rs.metadata);
 
     // Finished pods (a pod of a ReplicaSet should never finish) make way for new ones.
