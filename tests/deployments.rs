@@ -663,3 +663,40 @@ fn deployment_json(name: &str, replicas: i32) -> Value {
                 "spec": {"containers": [{"name": "main", "image": fixture("sleep.wat")}]}}}
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_deployment_rolls_with_exec_readiness_and_stays_ready() {
+    let k = Kapsel::start();
+    let yaml = |v: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: box\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {{app: box}}\n  strategy:\n    rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}\n  template:\n    metadata:\n      labels: {{app: box}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {BUSYBOX}\n        imagePullPolicy: Never\n        command: [sh, -c, 'sleep 1; touch /tmp/ready; exec sleep 3600']\n        env: [{{name: V, value: \"{v}\"}}]\n        readinessProbe:\n          exec: {{command: [cat, /tmp/ready]}}\n          periodSeconds: 1\n"
+        )
+    };
+    k.apply("box", &yaml("1"));
+    wait_pods(&k, "box", 60, "2 ready OCI pods", |p| all_ready(p, 2, "1")).await;
+    k.apply("box", &yaml("2"));
+    let t0 = Instant::now();
+    let mut min_ready = usize::MAX;
+    loop {
+        let p = pods_of(&k, "box").await;
+        min_ready = min_ready.min(p.iter().filter(|x| x.1).count());
+        if all_ready(&p, 2, "2") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "rollout stuck: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(min_ready >= 2, "ready OCI replicas dropped to {min_ready}");
+    // The readiness probe held each new pod back for about a second: the rollout took a while.
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    cli_ok(&k, &["delete", "deployment", "box"]);
+    wait_pods(&k, "box", 60, "OCI pods gone", |p| p.is_empty()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker_ids(&format!("io.kapsel.node={}", k.node)).is_empty() {
+        assert!(Instant::now() < deadline, "containers left behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
