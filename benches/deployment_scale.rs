@@ -11,51 +11,18 @@
 //! Run: `cargo bench --bench deployment_scale` (BENCH_REPLICAS, REPS, IDLE_SECS to change).
 //! Prints a Markdown report, also written to target/bench-deployment-scale.md.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[path = "support/server.rs"]
+mod server;
+use server::{start_server as start, Server};
 
 fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kapsel"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", "bench"])
-        .args(["--no-docker", "--wasm-pool-slots", "2048"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let l = lines.next().expect("server exited").unwrap();
-        if let Some(i) = l.find("API on http://") {
-            break l[i + 7..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        url,
-        _dir: dir,
-    }
+    start("bench", &["--no-docker", "--wasm-pool-slots", "2048"])
 }
 
 fn sleep_wat() -> String {
@@ -79,15 +46,12 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 async fn ready_pods(http: &reqwest::Client, url: &str) -> usize {
-    let v: Value = http
-        .get(format!("{url}/api/v1/namespaces/default/pods"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(http, &format!("{url}/api/v1/namespaces/default/pods")).await;
     v["items"]
         .as_array()
         .unwrap()
@@ -169,14 +133,7 @@ async fn deployment_scale(n: usize) -> (f64, Server) {
     // Let the controller settle on 0 (an empty ReplicaSet).
     let t_settle = Instant::now();
     loop {
-        let v: Value = http
-            .get(format!("{base}/web"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&http, &format!("{base}/web")).await;
         if v["status"]["observedGeneration"] == 1 {
             break;
         }
@@ -192,14 +149,7 @@ async fn deployment_scale(n: usize) -> (f64, Server) {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     loop {
-        let v: Value = http
-            .get(format!("{base}/web"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&http, &format!("{base}/web")).await;
         if v["status"]["readyReplicas"] == n {
             break;
         }
@@ -239,14 +189,7 @@ async fn scale_down(s: &Server) -> f64 {
         .await
         .unwrap();
     loop {
-        let v: Value = http
-            .get(format!("{}/api/v1/namespaces/default/pods", s.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&http, &format!("{}/api/v1/namespaces/default/pods", s.url)).await;
         if v["items"].as_array().map(|a| a.is_empty()).unwrap_or(false) {
             break;
         }

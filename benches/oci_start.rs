@@ -2,12 +2,14 @@
 //! plus a mixed pod (a WASM module and a container sharing one network namespace).
 //! Run: `cargo bench --bench oci_start` (BENCH_N sets the runs per measurement; default 15).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+#[path = "support/server.rs"]
+mod server;
 
 const IMAGE: &str = "kapsel-test/busybox:1";
 
@@ -56,28 +58,8 @@ async fn main() {
         eprintln!("{IMAGE} missing: run scripts/install-deps.sh");
         std::process::exit(1);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kapsel"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            "bench-oci",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let l = lines.next().unwrap().unwrap();
-        if let Some(i) = l.find("API on http://") {
-            break l[i + 7..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let mut srv = server::start_server("bench-oci", &[]);
+    let url = srv.url.clone();
     let http = reqwest::Client::new();
     let quick = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/quick.wat")
@@ -134,9 +116,9 @@ async fn main() {
     }
     // SIGTERM: the server stops its pods and removes their containers.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(srv.child.id() as i32, libc::SIGTERM);
     }
-    let _ = child.wait();
+    let _ = srv.child.wait();
     let (d50, d99) = (pct(&mut docker, 0.5), pct(&mut docker, 0.9));
     let (o50, o99) = (pct(&mut oci, 0.5), pct(&mut oci, 0.9));
     let (m50, m99) = (pct(&mut mixed, 0.5), pct(&mut mixed, 0.9));

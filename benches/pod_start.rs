@@ -8,52 +8,21 @@
 //! Run: `cargo bench --bench pod_start` (set BENCH_N / BENCH_BATCH to change the sizes).
 //! Prints a Markdown report, also written to target/bench-pod-start.md.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+#[path = "support/server.rs"]
+mod server;
+use server::{start_server as start, Server};
+
 const IMAGE: &str = "kapsel-test/busybox:1";
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kapsel"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", "bench"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let l = lines.next().expect("server exited").unwrap();
-        if let Some(i) = l.find("API on http://") {
-            break l[i + 7..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        url,
-        _dir: dir,
-    }
+    start("bench", &[])
 }
 
 fn fixture(name: &str) -> String {

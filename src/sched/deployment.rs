@@ -62,18 +62,18 @@ impl Rs {
 
 pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ControllerError> {
     let store = &ctx.store;
+    let (all_rs, _) = store.list(Kind::ReplicaSet, Some(ns))?;
     let Some(obj) = store.get(Kind::Deployment, ns, name)? else {
-        return collect_orphans(ctx, ns, name, None).await;
+        return collect_orphans(ctx, &all_rs, name, None).await;
     };
     let d: Deployment = serde_json::from_value((*obj).clone())?;
     let uid = d.metadata.uid.clone().unwrap_or_default();
-    collect_orphans(ctx, ns, name, Some(&uid)).await?;
+    collect_orphans(ctx, &all_rs, name, Some(&uid)).await?;
     let dref = Recorder::obj_ref("Deployment", &d.metadata);
     let now = Utc::now();
     let min_ready = d.spec.min_ready();
 
     // The ReplicaSets it owns, and their pods.
-    let (all_rs, _) = store.list(Kind::ReplicaSet, Some(ns))?;
     let (all_pods, _) = store.list(Kind::Pod, Some(ns))?;
     let mut pods_by_owner: HashMap<String, Vec<PodView>> = HashMap::new();
     for p in all_pods.iter().filter_map(PodView::of) {
@@ -895,12 +895,11 @@ async fn write_status(
 /// earlier Deployment of that name: `uid` is the current one's).
 async fn collect_orphans(
     ctx: &Ctx,
-    ns: &str,
+    all_rs: &[std::sync::Arc<serde_json::Value>],
     name: &str,
     uid: Option<&str>,
 ) -> Result<Requeue, ControllerError> {
-    let (all, _) = ctx.store.list(Kind::ReplicaSet, Some(ns))?;
-    for rs in all.iter() {
+    for rs in all_rs {
         if let Some(("Deployment", owner, owner_uid)) = controller_of(rs) {
             if owner == name && uid.map(|u| u != owner_uid).unwrap_or(true) {
                 delete_replica_set(ctx, rs).await?;
