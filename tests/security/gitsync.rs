@@ -1,0 +1,1 @@
+//! (filled by the gitsync hardening work)
