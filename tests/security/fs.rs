@@ -85,9 +85,23 @@ fn assert_never_ran(k: &Kapsel, pod: &Value, containers: &[&str]) {
     }
 }
 
+/// A file name the escaping container would create in the host's /tmp, as root.
+fn marker(k: &Kapsel, pod: &str) -> String {
+    format!("kapsel-escaped-{pod}-{}", k.node)
+}
+
+/// The container did not write to the host; a marker left by a failed run is removed.
+fn assert_not_escaped(marker: &str) {
+    let p = Path::new("/tmp").join(marker);
+    let escaped = p.exists();
+    let _ = std::fs::remove_file(&p);
+    assert!(!escaped, "a pod member wrote {} on the host", p.display());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn wasm_planted_symlink_subpath_does_not_reach_host_root() {
     let k = Kapsel::start();
+    let marker = marker(&k, "esc-wasm");
     let yaml = format!(
         r#"apiVersion: v1
 kind: Pod
@@ -107,7 +121,7 @@ spec:
   containers:
   - name: reader-oci
     image: {BUSYBOX}
-    command: ["sh", "-c", "cat /host/etc/shadow; touch /host/kapsel-was-here; sleep 3600"]
+    command: ["sh", "-c", "cat /host/etc/shadow; touch /host/tmp/{marker}; sleep 3600"]
     volumeMounts:
     - {{name: data, mountPath: /host, subPath: esc}}
   - name: reader-wasm
@@ -138,7 +152,7 @@ spec:
         link.display()
     );
     assert_never_ran(&k, &pod, &["reader-oci", "reader-wasm"]);
-    assert!(!Path::new("/kapsel-was-here").exists());
+    assert_not_escaped(&marker);
     let logs = k.logs("esc-wasm", "reader-oci").await + &k.logs("esc-wasm", "reader-wasm").await;
     assert!(!logs.contains("root:"), "host shadow leaked: {logs}");
     let events = k.events_for("esc-wasm").await;
@@ -157,6 +171,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn busybox_planted_symlink_subpath_does_not_reach_host_root() {
     let k = Kapsel::start();
+    let marker = marker(&k, "esc-oci");
     let yaml = format!(
         r#"apiVersion: v1
 kind: Pod
@@ -177,7 +192,7 @@ spec:
   containers:
   - name: reader-oci
     image: {BUSYBOX}
-    command: ["sh", "-c", "cat /host/etc/shadow; touch /host/kapsel-was-here; sleep 3600"]
+    command: ["sh", "-c", "cat /host/etc/shadow; touch /host/tmp/{marker}; sleep 3600"]
     volumeMounts:
     - {{name: data, mountPath: /host, subPath: esc}}
 "#
@@ -191,7 +206,7 @@ spec:
     let link = k.data.join("pods").join(uid(&pod)).join("volumes/data/esc");
     assert_eq!(std::fs::read_link(&link).unwrap(), PathBuf::from("/"));
     assert_never_ran(&k, &pod, &["reader-oci"]);
-    assert!(!Path::new("/kapsel-was-here").exists());
+    assert_not_escaped(&marker);
     let logs = k.logs("esc-oci", "reader-oci").await;
     assert!(!logs.contains("root:"), "host shadow leaked: {logs}");
     let out = k.cli(&["delete", "pod", "esc-oci"]);
