@@ -1,6 +1,8 @@
 //! `kapsel serve`: one process holding the control plane (store, API, scheduler) and a node
 //! (agent + WASM executor). Shutdown is deliberate: cancel → the API stops accepting, the
 //! scheduler stops, the node agent stops every pod, then the process exits.
+//! The data directory is the node's alone: it is made (or tightened to) 0700, as are the
+//! node-private directories in it, and the store file is 0600.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +56,8 @@ pub struct ServerConfig {
     pub event_ttl: Duration,
     /// Docker Engine socket; `None` makes a WASM-only node.
     pub docker_host: Option<String>,
+    /// How often size-limited emptyDirs are measured.
+    pub volume_check_interval: Duration,
 }
 
 impl ServerConfig {
@@ -68,6 +72,7 @@ impl ServerConfig {
             wasm_pool_memory: 64 << 20,
             event_ttl: Duration::from_secs(3600),
             docker_host: Some("unix:///var/run/docker.sock".into()),
+            volume_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -83,10 +88,14 @@ pub struct Server {
 impl Server {
     /// Open the store, bind the API, start the scheduler and the node. Returns once listening.
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
-        std::fs::create_dir_all(&cfg.data_dir)?;
-        let store: Arc<dyn Store> = RedbStore::open(&cfg.data_dir.join("store"))?;
+        private_dir(&cfg.data_dir)?;
+        let store_dir = cfg.data_dir.join("store");
+        private_dir(&store_dir)?;
+        let store: Arc<dyn Store> = RedbStore::open(&store_dir)?;
+        private_files(&store_dir)?;
         let pods_dir = cfg.data_dir.join("pods");
-        std::fs::create_dir_all(&pods_dir)?;
+        private_dir(&pods_dir)?;
+        private_dir(&cfg.data_dir.join("cache"))?;
         let logs = Logs::new(pods_dir.clone());
         let mut wcfg = WasmConfig::new(cfg.data_dir.join("cache").join("wasm"));
         wcfg.pool_slots = cfg.wasm_pool_slots;
@@ -143,6 +152,7 @@ impl Server {
             recorder: Recorder::new(store.clone(), "kapsel-node", Some(cfg.node_name.clone())),
             backoff: cfg.backoff,
             host_ip: "127.0.0.1".into(),
+            volume_check_interval: cfg.volume_check_interval,
         });
         let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
         let (registered, node_up) = tokio::sync::oneshot::channel();
@@ -168,6 +178,29 @@ impl Server {
     pub async fn wait(&self) {
         self.tracker.wait().await;
     }
+}
+
+/// Create `dir` (and its parents) if needed and make it 0700, also when it existed with a
+/// wider mode: only the node reads what it keeps there.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Make the regular files directly in `dir` 0600 (the store's database).
+fn private_files(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 /// Delete events older than the TTL (Kubernetes keeps them an hour).

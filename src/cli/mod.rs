@@ -79,6 +79,9 @@ pub struct NodeOpts {
     /// Run WASM only, without Docker.
     #[arg(long)]
     pub no_docker: bool,
+    /// How often emptyDirs with a sizeLimit are measured (a pod over its limit is evicted).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub volume_check_interval: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,6 +234,7 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
     cfg.backoff.initial = opts.backoff_initial;
     cfg.backoff.max = opts.backoff_max;
     cfg.docker_host = (!opts.no_docker).then(|| opts.docker_host.clone());
+    cfg.volume_check_interval = opts.volume_check_interval;
     Ok(cfg)
 }
 

@@ -1,7 +1,9 @@
 //! The node agent: registers this node, watches the pods bound to it and reconciles desired
 //! against observed state, level-triggered: a pod that should run and has no worker gets one
 //! (also after a crash of the whole process); a pod being deleted is stopped, then removed;
-//! directories of pods that no longer exist are cleaned up.
+//! directories of pods that no longer exist are cleaned up (their sub-path mounts undone
+//! first). Pods the node evicts (an emptyDir over its `sizeLimit`, see `worker.rs`) end in
+//! phase `Failed` and are not restarted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -359,7 +361,9 @@ impl NodeAgent {
             let name = e.file_name().to_string_lossy().into_owned();
             if !present.contains(&name) {
                 tracing::info!(uid = %name, "removing orphaned pod directory");
-                let _ = std::fs::remove_dir_all(e.path());
+                if let Err(err) = super::volumes::remove_pod_dir(&e.path()) {
+                    tracing::warn!(error = %err, uid = %name, "removing orphaned pod directory");
+                }
             }
         }
     }
@@ -373,11 +377,10 @@ fn cleanup_pod_dir(ctx: &AgentCtx, uid: &str) {
             let _ = d.remove_labelled(super::docker::LABEL_POD_UID, &uid).await;
         });
     }
+    // Sub-path mounts are undone first: deleting through one would delete the volume's files.
     let dir = ctx.pods_dir.join(uid);
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(error = %e, dir = %dir.display(), "removing pod directory");
-        }
+    if let Err(e) = super::volumes::remove_pod_dir(&dir) {
+        tracing::warn!(error = %e, dir = %dir.display(), "removing pod directory");
     }
 }
 

@@ -1,11 +1,12 @@
 //! Per-container logs: every container's stdout+stderr is appended to
 //! `<data-dir>/pods/<uid>/logs/<container>.log`; readers get the tail, followers are woken by
 //! a watch channel on each append. Files outlive a crash of the node, so `kapsel logs` still
-//! works after a restart.
+//! works after a restart. Log files are the node's: created 0600.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +45,7 @@ impl LogStream {
             *guard = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&self.path)
                 .ok();
         }
@@ -81,7 +83,14 @@ fn truncate_to_tail(path: &Path, keep: u64) {
             && f.read_to_end(&mut buf).is_ok()
         {
             let tmp = path.with_extension("log.tmp");
-            if std::fs::write(&tmp, &buf).is_ok() {
+            let written = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&buf));
+            if written.is_ok() {
                 let _ = std::fs::rename(&tmp, path);
             }
         }

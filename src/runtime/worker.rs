@@ -5,9 +5,12 @@
 //! into status writes. A runner also runs its container's probes (`probe.rs`) beside the
 //! instance: readiness sets `ready`, a startup probe holds back `started`, liveness and readiness,
 //! and a failed liveness or startup probe kills the instance, which then restarts by policy.
+//! While the pod runs, its size-limited emptyDirs are measured every `volume_check_interval`;
+//! one over its limit evicts the pod as kubelet does (phase `Failed`, reason `Evicted`, its
+//! containers stopped). When the worker ends, the pod's sub-path mounts are removed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -42,7 +45,12 @@ pub struct AgentCtx {
     pub recorder: Recorder,
     pub backoff: BackoffConfig,
     pub host_ip: String,
+    /// How often size-limited emptyDirs are measured (kubelet: its housekeeping period).
+    pub volume_check_interval: Duration,
 }
+
+/// Grace period of the containers of an evicted pod (kubelet evicts for local storage with 1 s).
+const EVICTION_GRACE: Duration = Duration::from_secs(1);
 
 impl AgentCtx {
     fn executor(&self, image: &str) -> Option<Arc<dyn Executor>> {
@@ -68,12 +76,14 @@ struct LocalStatus {
     main_done: Vec<bool>,
     initialized: bool,
     init_failed: bool,
+    /// Why the node evicted the pod (an emptyDir over its sizeLimit).
+    evicted: Option<String>,
     start_time: chrono::DateTime<Utc>,
 }
 
 impl LocalStatus {
     fn phase(&self) -> PodPhase {
-        if self.init_failed {
+        if self.init_failed || self.evicted.is_some() {
             return PodPhase::Failed;
         }
         if !self.initialized {
@@ -124,8 +134,8 @@ impl LocalStatus {
                 cond("ContainersReady", ready, Some("ContainersNotReady")),
                 cond("Ready", ready, Some("ContainersNotReady")),
             ],
-            message: None,
-            reason: None,
+            message: self.evicted.clone(),
+            reason: self.evicted.as_ref().map(|_| "Evicted".to_string()),
             host_ip: Some(host_ip.to_string()),
             pod_ip: Some(host_ip.to_string()),
             start_time: Some(self.start_time),
@@ -172,11 +182,27 @@ fn initial_status(
     s
 }
 
-/// Run a pod until it reaches a terminal phase or `stop` fires.
-pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
+/// Removes the pod's sub-path mounts when its worker ends, however it ends.
+struct SubpathMounts(PathBuf);
+
+impl Drop for SubpathMounts {
+    fn drop(&mut self) {
+        let left = volumes::unmount_subpaths(&self.0);
+        if left > 0 {
+            tracing::warn!(pod_dir = %self.0.display(), left, "sub-path mounts left mounted");
+        }
+    }
+}
+
+/// Run a pod until it reaches a terminal phase, the node evicts it, or `node_stop` fires.
+pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, node_stop: CancellationToken) {
     let pod = Arc::new(pod);
     let uid = pod.uid().to_string();
     let pod_dir = ctx.pods_dir.join(&uid);
+    let _subpaths = SubpathMounts(pod_dir.clone());
+    // Fired by the node (delete, shutdown) or by an eviction, which also sets `evicted`.
+    let stop = node_stop.child_token();
+    let evicted: Arc<OnceLock<String>> = Arc::default();
     let prev = pod.status.clone().unwrap_or_default();
     let find_prev =
         |list: &[ContainerStatus], name: &str| list.iter().find(|s| s.name == name).cloned();
@@ -215,6 +241,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
         main_done: vec![false; pod.spec.containers.len()],
         initialized: pod.spec.init_containers.is_empty(),
         init_failed: false,
+        evicted: None,
         start_time: prev.start_time.unwrap_or_else(Utc::now),
     };
     let policy = pod.restart_policy();
@@ -242,6 +269,19 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
     }
     if !flush(&ctx, &pod, &local).await {
         return;
+    }
+    let checker = stop.child_token();
+    let _checker_guard = checker.clone().drop_guard();
+    let limited = volumes::size_limited(&pod, &pod_dir);
+    if !limited.is_empty() {
+        tokio::spawn(check_usage(
+            ctx.clone(),
+            pod.clone(),
+            limited,
+            evicted.clone(),
+            stop.clone(),
+            checker,
+        ));
     }
 
     // The pod's network sandbox, shared by every member.
@@ -285,6 +325,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
                 &tx,
                 &pod_dir,
                 &net,
+                &evicted,
             );
             let token = sidecar_stop.clone();
             sidecars.spawn(r.run(token));
@@ -324,6 +365,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             &tx,
             &pod_dir,
             &net,
+            &evicted,
         );
         let token = main_stop.clone();
         let mut task = tokio::spawn(r.run(token));
@@ -368,6 +410,7 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
                 &tx,
                 &pod_dir,
                 &net,
+                &evicted,
             );
             mains.spawn(r.run(main_stop.clone()));
         }
@@ -390,6 +433,12 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
             _ = stop.cancelled() => break,
         }
     }
+    if let Some(why) = evicted.get() {
+        local.evicted = Some(why.clone());
+        if !node_stop.is_cancelled() {
+            flush(&ctx, &pod, &local).await;
+        }
+    }
     // App containers stop first, native sidecars last.
     main_stop.cancel();
     while mains.join_next().await.is_some() {}
@@ -399,8 +448,46 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
         apply(&mut local, rep);
     }
     guard.teardown().await;
-    if !stop.is_cancelled() {
+    if !node_stop.is_cancelled() {
         flush(&ctx, &pod, &local).await;
+    }
+}
+
+/// Measure the pod's size-limited emptyDirs every `volume_check_interval` until `done`; the
+/// first one over its limit evicts the pod: the reason is kept in `evicted`, an `Evicted`
+/// event recorded, and `stop` fired.
+async fn check_usage(
+    ctx: Arc<AgentCtx>,
+    pod: Arc<Pod>,
+    limited: Vec<volumes::SizeLimited>,
+    evicted: Arc<OnceLock<String>>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) {
+    let limited = Arc::new(limited);
+    let mut tick = tokio::time::interval(ctx.volume_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.cancelled() => return,
+        }
+        let l = limited.clone();
+        let over = match tokio::task::spawn_blocking(move || volumes::over_limit(&l)).await {
+            Ok(o) => o,
+            Err(_) => continue,
+        };
+        if let Some(why) = over {
+            if done.is_cancelled() {
+                return;
+            }
+            tracing::info!(pod = %pod.key(), reason = %why, "evicting pod");
+            ctx.recorder
+                .warning(Recorder::pod_ref(&pod), "Evicted", why.clone());
+            let _ = evicted.set(why);
+            stop.cancel();
+            return;
+        }
     }
 }
 
@@ -634,6 +721,8 @@ struct Runner {
     tx: mpsc::UnboundedSender<Report>,
     pod_dir: PathBuf,
     net: NetInfo,
+    /// Set when the pod is evicted: its containers get a short grace period.
+    evicted: Arc<OnceLock<String>>,
 }
 
 impl Runner {
@@ -649,6 +738,7 @@ impl Runner {
         tx: &mpsc::UnboundedSender<Report>,
         pod_dir: &std::path::Path,
         net: &NetInfo,
+        evicted: &Arc<OnceLock<String>>,
     ) -> Self {
         Runner {
             ctx: ctx.clone(),
@@ -661,6 +751,7 @@ impl Runner {
             tx: tx.clone(),
             pod_dir: pod_dir.to_path_buf(),
             net: net.clone(),
+            evicted: evicted.clone(),
         }
     }
 
@@ -965,6 +1056,11 @@ impl Runner {
             let exit = match outcome {
                 Outcome::Exited(r) => r,
                 Outcome::Stop => {
+                    let grace = if self.evicted.get().is_some() {
+                        grace.min(EVICTION_GRACE)
+                    } else {
+                        grace
+                    };
                     let r = instance.kill(grace).await;
                     if let Ok(exit) = &r {
                         self.status.state = Self::terminated(exit, Some(started_at));
@@ -1100,6 +1196,7 @@ mod tests {
             main_done: done,
             initialized: true,
             init_failed: false,
+            evicted: None,
             start_time: Utc::now(),
         }
     }

@@ -473,8 +473,18 @@ impl WasmExecutor {
 }
 
 fn write_cache(path: &Path, bytes: Vec<u8>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    if std::fs::write(&tmp, bytes).is_ok() {
+    // The node's own file (0600), in its private data directory.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes));
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, path);
     }
 }
