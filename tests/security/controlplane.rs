@@ -51,14 +51,20 @@ async fn pods_and_revision(k: &Kapsel) -> (u64, u64) {
     (pods, rev)
 }
 
-fn cli_ok(k: &Kapsel, args: &[&str]) {
-    let out = k.cli(args);
-    assert!(
-        out.status.success(),
-        "kapsel {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Run the CLI; a 409 (the controller wrote the object's status meanwhile) is retried: plain
+/// writes answering 409 are the API's concern, not this module's.
+fn cli_retrying(k: &Kapsel, args: &[&str]) {
+    for attempt in 0.. {
+        let out = k.cli(args);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            attempt < 20 && err.contains("has been modified"),
+            "kapsel {args:?}: {err}"
+        );
+    }
 }
 
 /// A pod no node can take (its nodeSelector matches nothing).
@@ -87,6 +93,21 @@ async fn create_pod(k: &Kapsel, pod: &Value) {
         )
         .await;
     assert_eq!(code, 201, "{body}");
+}
+
+/// Delete a pod (a plain DELETE may answer 409 when the scheduler wrote the pod meanwhile:
+/// that is the API's concern, not this module's; retry it).
+async fn delete_pod(k: &Kapsel, name: &str) {
+    let path = format!("/api/v1/namespaces/default/pods/{name}");
+    for _ in 0..20 {
+        let (code, body) = k.send(reqwest::Method::DELETE, &path, None).await;
+        match code {
+            200 => return,
+            409 => continue,
+            _ => panic!("DELETE {path}: {code} {body}"),
+        }
+    }
+    panic!("DELETE {path}: still 409 after 20 tries");
 }
 
 /// The `PodScheduled=False` message of a pod, if the scheduler recorded one.
@@ -153,18 +174,18 @@ async fn a_runaway_scale_up_stops_when_scaled_to_zero_and_deleted() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (n, _) = pods_and_revision(&k).await;
-        if n >= 300 {
+        if n >= 1000 {
             break;
         }
         assert!(Instant::now() < deadline, "only {n} pods after 30s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cli_ok(&k, &["scale", "deployment", "flood", "--replicas", "0"]);
-    cli_ok(&k, &["delete", "deployment", "flood", "--wait", "false"]);
     let stopped = Instant::now();
     let (at_stop, _) = pods_and_revision(&k).await;
+    cli_retrying(&k, &["scale", "deployment", "flood", "--replicas", "0"]);
+    cli_retrying(&k, &["delete", "deployment", "flood", "--wait", "false"]);
 
-    // Within 2 s the count stops growing, then it falls to 0.
+    // Within 2 s of the scale command the count stops growing, then it falls to 0.
     let mut peak_settling = at_stop;
     let mut peak_after = 0;
     let mut samples = Vec::new();
@@ -187,6 +208,10 @@ async fn a_runaway_scale_up_stops_when_scaled_to_zero_and_deleted() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "{at_stop} pods at the stop, {peak_settling} within 2s, {peak_after} later; gone after {:?}",
+        stopped.elapsed()
+    );
     assert!(
         peak_after <= peak_settling,
         "pods kept appearing more than 2s after scale to 0 and delete \
@@ -200,6 +225,7 @@ async fn a_runaway_scale_up_stops_when_scaled_to_zero_and_deleted() {
     let (_, rs) = k.get("/apis/apps/v1/namespaces/default/replicasets").await;
     assert_eq!(rs["items"].as_array().map(Vec::len), Some(0), "{rs}");
     let grown = rss(k.pid()).saturating_sub(rss_before);
+    eprintln!("server RSS grew by {} MiB", grown >> 20);
     assert!(grown < 1 << 30, "server RSS grew by {} MiB", grown >> 20);
     // And it stays at 0 (no late creation from an in-flight sync).
     let (n, _) = pods_and_revision(&k).await;
@@ -214,6 +240,16 @@ async fn a_runaway_scale_up_stops_when_scaled_to_zero_and_deleted() {
 async fn pending_pods_are_not_rewritten_when_the_scheduler_relists() {
     const N: usize = 3000;
     let mut k = Kapsel::start();
+    // The node is registered first, so every pod gets its final reason on the first try.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while k.get("/api/v1/nodes").await.1["items"]
+        .as_array()
+        .map(Vec::is_empty)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "the node did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let names: Vec<String> = (0..N).map(|i| format!("pending-{i}")).collect();
     futures::stream::iter(names.iter().map(|n| {
         let k = &k;
@@ -295,32 +331,19 @@ async fn large_objects_created_and_deleted_do_not_pin_memory() {
     let pod = pending_pod("big", Some(&blob));
     // A first round, so the baseline includes what one such pod costs.
     create_pod(&k, &pod).await;
-    let (code, _) = k
-        .send(
-            reqwest::Method::DELETE,
-            "/api/v1/namespaces/default/pods/big",
-            None,
-        )
-        .await;
-    assert_eq!(code, 200);
+    delete_pod(&k, "big").await;
     let before = rss(k.pid());
     let mut peak = before;
     for round in 0..300 {
         create_pod(&k, &pod).await;
-        let (code, body) = k
-            .send(
-                reqwest::Method::DELETE,
-                "/api/v1/namespaces/default/pods/big",
-                None,
-            )
-            .await;
-        assert_eq!(code, 200, "round {round}: {body}");
+        delete_pod(&k, "big").await;
         if round % 10 == 0 {
             peak = peak.max(rss(k.pid()));
         }
     }
     peak = peak.max(rss(k.pid()));
     let grown = peak.saturating_sub(before);
+    eprintln!("RSS {} MiB -> peak {} MiB", before >> 20, peak >> 20);
     assert!(
         grown < 300 << 20,
         "server RSS grew by {} MiB over 300 rounds",
