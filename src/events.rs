@@ -1,29 +1,84 @@
-//! The event recorder: how the scheduler, the controllers and the node agent record their decisions as `v1 Event`
-//! objects (`kapsel describe` shows them). Repeats of the same (object, reason, message) bump
-//! `count` instead of piling up; writes are fire-and-forget so a decision never waits on them.
+//! The event recorder: how the scheduler, the controllers and the node agent record their
+//! decisions as `v1 Event` objects (`kapsel describe` shows them). Repeats of the same (object,
+//! reason, message) bump `count` instead of piling up; [`Recorder::warning_latest`] keeps one
+//! event per (object, reason) carrying the latest message (as `FailedScheduling`). Writes are
+//! fire-and-forget so a decision never waits on them, and they are rate-limited as Kubernetes'
+//! event correlator does: a token bucket per involved object and reason (a burst, then one write per
+//! interval; further repeats are dropped), a bound on writes in flight, and a bound on events
+//! waiting to be written (over it, new events are dropped), so no component can turn a storm
+//! of decisions into a storm of store writes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::model::event::EventSource;
 use crate::model::{Event, Kind, ObjectMeta, ObjectReference, Pod};
 use crate::store::{Store, StoreError};
 
+/// Events one object may record at once for one reason...
+const BURST_PER_OBJECT: f64 = 25.0;
+/// ...and then one per this interval (Kubernetes: 25, then one per 5 minutes).
+const REFILL_PER_OBJECT: Duration = Duration::from_secs(10);
+/// Objects whose buckets are tracked (older full ones are forgotten first).
+const TRACKED_OBJECTS: usize = 4096;
+/// Events waiting to be written; more are dropped.
+const MAX_PENDING: usize = 4096;
+/// Event writes in flight at once.
+const WRITES_IN_FLIGHT: usize = 32;
+
 #[derive(Clone)]
 pub struct Recorder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     store: Arc<dyn Store>,
     component: String,
     host: Option<String>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    pending: AtomicUsize,
+    writes: Arc<Semaphore>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let earned = now.duration_since(self.at).as_secs_f64() / REFILL_PER_OBJECT.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(BURST_PER_OBJECT);
+        self.at = now;
+    }
+}
+
+/// How an event is named, and so what it is folded into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    /// Same object, reason and message: one event, its count bumped.
+    Identical,
+    /// Same object and reason: one event, count bumped, message replaced by the latest.
+    Reason,
 }
 
 impl Recorder {
     pub fn new(store: Arc<dyn Store>, component: &str, host: Option<String>) -> Self {
         Recorder {
-            store,
-            component: component.to_string(),
-            host,
+            inner: Arc::new(Inner {
+                store,
+                component: component.to_string(),
+                host,
+                buckets: Mutex::new(HashMap::new()),
+                pending: AtomicUsize::new(0),
+                writes: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
+            }),
         }
     }
 
@@ -49,21 +104,77 @@ impl Recorder {
     }
 
     pub fn normal(&self, obj: ObjectReference, reason: &str, message: String) {
-        self.emit(obj, "Normal", reason, message);
+        self.emit(obj, "Normal", reason, message, Fold::Identical);
     }
 
     pub fn warning(&self, obj: ObjectReference, reason: &str, message: String) {
-        self.emit(obj, "Warning", reason, message);
+        self.emit(obj, "Warning", reason, message, Fold::Identical);
     }
 
-    fn emit(&self, obj: ObjectReference, type_: &str, reason: &str, message: String) {
+    /// A warning kept as one event per (object, reason): a new message replaces the old one
+    /// and bumps the count (`FailedScheduling`: the reasons change as nodes come and go).
+    pub fn warning_latest(&self, obj: ObjectReference, reason: &str, message: String) {
+        self.emit(obj, "Warning", reason, message, Fold::Reason);
+    }
+
+    /// Take a token from the (object, reason) bucket; false when it has none left.
+    fn allow(&self, obj: &ObjectReference, reason: &str) -> bool {
+        let key = if obj.uid.is_empty() {
+            format!("{}/{}/{}/{reason}", obj.kind, obj.namespace, obj.name)
+        } else {
+            format!("{}/{reason}", obj.uid)
+        };
+        let now = Instant::now();
+        let mut buckets = self.inner.buckets.lock().unwrap();
+        if buckets.len() >= TRACKED_OBJECTS && !buckets.contains_key(&key) {
+            // A bucket that has refilled is the same as no bucket.
+            buckets.retain(|_, b| {
+                b.refill(now);
+                b.tokens < BURST_PER_OBJECT
+            });
+            if buckets.len() >= TRACKED_OBJECTS {
+                // Still full of busy objects: forget the ones that were quiet the longest.
+                let mut ats: Vec<Instant> = buckets.values().map(|b| b.at).collect();
+                ats.sort();
+                let cut = ats[ats.len() / 2];
+                buckets.retain(|_, b| b.at > cut);
+            }
+        }
+        let b = buckets.entry(key).or_insert(Bucket {
+            tokens: BURST_PER_OBJECT,
+            at: now,
+        });
+        b.refill(now);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn emit(&self, obj: ObjectReference, type_: &str, reason: &str, message: String, fold: Fold) {
+        if !self.allow(&obj, reason) {
+            tracing::debug!(object = %obj.name, reason, "event dropped: too many for this object");
+            return;
+        }
+        let inner = &self.inner;
+        if inner.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            inner.pending.fetch_sub(1, Ordering::SeqCst);
+            tracing::debug!(object = %obj.name, reason, "event dropped: too many waiting");
+            return;
+        }
         let this = self.clone();
         let type_ = type_.to_string();
         let reason = reason.to_string();
         tokio::spawn(async move {
-            if let Err(e) = this.write(obj, &type_, &reason, message).await {
-                tracing::debug!(error = %e, "event not recorded");
+            let permit = this.inner.writes.clone().acquire_owned().await;
+            if permit.is_ok() {
+                if let Err(e) = this.record(obj, &type_, &reason, message, fold).await {
+                    tracing::debug!(error = %e, "event not recorded");
+                }
             }
+            this.inner.pending.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
@@ -75,6 +186,19 @@ impl Recorder {
         reason: &str,
         message: String,
     ) -> Result<(), StoreError> {
+        self.record(obj, type_, reason, message, Fold::Identical)
+            .await
+    }
+
+    async fn record(
+        &self,
+        obj: ObjectReference,
+        type_: &str,
+        reason: &str,
+        message: String,
+        fold: Fold,
+    ) -> Result<(), StoreError> {
+        let store = &self.inner.store;
         let ns = if obj.namespace.is_empty() {
             "default".to_string()
         } else {
@@ -83,19 +207,22 @@ impl Recorder {
         let mut h = Sha256::new();
         h.update(obj.uid.as_bytes());
         h.update(reason.as_bytes());
-        h.update(message.as_bytes());
+        if fold == Fold::Identical {
+            h.update(message.as_bytes());
+        }
         let name = format!("{}.{}", obj.name, &hex::encode(h.finalize())[..16]);
         let now = Utc::now();
         for _ in 0..5 {
-            if let Some(existing) = self.store.get(Kind::Event, &ns, &name)? {
+            if let Some(existing) = store.get(Kind::Event, &ns, &name)? {
                 let mut ev: Event = match serde_json::from_value((*existing).clone()) {
                     Ok(e) => e,
                     Err(_) => return Ok(()),
                 };
                 ev.count += 1;
                 ev.last_timestamp = Some(now);
-                match self
-                    .store
+                ev.message = message.clone();
+                ev.type_ = type_.to_string();
+                match store
                     .update(Kind::Event, serde_json::to_value(&ev).unwrap())
                     .await
                 {
@@ -121,12 +248,11 @@ impl Recorder {
                 first_timestamp: Some(now),
                 last_timestamp: Some(now),
                 source: Some(EventSource {
-                    component: self.component.clone(),
-                    host: self.host.clone(),
+                    component: self.inner.component.clone(),
+                    host: self.inner.host.clone(),
                 }),
             };
-            match self
-                .store
+            match store
                 .create(Kind::Event, serde_json::to_value(&ev).unwrap())
                 .await
             {
@@ -135,5 +261,64 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb::RedbStore;
+
+    fn obj(uid: &str) -> ObjectReference {
+        ObjectReference {
+            kind: "Pod".into(),
+            namespace: "default".into(),
+            name: format!("p-{uid}"),
+            uid: uid.into(),
+            field_path: None,
+        }
+    }
+
+    #[test]
+    fn an_object_gets_a_burst_then_is_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let r = Recorder::new(store, "test", None);
+        let allowed = (0..100).filter(|_| r.allow(&obj("a"), "BackOff")).count();
+        assert_eq!(allowed, BURST_PER_OBJECT as usize);
+        // Another object, or another reason, has its own bucket.
+        assert!(r.allow(&obj("b"), "BackOff"));
+        assert!(r.allow(&obj("a"), "Started"));
+        // Many objects: the tracked set stays bounded.
+        for i in 0..(3 * TRACKED_OBJECTS) {
+            r.allow(&obj(&i.to_string()), "BackOff");
+        }
+        assert!(r.inner.buckets.lock().unwrap().len() <= TRACKED_OBJECTS);
+    }
+
+    #[tokio::test]
+    async fn one_event_per_object_and_reason_keeps_the_latest_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let r = Recorder::new(store.clone(), "test", None);
+        for msg in [
+            "0/0 nodes are available.",
+            "0/1 nodes are available: x.",
+            "0/1 nodes are available: x.",
+        ] {
+            r.record(
+                obj("u1"),
+                "Warning",
+                "FailedScheduling",
+                msg.into(),
+                Fold::Reason,
+            )
+            .await
+            .unwrap();
+        }
+        let (evs, _) = store.list(Kind::Event, Some("default")).unwrap();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0]["count"], 3);
+        assert_eq!(evs[0]["message"], "0/1 nodes are available: x.");
     }
 }

@@ -1,11 +1,19 @@
 //! The ReplicaSet reconciler: keeps `spec.replicas` pods of the template alive. Missing pods
-//! are created (concurrently, bounded); surplus pods are deleted gracefully, least valuable
+//! are created in slow-start batches (1, 2, 4, … as Kubernetes' ReplicaSet controller: a
+//! template that cannot work fails after one pod, not thousands), at most [`BURST_REPLICAS`]
+//! per sync (the sync then requeues itself, so one large ReplicaSet never holds a worker for
+//! long). Before each batch the ReplicaSet is read again: once it is deleted, replaced or
+//! scaled down, creation stops at once; a failed create stops the sync too (it is retried).
+//! Surplus pods are deleted gracefully, least valuable
 //! first (unscheduled, pending, not ready, restarting, newest), as Kubernetes ranks them; pods
 //! that are terminating or finished do not count and finished ones are removed, so a deleted
 //! or failed pod is replaced at once. Writes `status` (replicas, ready, available after
-//! `minReadySeconds`). A ReplicaSet that is gone has its pods deleted.
+//! `minReadySeconds`). A ReplicaSet that is gone has its pods deleted, as are pods whose
+//! controlling ReplicaSet reference names a uid that no longer exists (created by a sync that
+//! raced with the owner's deletion): the orphan collection, also bounded per sync.
 
 use std::cmp::Reverse;
+use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -23,6 +31,11 @@ use crate::store::{object_rv, StoreError};
 
 /// Pod creations or deletions in flight at once, per ReplicaSet.
 const BURST: usize = 128;
+/// Most pods one sync creates or deletes (Kubernetes' `burstReplicas`); the rest are left to
+/// the next sync, which is queued at once.
+pub const BURST_REPLICAS: usize = 500;
+/// The first slow-start batch; each successful batch doubles the next.
+const SLOW_START_INITIAL_BATCH: usize = 1;
 
 pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ControllerError> {
     let store = &ctx.store;
@@ -33,19 +46,21 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let (all, _) = store.list(Kind::Pod, Some(ns))?;
     let mut pods: Vec<PodView> = Vec::new();
+    // Left by an earlier ReplicaSet of the same name (deleted and re-created).
+    let mut stale: Vec<String> = Vec::new();
     for p in all.iter().filter_map(PodView::of) {
         if p.owner_uid == uid {
             pods.push(p);
         } else if !p.terminating
             && matches!(controller_of(&p.obj), Some(("ReplicaSet", owner, _)) if owner == name)
         {
-            // Left by an earlier ReplicaSet of the same name (deleted and re-created).
-            match delete_pod(&**store, ns, &p.name, None).await {
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            stale.push(p.name.clone());
         }
     }
+    drop(all);
+    let stale_left = stale.len() > BURST_REPLICAS;
+    stale.truncate(BURST_REPLICAS);
+    delete_pods(ctx, ns, &stale).await?;
     let rs_ref = Recorder::obj_ref("ReplicaSet", &rs.metadata);
 
     // Finished pods (a pod of a ReplicaSet should never finish) make way for new ones.
@@ -58,23 +73,65 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
     let mut active: Vec<&PodView> = pods.iter().filter(|p| p.active()).collect();
     let want = rs.replicas().max(0) as usize;
     let mut created = 0usize;
+    // More to do than one sync may: look again right after this one.
+    let mut again = stale_left;
     if active.len() < want {
-        let n = want - active.len();
-        let results: Vec<Result<String, StoreError>> =
-            futures::stream::iter((0..n).map(|_| create_pod(ctx, &rs)).collect::<Vec<_>>())
-                .buffer_unordered(BURST)
-                .collect()
-                .await;
-        let names: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-        created = names.len();
+        let diff = want - active.len();
+        if diff > BURST_REPLICAS {
+            again = true;
+        }
+
+        let limit = diff.min(BURST_REPLICAS);
+        let mut names: Vec<String> = Vec::new();
+        let mut failure: Option<StoreError> = None;
+        let mut batch = SLOW_START_INITIAL_BATCH;
+        let mut owner_gone = false;
+        while created < limit {
+            // Is the owner still there, and does it still want these pods?
+            let Some(still_wanted) = wanted_now(ctx, ns, name, &uid)? else {
+                // Deleted or replaced: stop, and look again at once (collecting what this
+                // sync created meanwhile).
+                owner_gone = true;
+                break;
+            };
+            let n = still_wanted
+                .saturating_sub(active.len() + created)
+                .min(limit - created)
+                .min(batch);
+            if n == 0 {
+                again = stale_left;
+                break;
+            }
+            let results: Vec<Result<String, StoreError>> =
+                futures::stream::iter((0..n).map(|_| create_pod(ctx, &rs)).collect::<Vec<_>>())
+                    .buffer_unordered(BURST)
+                    .collect()
+                    .await;
+            for r in results {
+                match r {
+                    Ok(n) => {
+                        names.push(n);
+                        created += 1;
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+            batch *= 2;
+        }
         if !names.is_empty() {
             ctx.recorder.normal(
                 rs_ref.clone(),
                 "SuccessfulCreate",
-                summary("Created", &names),
+                summary("Created", &names.iter().collect::<Vec<_>>()),
             );
         }
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        if owner_gone {
+            return Ok(Some(Duration::ZERO));
+        }
+        if let Some(e) = failure {
             ctx.recorder.warning(
                 rs_ref.clone(),
                 "FailedCreate",
@@ -83,9 +140,11 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
             if !matches!(e, StoreError::AlreadyExists { .. }) {
                 return Err(ControllerError::Store(StoreError::Backend(e.to_string())));
             }
+            again = true;
         }
     } else if active.len() > want {
-        let n = active.len() - want;
+        let n = (active.len() - want).min(BURST_REPLICAS);
+        again |= active.len() - want > n;
         // Least valuable first, as Kubernetes' ActivePods ordering.
         active.sort_by_key(|p| {
             (
@@ -140,6 +199,7 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
         .filter_map(|p| p.available_at(min_ready, now))
         .min()
         .map(|t| (t - now).to_std().unwrap_or_default());
+    let requeue = if again { Some(Duration::ZERO) } else { requeue };
     if rs.status.as_ref() != Some(&status) {
         let mut next = rs.clone();
         next.status = Some(status);
@@ -222,19 +282,24 @@ fn random_suffix() -> String {
         .collect()
 }
 
-/// The ReplicaSet `name` is gone: delete the pods it controlled.
-async fn collect_orphans(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ControllerError> {
-    let (all, _) = ctx.store.list(Kind::Pod, Some(ns))?;
-    let orphans: Vec<String> = all
-        .iter()
-        .filter(|p| {
-            matches!(controller_of(p), Some(("ReplicaSet", owner, _)) if owner == name)
-                && p["metadata"]["deletionTimestamp"].is_null()
-        })
-        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
-        .collect();
+/// The ReplicaSet `name`'s current desired replicas, read from the store; `None` when it no
+/// longer exists as the object `uid` (deleted, being deleted, or replaced by a namesake).
+fn wanted_now(ctx: &Ctx, ns: &str, name: &str, uid: &str) -> Result<Option<usize>, StoreError> {
+    let Some(cur) = ctx.store.get(Kind::ReplicaSet, ns, name)? else {
+        return Ok(None);
+    };
+    let md = &cur["metadata"];
+    if md["uid"].as_str().unwrap_or_default() != uid || !md["deletionTimestamp"].is_null() {
+        return Ok(None);
+    }
+    let replicas = cur["spec"]["replicas"].as_i64().unwrap_or(1).max(0);
+    Ok(Some(replicas as usize))
+}
+
+/// Delete pods (gracefully), [`BURST`] at a time; pods already gone or changed are skipped.
+async fn delete_pods(ctx: &Ctx, ns: &str, names: &[String]) -> Result<(), ControllerError> {
     let results: Vec<Result<Value, StoreError>> = futures::stream::iter(
-        orphans
+        names
             .iter()
             .map(|p| delete_pod(&*ctx.store, ns, p, None))
             .collect::<Vec<_>>(),
@@ -248,7 +313,26 @@ async fn collect_orphans(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Con
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(None)
+    Ok(())
+}
+
+/// The ReplicaSet `name` is gone: delete the pods it controlled, [`BURST_REPLICAS`] per sync
+/// (the sync is queued again while more are left).
+async fn collect_orphans(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ControllerError> {
+    let (all, _) = ctx.store.list(Kind::Pod, Some(ns))?;
+    let mut orphans: Vec<String> = all
+        .iter()
+        .filter(|p| {
+            matches!(controller_of(p), Some(("ReplicaSet", owner, _)) if owner == name)
+                && p["metadata"]["deletionTimestamp"].is_null()
+        })
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    drop(all);
+    let more = orphans.len() > BURST_REPLICAS;
+    orphans.truncate(BURST_REPLICAS);
+    delete_pods(ctx, ns, &orphans).await?;
+    Ok(more.then_some(Duration::ZERO))
 }
 
 /// Delete a ReplicaSet (its pods follow through [`collect_orphans`]).

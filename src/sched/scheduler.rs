@@ -2,15 +2,18 @@
 //! already holds (including pods it has just assumed but whose binding is still being written),
 //! runs every unbound pod through the filter/score pipeline, and binds the best node by writing
 //! `spec.nodeName`. A pod that fits nowhere stays Pending with a `FailedScheduling` event and a
-//! `PodScheduled=False` condition saying why, and is retried when nodes or pods change.
+//! `PodScheduled=False` condition saying why, and is retried when a node changes or resources
+//! are freed (and every 30 s). What it recorded survives a re-list of its watches and a server
+//! restart (it is read back from the pods' conditions), and nothing is written again unless it
+//! changed: thousands of pending pods cost nothing while nothing changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::plugins::{default_filters, default_scores, Filter, NodeInfo, Requests, Score};
@@ -24,18 +27,56 @@ pub struct Scheduler {
     recorder: Recorder,
     filters: Vec<Box<dyn Filter>>,
     scores: Vec<Box<dyn Score>>,
+    /// Bounds the `PodScheduled=False` status writes in flight.
+    status_writes: Arc<Semaphore>,
 }
+
+/// Status writes in flight at once.
+const STATUS_WRITES: usize = 64;
+/// Pods that fit nowhere are tried again when a node changes or resources are freed, at most
+/// this often (a burst of deletions costs one pass, not one per deletion)...
+const RETRY_ALL_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and, whatever happens, this often.
+const RETRY_ALL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Pods holding resources on a node: uid → (node, requests).
 type Placed = HashMap<String, (String, Requests)>;
+
+type PodKey = (String, String);
+
+/// What the scheduler remembers across re-lists: a lagged watch restarts the lists, and the
+/// scheduler must not then record again, for every pending pod, what it already recorded.
+#[derive(Default)]
+struct Memory {
+    /// The `PodScheduled=False` message recorded per pending pod uid (seeded from the pods'
+    /// stored conditions, so a restarted server does not rewrite them either).
+    unschedulable: HashMap<String, String>,
+}
+
+/// The state of one run over one pair of watches.
+#[derive(Default)]
+struct Cycle {
+    nodes: BTreeMap<String, Node>,
+    placed: Placed,
+    /// Unbound pods waiting for a node.
+    queue: BTreeMap<PodKey, Pod>,
+    /// Queued pods to try at the next pass: new ones and changed ones. Pods already found to
+    /// fit nowhere wait until a node changes or resources are freed (`retry_all`).
+    active: BTreeSet<PodKey>,
+    /// Binds being written (uids).
+    in_flight: BTreeSet<String>,
+    /// Something changed that may let an unschedulable pod fit.
+    retry_all: bool,
+}
 
 enum BindResult {
     Bound {
         uid: String,
     },
-    /// Lost the race (pod changed or gone): forget the assumption; the watch will tell.
+    /// Lost the race (pod changed or gone): forget the assumption and look at the pod again.
     Failed {
         uid: String,
+        key: PodKey,
     },
 }
 
@@ -47,26 +88,35 @@ impl Scheduler {
             recorder,
             filters: default_filters(),
             scores: default_scores(),
+            status_writes: Arc::new(Semaphore::new(STATUS_WRITES)),
         }
     }
 
     pub async fn run(self, cancel: CancellationToken) {
         let this = Arc::new(self);
+        let mut memory = Memory::default();
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            match this.clone().run_once(cancel.clone()).await {
+            match this.clone().run_once(&mut memory, cancel.clone()).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduler restarting its watches");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = cancel.cancelled() => return,
+                    }
                 }
             }
         }
     }
 
-    async fn run_once(self: Arc<Self>, cancel: CancellationToken) -> Result<(), String> {
+    async fn run_once(
+        self: Arc<Self>,
+        memory: &mut Memory,
+        cancel: CancellationToken,
+    ) -> Result<(), String> {
         let mut pw = self
             .store
             .watch(Kind::Pod, None, WatchFrom::Current)
@@ -75,67 +125,79 @@ impl Scheduler {
             .store
             .watch(Kind::Node, None, WatchFrom::Current)
             .map_err(|e| e.to_string())?;
-        let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-        let mut placed: Placed = HashMap::new();
-        // Unbound pods waiting for a node: (ns, name) → pod.
-        let mut queue: BTreeMap<(String, String), Pod> = BTreeMap::new();
-        // Last FailedScheduling message per pod uid (to avoid repeating events).
-        let mut unschedulable: HashMap<String, String> = HashMap::new();
-        // Binds being written.
-        let mut in_flight: BTreeSet<String> = BTreeSet::new();
+        let mut c = Cycle::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<BindResult>();
 
         for ev in std::mem::take(&mut nw.initial) {
-            on_node(&mut nodes, &ev);
+            on_node(&mut c, &ev);
         }
         for ev in std::mem::take(&mut pw.initial) {
-            on_pod(&mut placed, &mut queue, &in_flight, &ev);
+            on_pod(&mut c, memory, &ev);
         }
-        let mut retry = tokio::time::interval(Duration::from_secs(2));
-        let mut dirty = true;
+        // Forget pods that are no longer pending (deleted or bound while the watch was down).
+        let pending: HashSet<&str> = c.queue.values().map(|p| p.uid()).collect();
+        memory
+            .unschedulable
+            .retain(|uid, _| pending.contains(uid.as_str()));
+        // Every queued pod gets one pass now; unschedulable ones only write what changed.
+        c.active = c.queue.keys().cloned().collect();
+        c.retry_all = false;
+        let mut last_retry_all = Instant::now();
+        let mut tick = tokio::time::interval(RETRY_ALL_MIN_INTERVAL);
         loop {
-            if dirty {
-                self.schedule(
-                    &nodes,
-                    &mut placed,
-                    &mut queue,
-                    &mut unschedulable,
-                    &mut in_flight,
-                    &done_tx,
-                );
-                dirty = false;
+            let since = last_retry_all.elapsed();
+            if (c.retry_all && since >= RETRY_ALL_MIN_INTERVAL) || since >= RETRY_ALL_INTERVAL {
+                c.active = c.queue.keys().cloned().collect();
+                c.retry_all = false;
+                last_retry_all = Instant::now();
+            }
+            if !c.active.is_empty() {
+                self.schedule(&mut c, memory, &done_tx);
             }
             tokio::select! {
                 ev = pw.live.recv() => match ev {
                     Ok(ev) => {
                         if pw.wants(&ev) {
-                            on_pod(&mut placed, &mut queue, &in_flight, &ev);
+                            on_pod(&mut c, memory, &ev);
                         }
                         // Drain what is already there before the next pass.
-                        while let Ok(ev) = pw.live.try_recv() {
-                            if pw.wants(&ev) { on_pod(&mut placed, &mut queue, &in_flight, &ev); }
+                        loop {
+                            match pw.live.try_recv() {
+                                Ok(ev) => if pw.wants(&ev) { on_pod(&mut c, memory, &ev) },
+                                Err(TryRecvError::Lagged(_)) => return Err("pod watch lagged".into()),
+                                Err(_) => break,
+                            }
                         }
-                        dirty = true;
                     }
                     Err(RecvError::Lagged(_)) => return Err("pod watch lagged".into()),
                     Err(RecvError::Closed) => return Ok(()),
                 },
                 ev = nw.live.recv() => match ev {
-                    Ok(ev) => { if nw.wants(&ev) { on_node(&mut nodes, &ev); dirty = true; } }
+                    Ok(ev) => { if nw.wants(&ev) { on_node(&mut c, &ev); } }
                     Err(RecvError::Lagged(_)) => return Err("node watch lagged".into()),
                     Err(RecvError::Closed) => return Ok(()),
                 },
                 Some(r) = done_rx.recv() => {
                     match r {
-                        BindResult::Bound { uid } => { in_flight.remove(&uid); }
-                        BindResult::Failed { uid } => {
-                            placed.remove(&uid);
-                            in_flight.remove(&uid);
-                            dirty = true;
+                        BindResult::Bound { uid } => { c.in_flight.remove(&uid); }
+                        BindResult::Failed { uid, key } => {
+                            c.placed.remove(&uid);
+                            c.in_flight.remove(&uid);
+                            // The watch may have shown the pod's new state while the bind was
+                            // in flight (and it was ignored then): look at it again.
+                            if let Ok(Some(obj)) = self.store.get(Kind::Pod, &key.0, &key.1) {
+                                let ev = WatchEvent {
+                                    type_: EventType::Modified,
+                                    kind: Kind::Pod,
+                                    rv: 0,
+                                    object: obj,
+                                };
+                                on_pod(&mut c, memory, &ev);
+                            }
                         }
                     }
                 }
-                _ = retry.tick() => { if !queue.is_empty() { dirty = true; } }
+                _ = tick.tick() => {}
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
@@ -165,38 +227,36 @@ impl Scheduler {
         infos.into_values().collect()
     }
 
+    /// One pass over the active pods: bind each to the best node, or record why it fits nowhere
+    /// (only when that differs from what was recorded last).
     fn schedule(
         self: &Arc<Self>,
-        nodes: &BTreeMap<String, Node>,
-        placed: &mut Placed,
-        queue: &mut BTreeMap<(String, String), Pod>,
-        unschedulable: &mut HashMap<String, String>,
-        in_flight: &mut BTreeSet<String>,
+        c: &mut Cycle,
+        memory: &mut Memory,
         done: &mpsc::UnboundedSender<BindResult>,
     ) {
-        if queue.is_empty() {
-            return;
-        }
-        let mut infos = self.node_infos(nodes, placed);
-        let keys: Vec<(String, String)> = queue.keys().cloned().collect();
-        for key in keys {
-            let pod = queue.get(&key).cloned().expect("queued");
+        let active = std::mem::take(&mut c.active);
+        let mut infos = self.node_infos(&c.nodes, &c.placed);
+        for key in active {
+            let Some(pod) = c.queue.get(&key) else {
+                continue;
+            };
             let uid = pod.uid().to_string();
-            if in_flight.contains(&uid) {
+            if c.in_flight.contains(&uid) {
                 continue;
             }
-            let req = Requests::of(&pod);
+            let req = Requests::of(pod);
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             let mut best: Option<(i64, usize)> = None;
             for (i, info) in infos.iter().enumerate() {
                 let failed = self
                     .filters
                     .iter()
-                    .find_map(|f| f.filter(&pod, &req, info).err());
+                    .find_map(|f| f.filter(pod, &req, info).err());
                 match failed {
                     Some(reason) => *reasons.entry(reason).or_default() += 1,
                     None => {
-                        let s: i64 = self.scores.iter().map(|s| s.score(&pod, &req, info)).sum();
+                        let s: i64 = self.scores.iter().map(|s| s.score(pod, &req, info)).sum();
                         if best.map(|(b, _)| s > b).unwrap_or(true) {
                             best = Some((s, i));
                         }
@@ -205,15 +265,15 @@ impl Scheduler {
             }
             match best {
                 Some((_, i)) => {
+                    let pod = c.queue.remove(&key).expect("queued");
                     let info = &mut infos[i];
                     info.requested.cpu_millis += req.cpu_millis;
                     info.requested.memory_bytes += req.memory_bytes;
                     info.pods += 1;
                     let node = info.node.metadata.name.clone();
-                    placed.insert(uid.clone(), (node.clone(), req));
-                    in_flight.insert(uid.clone());
-                    queue.remove(&key);
-                    unschedulable.remove(&uid);
+                    c.placed.insert(uid.clone(), (node.clone(), req));
+                    c.in_flight.insert(uid.clone());
+                    memory.unschedulable.remove(&uid);
                     let this = self.clone();
                     let done = done.clone();
                     tokio::spawn(async move {
@@ -230,11 +290,13 @@ impl Scheduler {
                             }
                             Ok(false) => BindResult::Failed {
                                 uid: pod.uid().to_string(),
+                                key,
                             },
                             Err(e) => {
                                 tracing::warn!(error = %e, pod = %pod.key(), "bind failed");
                                 BindResult::Failed {
                                     uid: pod.uid().to_string(),
+                                    key,
                                 }
                             }
                         };
@@ -250,16 +312,24 @@ impl Scheduler {
                         if detail.is_empty() { "" } else { ": " },
                         detail.join(", ")
                     );
-                    if unschedulable.get(&uid) != Some(&msg) {
-                        unschedulable.insert(uid.clone(), msg.clone());
-                        self.recorder.warning(
-                            Recorder::pod_ref(&pod),
-                            "FailedScheduling",
-                            msg.clone(),
-                        );
-                        let this = self.clone();
-                        tokio::spawn(async move { this.mark_unschedulable(&pod, &msg).await });
+                    if memory.unschedulable.get(&uid) == Some(&msg) {
+                        continue;
                     }
+                    memory.unschedulable.insert(uid.clone(), msg.clone());
+                    // One FailedScheduling event per pod, its count and message updated.
+                    self.recorder.warning_latest(
+                        Recorder::pod_ref(pod),
+                        "FailedScheduling",
+                        msg.clone(),
+                    );
+                    let this = self.clone();
+                    let (ns, name) = key;
+                    tokio::spawn(async move {
+                        let Ok(_permit) = this.status_writes.clone().acquire_owned().await else {
+                            return;
+                        };
+                        this.mark_unschedulable(&ns, &name, &uid, &msg).await
+                    });
                 }
             }
         }
@@ -296,15 +366,22 @@ impl Scheduler {
         Ok(false)
     }
 
-    async fn mark_unschedulable(&self, pod: &Pod, msg: &str) {
+    /// Record `PodScheduled=False` with `msg`, unless the pod already says exactly that.
+    async fn mark_unschedulable(&self, ns: &str, name: &str, uid: &str, msg: &str) {
         for _ in 0..5 {
-            let Ok(Some(cur)) = self.store.get(Kind::Pod, pod.ns(), pod.name()) else {
+            let Ok(Some(cur)) = self.store.get(Kind::Pod, ns, name) else {
                 return;
             };
+            if cur["metadata"]["uid"].as_str() != Some(uid)
+                || !cur["spec"]["nodeName"].is_null()
+                || !cur["metadata"]["deletionTimestamp"].is_null()
+            {
+                return;
+            }
             let Ok(mut cur) = serde_json::from_value::<Pod>((*cur).clone()) else {
                 return;
             };
-            if cur.uid() != pod.uid() || cur.spec.node_name.is_some() {
+            if recorded_unschedulable(&cur).as_deref() == Some(msg) {
                 return;
             }
             let st = cur.status.get_or_insert_with(PodStatus::default);
@@ -327,6 +404,18 @@ impl Scheduler {
     }
 }
 
+/// The message of a pod's `PodScheduled=False`/`Unschedulable` condition, if it has one.
+fn recorded_unschedulable(pod: &Pod) -> Option<String> {
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")?;
+    (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        .then(|| c.message.clone().unwrap_or_default())
+}
+
 fn set_condition(
     st: &mut PodStatus,
     type_: &str,
@@ -334,7 +423,7 @@ fn set_condition(
     reason: Option<&str>,
     msg: Option<&str>,
 ) {
-    let c = PodCondition {
+    let mut c = PodCondition {
         type_: type_.into(),
         status: status.into(),
         reason: reason.map(str::to_string),
@@ -342,28 +431,50 @@ fn set_condition(
         last_transition_time: Some(Utc::now()),
     };
     match st.conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(old) => *old = c,
+        Some(old) => {
+            // The transition time moves only when the status does.
+            if old.status == c.status {
+                c.last_transition_time = old.last_transition_time.or(c.last_transition_time);
+            }
+            *old = c
+        }
         None => st.conditions.push(c),
     }
 }
 
-fn on_node(nodes: &mut BTreeMap<String, Node>, ev: &WatchEvent) {
+/// What the filters look at on a node; a change to it may let a pending pod fit.
+fn node_fingerprint(n: &Node) -> impl PartialEq + use<> {
+    let status = n.status.as_ref();
+    (
+        n.metadata.labels.clone(),
+        n.spec.unschedulable,
+        status.map(|s| s.allocatable.clone()),
+        status.and_then(|s| s.node_info.as_ref().map(|i| i.runtimes.clone())),
+        n.is_ready(),
+    )
+}
+
+fn on_node(c: &mut Cycle, ev: &WatchEvent) {
     let Ok(node) = serde_json::from_value::<Node>((*ev.object).clone()) else {
         return;
     };
     if ev.type_ == EventType::Deleted {
-        nodes.remove(&node.metadata.name);
-    } else {
-        nodes.insert(node.metadata.name.clone(), node);
+        c.nodes.remove(&node.metadata.name);
+        c.retry_all = true;
+        return;
+    }
+    let changed = c
+        .nodes
+        .get(&node.metadata.name)
+        .map(|old| node_fingerprint(old) != node_fingerprint(&node))
+        .unwrap_or(true);
+    c.nodes.insert(node.metadata.name.clone(), node);
+    if changed {
+        c.retry_all = true;
     }
 }
 
-fn on_pod(
-    placed: &mut Placed,
-    queue: &mut BTreeMap<(String, String), Pod>,
-    in_flight: &BTreeSet<String>,
-    ev: &WatchEvent,
-) {
+fn on_pod(c: &mut Cycle, memory: &mut Memory, ev: &WatchEvent) {
     let Ok(pod) = serde_json::from_value::<Pod>((*ev.object).clone()) else {
         return;
     };
@@ -372,21 +483,36 @@ fn on_pod(
     let gone = ev.type_ == EventType::Deleted;
     match &pod.spec.node_name {
         Some(node) => {
-            queue.remove(&key);
+            c.queue.remove(&key);
+            c.active.remove(&key);
+            memory.unschedulable.remove(&uid);
             if gone || pod.phase().is_terminal() {
-                placed.remove(&uid);
+                if c.placed.remove(&uid).is_some() {
+                    // Resources were freed.
+                    c.retry_all = true;
+                }
             } else {
-                placed.insert(uid, (node.clone(), Requests::of(&pod)));
+                c.placed.insert(uid, (node.clone(), Requests::of(&pod)));
             }
         }
         None => {
             if gone || pod.metadata.deletion_timestamp.is_some() {
-                queue.remove(&key);
-                if !in_flight.contains(&uid) {
-                    placed.remove(&uid);
+                c.queue.remove(&key);
+                c.active.remove(&key);
+                memory.unschedulable.remove(&uid);
+                if !c.in_flight.contains(&uid) {
+                    c.placed.remove(&uid);
                 }
-            } else if !in_flight.contains(&uid) {
-                queue.insert(key, pod);
+            } else if !c.in_flight.contains(&uid) {
+                // What an earlier run (or an earlier server) already recorded for it.
+                if let Some(msg) = recorded_unschedulable(&pod) {
+                    memory.unschedulable.entry(uid.clone()).or_insert(msg);
+                }
+                let known_unschedulable = memory.unschedulable.contains_key(&uid);
+                let new = c.queue.insert(key.clone(), pod).is_none();
+                if new || !known_unschedulable {
+                    c.active.insert(key);
+                }
             }
         }
     }

@@ -4,6 +4,12 @@
 //! validated and committed together in the next transaction, so 1,000 concurrent writers cost a
 //! handful of fsyncs, and no write is acknowledged before it is durable. Watches are fed after
 //! the commit, from the same thread, so a watcher never sees a write that could be lost.
+//!
+//! Watch history and live streams are kept *per kind*: a kind that churns (pods) cannot push
+//! another kind's events (Deployments) out of the history a watch resumes from, nor make a
+//! watcher of another kind lag. History is bounded by event count and by (estimated) bytes,
+//! per kind and in total, so large objects created and deleted over and over cannot pin
+//! memory; a watch from a revision older than its kind's retained history gets `Gone`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -19,8 +25,16 @@ use crate::model::Kind;
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// How many recent events are kept to serve `watch` from a revision.
-const HISTORY: usize = 50_000;
+/// Most recent events kept per kind to serve `watch` from a revision.
+const HISTORY_EVENTS_PER_KIND: usize = 50_000;
+/// Most bytes (estimated in-memory size of the objects) of history kept per kind.
+const HISTORY_BYTES_PER_KIND: usize = 32 << 20;
+/// Most bytes of history kept over all kinds; over it, the largest kind gives up its oldest.
+const HISTORY_BYTES_TOTAL: usize = 64 << 20;
+/// Live events buffered per kind for a watcher before it is told it lagged.
+const LIVE_CAPACITY: usize = 1 << 16;
+/// redb's page cache.
+const REDB_CACHE_BYTES: usize = 64 << 20;
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
@@ -29,7 +43,112 @@ type Objects = HashMap<Kind, BTreeMap<(String, String), Arc<Value>>>;
 struct State {
     objects: Objects,
     rv: u64,
-    history: VecDeque<WatchEvent>,
+    history: History,
+}
+
+/// Recent committed events, per kind, bounded by count and bytes.
+struct History {
+    rings: HashMap<Kind, Ring>,
+    bytes: usize,
+    /// The revision the store was opened at: nothing at or below it is retained.
+    floor: u64,
+}
+
+#[derive(Default)]
+struct Ring {
+    events: VecDeque<(WatchEvent, usize)>,
+    bytes: usize,
+    /// The newest revision of this kind that was dropped (a watch from before it is `Gone`).
+    dropped_upto: u64,
+}
+
+impl Ring {
+    fn pop(&mut self) -> usize {
+        match self.events.pop_front() {
+            Some((ev, size)) => {
+                self.bytes -= size;
+                self.dropped_upto = ev.rv;
+                size
+            }
+            None => 0,
+        }
+    }
+}
+
+impl History {
+    fn new(floor: u64) -> Self {
+        History {
+            rings: HashMap::new(),
+            bytes: 0,
+            floor,
+        }
+    }
+
+    fn push(&mut self, ev: WatchEvent, size: usize) {
+        let ring = self.rings.entry(ev.kind).or_default();
+        ring.events.push_back((ev, size));
+        ring.bytes += size;
+        self.bytes += size;
+        while ring.events.len() > HISTORY_EVENTS_PER_KIND
+            || (ring.bytes > HISTORY_BYTES_PER_KIND && ring.events.len() > 1)
+        {
+            self.bytes -= ring.pop();
+        }
+        while self.bytes > HISTORY_BYTES_TOTAL {
+            let Some(largest) = self
+                .rings
+                .values_mut()
+                .filter(|r| !r.events.is_empty())
+                .max_by_key(|r| r.bytes)
+            else {
+                break;
+            };
+            self.bytes -= largest.pop();
+        }
+    }
+
+    /// Events of `kind` after `since`, or `Gone` when some of them are no longer retained.
+    fn since(
+        &self,
+        kind: Kind,
+        ns: Option<&str>,
+        since: u64,
+        current: u64,
+    ) -> Result<Vec<WatchEvent>, StoreError> {
+        if since >= current {
+            return Ok(Vec::new());
+        }
+        let ring = self.rings.get(&kind);
+        let dropped = ring.map(|r| r.dropped_upto).unwrap_or(0);
+        if since < self.floor || since < dropped {
+            return Err(StoreError::Gone(since));
+        }
+        Ok(ring
+            .map(|r| {
+                r.events
+                    .iter()
+                    .map(|(e, _)| e)
+                    .filter(|e| e.rv > since && ns.map(|n| e.namespace() == n).unwrap_or(true))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// Estimated in-memory size of a JSON value (what history accounting charges for an event).
+fn approx_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 16,
+        Value::String(s) => 24 + s.len(),
+        Value::Array(a) => 24 + a.iter().map(approx_size).sum::<usize>(),
+        Value::Object(m) => {
+            32 + m
+                .iter()
+                .map(|(k, v)| 48 + k.len() + approx_size(v))
+                .sum::<usize>()
+        }
+    }
 }
 
 enum Op {
@@ -47,7 +166,24 @@ struct Request {
 pub struct RedbStore {
     state: Arc<RwLock<State>>,
     tx: mpsc::UnboundedSender<Request>,
-    events: broadcast::Sender<WatchEvent>,
+    events: Arc<LiveEvents>,
+}
+
+/// One live channel per kind.
+struct LiveEvents(HashMap<Kind, broadcast::Sender<WatchEvent>>);
+
+impl LiveEvents {
+    fn new() -> Self {
+        LiveEvents(
+            Kind::ALL
+                .iter()
+                .map(|k| (*k, broadcast::channel(LIVE_CAPACITY).0))
+                .collect(),
+        )
+    }
+    fn sender(&self, kind: Kind) -> &broadcast::Sender<WatchEvent> {
+        &self.0[&kind]
+    }
 }
 
 fn db_key(kind: Kind, ns: &str, name: &str) -> String {
@@ -62,7 +198,12 @@ impl RedbStore {
     /// Open (or create) the database in `dir/kapsel.redb` and load every object into memory.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         std::fs::create_dir_all(dir).map_err(backend)?;
-        let db = Database::create(dir.join("kapsel.redb")).map_err(backend)?;
+        // Every read is served from the in-memory cache: redb's own page cache only needs to
+        // hold what writes touch (its default, 1 GiB, would grow with every large object).
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(dir.join("kapsel.redb"))
+            .map_err(backend)?;
         let mut objects: Objects = HashMap::new();
         let mut rv = 0;
         {
@@ -99,10 +240,10 @@ impl RedbStore {
         let state = Arc::new(RwLock::new(State {
             objects,
             rv,
-            history: VecDeque::new(),
+            history: History::new(rv),
         }));
         let (tx, rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(1 << 16);
+        let events = Arc::new(LiveEvents::new());
         let writer = Writer {
             db,
             state: state.clone(),
@@ -158,7 +299,7 @@ impl Store for RedbStore {
         let st = self.state.read().unwrap();
         // Subscribing under the lock: the writer publishes under the write lock, so nothing
         // falls between the snapshot below and the live stream.
-        let live = self.events.subscribe();
+        let live = self.events.sender(kind).subscribe();
         let initial = match from {
             WatchFrom::Current => list_locked(&st, kind, ns)
                 .into_iter()
@@ -169,21 +310,7 @@ impl Store for RedbStore {
                     object: o,
                 })
                 .collect(),
-            WatchFrom::Revision(since) => {
-                let oldest = st.history.front().map(|e| e.rv).unwrap_or(st.rv + 1);
-                if since < st.rv && since + 1 < oldest {
-                    return Err(StoreError::Gone(since));
-                }
-                st.history
-                    .iter()
-                    .filter(|e| {
-                        e.rv > since
-                            && e.kind == kind
-                            && ns.map(|n| e.namespace() == n).unwrap_or(true)
-                    })
-                    .cloned()
-                    .collect()
-            }
+            WatchFrom::Revision(since) => st.history.since(kind, ns, since, st.rv)?,
         };
         Ok(Watch {
             initial,
@@ -195,6 +322,13 @@ impl Store for RedbStore {
     }
     fn revision(&self) -> u64 {
         self.state.read().unwrap().rv
+    }
+}
+
+impl RedbStore {
+    /// Bytes (estimated) of watch history retained, over all kinds.
+    pub fn history_bytes(&self) -> usize {
+        self.state.read().unwrap().history.bytes
     }
 }
 
@@ -217,13 +351,15 @@ fn list_locked(st: &State, kind: Kind, ns: Option<&str>) -> Vec<Arc<Value>> {
 struct Writer {
     db: Database,
     state: Arc<RwLock<State>>,
-    events: broadcast::Sender<WatchEvent>,
+    events: Arc<LiveEvents>,
 }
 
 /// A write accepted into the current batch.
 struct Pending {
     event: WatchEvent,
     key: (String, String),
+    /// What the event costs in history.
+    size: usize,
     reply: oneshot::Sender<Result<Value, StoreError>>,
 }
 
@@ -330,7 +466,9 @@ impl Writer {
                             Some(obj.clone())
                         };
                         overlay.insert((kind, ns.clone(), name.clone()), stored);
+                        let size = approx_size(&obj);
                         accepted.push(Pending {
+                            size,
                             event: WatchEvent {
                                 type_,
                                 kind,
@@ -366,11 +504,8 @@ impl Writer {
             } else {
                 m.insert(p.key.clone(), p.event.object.clone());
             }
-            st.history.push_back(p.event.clone());
-            if st.history.len() > HISTORY {
-                st.history.pop_front();
-            }
-            let _ = self.events.send(p.event.clone());
+            st.history.push(p.event.clone(), p.size);
+            let _ = self.events.sender(p.event.kind).send(p.event.clone());
         }
         drop(st);
         for p in accepted {
@@ -474,5 +609,131 @@ mod tests {
         }
         let from = s.watch(Kind::Pod, None, WatchFrom::Revision(50)).unwrap();
         assert_eq!(from.initial.len(), 51);
+    }
+
+    /// Pods churn through far more than their kind's history; a Deployment watch from before
+    /// the churn still resumes (per-kind history), a pod watch from then is told to re-list.
+    #[tokio::test]
+    async fn a_quiet_kind_resumes_from_a_revision_after_another_kind_churned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let d = s.create(Kind::Deployment, pod("web")).await.unwrap();
+        let r = object_rv(&d).unwrap();
+        let mut pod_watch = s.watch(Kind::Pod, None, WatchFrom::Current).unwrap();
+        let mut deploy_watch = s.watch(Kind::Deployment, None, WatchFrom::Current).unwrap();
+        // 100,000 pod writes after R: 50,000 creates and 50,000 deletes.
+        for chunk in 0..25 {
+            let names: Vec<String> = (0..2000).map(|i| format!("p{chunk}-{i}")).collect();
+            let creates: Vec<_> = names.iter().map(|n| s.create(Kind::Pod, pod(n))).collect();
+            for r in futures::future::join_all(creates).await {
+                r.unwrap();
+            }
+            let deletes: Vec<_> = names
+                .iter()
+                .map(|n| s.delete(Kind::Pod, "default", n, None))
+                .collect();
+            for r in futures::future::join_all(deletes).await {
+                r.unwrap();
+            }
+        }
+        assert!(s.revision() >= r + 100_000);
+        let mut d2 = d.clone();
+        d2["spec"]["replicas"] = json!(3);
+        s.update(Kind::Deployment, d2).await.unwrap();
+
+        let w = s
+            .watch(Kind::Deployment, None, WatchFrom::Revision(r))
+            .unwrap();
+        assert_eq!(w.initial.len(), 1);
+        assert_eq!(w.initial[0].type_, EventType::Modified);
+        assert_eq!(w.initial[0].object["spec"]["replicas"], json!(3));
+        assert!(matches!(
+            s.watch(Kind::Pod, None, WatchFrom::Revision(r)),
+            Err(StoreError::Gone(_))
+        ));
+        // A pod watch from a recent revision still resumes.
+        let recent = s.revision() - 100;
+        let pw = s
+            .watch(Kind::Pod, None, WatchFrom::Revision(recent))
+            .unwrap();
+        assert_eq!(pw.initial.len(), 99);
+        // The live Deployment stream never lagged behind the pods: it holds exactly one event.
+        let ev = deploy_watch.live.try_recv().unwrap();
+        assert!(deploy_watch.wants(&ev) && ev.kind == Kind::Deployment);
+        assert!(deploy_watch.live.try_recv().is_err());
+        // The pod stream, never drained, did.
+        assert!(matches!(
+            pod_watch.live.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+    }
+
+    /// Large objects created and deleted over and over: history stays within its byte budget,
+    /// and a watch from a revision whose events were dropped for space gets `Gone`.
+    #[tokio::test]
+    async fn history_is_bounded_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let big = "x".repeat(1 << 20);
+        let start = s.revision();
+        for i in 0..100 {
+            let mut p = pod("big");
+            p["metadata"]["annotations"] = json!({ "blob": big });
+            p["metadata"]["labels"] = json!({ "round": i.to_string() });
+            s.create(Kind::Pod, p).await.unwrap();
+            s.delete(Kind::Pod, "default", "big", None).await.unwrap();
+            assert!(
+                s.history_bytes() <= HISTORY_BYTES_TOTAL,
+                "history holds {} bytes",
+                s.history_bytes()
+            );
+        }
+        // 200 MiB went through; at most 32 MiB of pods is kept.
+        assert!(s.history_bytes() <= HISTORY_BYTES_PER_KIND + (1 << 16));
+        assert!(matches!(
+            s.watch(Kind::Pod, None, WatchFrom::Revision(start)),
+            Err(StoreError::Gone(_))
+        ));
+        let w = s
+            .watch(Kind::Pod, None, WatchFrom::Revision(s.revision() - 2))
+            .unwrap();
+        assert_eq!(w.initial.len(), 2);
+        assert_eq!(w.initial[1].type_, EventType::Deleted);
+        // Other kinds keep their history.
+        let n = s.create(Kind::Node, pod("n1")).await.unwrap();
+        let nrv = object_rv(&n).unwrap();
+        for _ in 0..40 {
+            let mut p = pod("big");
+            p["metadata"]["annotations"] = json!({ "blob": big });
+            s.create(Kind::Pod, p).await.unwrap();
+            s.delete(Kind::Pod, "default", "big", None).await.unwrap();
+        }
+        let w = s
+            .watch(Kind::Node, None, WatchFrom::Revision(nrv - 1))
+            .unwrap();
+        assert_eq!(w.initial.len(), 1);
+    }
+
+    #[test]
+    fn history_gives_up_the_largest_kind_first() {
+        let mut h = History::new(0);
+        let ev = |kind, rv| WatchEvent {
+            type_: EventType::Added,
+            kind,
+            rv,
+            object: Arc::new(pod("x")),
+        };
+        h.push(ev(Kind::Node, 1), 1000);
+        let mut rv = 1;
+        for _ in 0..200 {
+            rv += 1;
+            h.push(ev(Kind::Pod, rv), 1 << 20);
+            rv += 1;
+            h.push(ev(Kind::Event, rv), 1 << 19);
+        }
+        assert!(h.bytes <= HISTORY_BYTES_TOTAL);
+        assert_eq!(h.since(Kind::Node, None, 0, rv).unwrap().len(), 1);
+        assert!(h.since(Kind::Pod, None, 1, rv).is_err());
+        assert!(h.rings[&Kind::Event].bytes > 0);
     }
 }
