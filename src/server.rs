@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub event_ttl: Duration,
     /// Docker Engine socket; `None` makes a WASM-only node.
     pub docker_host: Option<String>,
+    /// The API's connection cap, header-read timeout and drain deadline.
+    pub api_listener: api::listener::ListenerConfig,
+    /// Extra `Host` names the API answers to (see `api::guard`).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -68,6 +72,8 @@ impl ServerConfig {
             wasm_pool_memory: 64 << 20,
             event_ttl: Duration::from_secs(3600),
             docker_host: Some("unix:///var/run/docker.sock".into()),
+            api_listener: api::listener::ListenerConfig::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -115,20 +121,20 @@ impl Server {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let app = api::router(AppState {
-            store: store.clone(),
-            logs: logs.clone(),
-            shutdown: cancel.clone(),
-        });
-        let c = cancel.clone();
-        tracker.spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { c.cancelled().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "API server");
-            }
-        });
+        let app = api::router(
+            AppState {
+                store: store.clone(),
+                logs: logs.clone(),
+                shutdown: cancel.clone(),
+            },
+            api::guard::RequestGuard::new(addr, &cfg.allowed_hosts),
+        );
+        let mut lcfg = cfg.api_listener.clone();
+        lcfg.max_connections = api::listener::effective_max_connections(
+            lcfg.max_connections,
+            api::listener::raise_nofile_limit(),
+        );
+        tracker.spawn(api::listener::serve(listener, app, lcfg, cancel.clone()));
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
         tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
