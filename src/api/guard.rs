@@ -147,7 +147,7 @@ impl AllowedHosts {
             return false;
         };
         let name = normalize_name(name);
-        if name == "localhost" || self.names.iter().any(|n| *n == name) {
+        if name == "localhost" || self.names.contains(&name) {
             return true;
         }
         let ip = name
@@ -234,7 +234,12 @@ fn needs_body_type(method: &Method, headers: &HeaderMap) -> bool {
 
 /// `application/json` or `application/<anything>+json`, with any parameters.
 pub fn is_json_media_type(ct: &str) -> bool {
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json"
         || essence
             .strip_prefix("application/")
@@ -336,10 +341,7 @@ mod tests {
             "http://127.0.0.1:7071",
             "http://localhost:7070",
         ] {
-            assert!(
-                get(&g, &[("host", h), ("origin", bad)]).is_err(),
-                "{bad}"
-            );
+            assert!(get(&g, &[("host", h), ("origin", bad)]).is_err(), "{bad}");
         }
         assert!(get(&g, &[("host", h), ("sec-fetch-site", "cross-site")]).is_err());
         assert!(get(&g, &[("host", h), ("sec-fetch-site", "none")]).is_ok());

@@ -53,6 +53,7 @@ impl Default for ListenerConfig {
 }
 
 /// Raise the soft open-files limit to the hard one; returns the soft limit now in force.
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` on every target
 pub fn raise_nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -139,10 +140,8 @@ pub async fn serve(
             _ = cancel.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(app.clone()),
-        );
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let cancel = cancel.clone();
         conns.spawn(async move {
             let _slot = slot;

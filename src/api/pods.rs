@@ -14,9 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{
-    decode, get_one, list_or_watch, AppState, DeleteOptions, ListQuery, DELETE_RETRIES,
-};
+use super::{decode, get_one, list_or_watch, AppState, DeleteOptions, ListQuery, DELETE_RETRIES};
 use crate::model::pod::{PodPhase, PodStatus, PullPolicy, RestartPolicy};
 use crate::model::validate::{validate_pod, FieldError};
 use crate::model::{Kind, Pod};

@@ -207,16 +207,13 @@ fn check_depth(doc: &str, offset: usize, file: &str) -> Result<(), ManifestError
             block.push(indent);
             depth_here = block.len();
             // `- `, `? ` and `: ` indicators at the start of a node each open a level.
-            loop {
-                match (b.get(pos), b.get(pos + 1)) {
-                    (Some(b'-' | b'?' | b':'), None | Some(b' ' | b'\t')) => {
-                        depth_here += 1;
-                        pos += 1;
-                        while matches!(b.get(pos), Some(b' ' | b'\t')) {
-                            pos += 1;
-                        }
-                    }
-                    _ => break,
+            while let (Some(b'-' | b'?' | b':'), None | Some(b' ' | b'\t')) =
+                (b.get(pos), b.get(pos + 1))
+            {
+                depth_here += 1;
+                pos += 1;
+                while matches!(b.get(pos), Some(b' ' | b'\t')) {
+                    pos += 1;
                 }
             }
         } else {
@@ -542,8 +539,13 @@ mod tests {
     fn deep_nesting_is_refused_before_parsing() {
         let t = std::time::Instant::now();
         let flow = format!("kind: Pod\nmetadata:\n  name: {}\n", "[".repeat(100_000));
-        let err = parse(&flow, Path::new("deep.yaml")).unwrap_err().to_string();
-        assert!(err.starts_with("deep.yaml:3: nesting deeper than 128"), "{err}");
+        let err = parse(&flow, Path::new("deep.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("deep.yaml:3: nesting deeper than 128"),
+            "{err}"
+        );
         let seq = format!("kind: Pod\nspec:\n  x: 1\n{}a\n", "- ".repeat(100_000));
         let err = parse(&seq, Path::new("seq.yaml")).unwrap_err().to_string();
         assert!(err.starts_with("seq.yaml:4: nesting deeper"), "{err}");
@@ -554,9 +556,15 @@ mod tests {
         let err = parse(&map, Path::new("map.yaml")).unwrap_err().to_string();
         assert!(err.starts_with("map.yaml:130: nesting deeper"), "{err}");
         let json = format!("{{\"kind\": {}", "[".repeat(100_000));
-        let err = parse(&json, Path::new("deep.json")).unwrap_err().to_string();
+        let err = parse(&json, Path::new("deep.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("recursion limit exceeded"), "{err}");
-        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
@@ -569,9 +577,16 @@ mod tests {
         }
         let m = parse(&big, Path::new("ok.yaml")).unwrap();
         assert_eq!(m.len(), 40);
-        assert_eq!(m[0].object["spec"]["template"]["spec"]["containers"][0]["command"][2], "echo [[[[");
+        assert_eq!(
+            m[0].object["spec"]["template"]["spec"]["containers"][0]["command"][2],
+            "echo [[[["
+        );
         // 100 levels of flow nesting are fine (below the cap).
-        let ok = format!("kind: Pod\nmetadata:\n  name: a\n  annotations:\n    x: {}{}\n", "[".repeat(100), "]".repeat(100));
+        let ok = format!(
+            "kind: Pod\nmetadata:\n  name: a\n  annotations:\n    x: {}{}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
         let err = parse(&ok, Path::new("ok.yaml")).unwrap_err().to_string();
         assert!(!err.contains("nesting deeper"), "{err}");
     }

@@ -166,7 +166,11 @@ async fn a_web_page_cannot_create_pods_cross_site() {
     );
 
     // The same body from a legitimate client is valid: the refusals above were the guard's.
-    for host in [own_host.clone(), format!("localhost:{port}"), format!("[::1]:{port}")] {
+    for host in [
+        own_host.clone(),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
         let (code, st) = raw(
             &k,
             "POST",
@@ -176,7 +180,11 @@ async fn a_web_page_cannot_create_pods_cross_site() {
         );
         assert_eq!(code, 201, "{host}: {st}");
         let (code, st) = k
-            .send(Method::DELETE, &format!("{PODS}/control?gracePeriodSeconds=0"), None)
+            .send(
+                Method::DELETE,
+                &format!("{PODS}/control?gracePeriodSeconds=0"),
+                None,
+            )
             .await;
         assert_eq!(code, 200, "{st}");
         k.wait_gone("control", 30).await;
@@ -186,7 +194,10 @@ async fn a_web_page_cannot_create_pods_cross_site() {
         &k,
         "GET",
         "/healthz",
-        &[("Host", &own_host), ("Origin", &format!("http://{own_host}"))],
+        &[
+            ("Host", &own_host),
+            ("Origin", &format!("http://{own_host}")),
+        ],
         "",
     );
     assert_eq!(code, 200);
@@ -474,7 +485,10 @@ async fn an_explicit_stale_precondition_still_conflicts() {
     assert_eq!(code, 201, "{st}");
     // Finished: nothing writes it any more.
     let p = k.wait_pod("pre", 30, |p| phase(p) == "Succeeded").await;
-    let stale = p["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let stale = p["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut relabelled = p.clone();
     relabelled["metadata"]["labels"] = json!({"touched": "yes"});
     let (code, cur) = k
@@ -485,7 +499,10 @@ async fn an_explicit_stale_precondition_still_conflicts() {
         )
         .await;
     assert_eq!(code, 200, "{cur}");
-    let fresh = cur["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let fresh = cur["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let (code, st) = k
         .send(
@@ -533,11 +550,7 @@ async fn an_explicit_stale_precondition_still_conflicts() {
     let (code, created) = k.send(Method::POST, d, Some(&deploy("dep"))).await;
     assert_eq!(code, 201, "{created}");
     let (code, st) = k
-        .send(
-            Method::DELETE,
-            &format!("{d}/dep?resourceVersion=1"),
-            None,
-        )
+        .send(Method::DELETE, &format!("{d}/dep?resourceVersion=1"), None)
         .await;
     assert_eq!(code, 409, "{st}");
     let (code, st) = k.send(Method::DELETE, &format!("{d}/dep"), None).await;
@@ -613,7 +626,11 @@ async fn deeply_nested_manifests_fail_fast() {
         let t = Instant::now();
         let (code, st) = k.send(method, &path, Some(body)).await;
         assert_eq!(code, 400, "{path}: {st}");
-        assert!(t.elapsed() < Duration::from_secs(2), "{path}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{path}: {:?}",
+            t.elapsed()
+        );
     }
     let (_, st) = k
         .send(
