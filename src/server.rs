@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -111,7 +110,7 @@ impl Server {
         }
 
         let listener =
-            TcpListener::bind(&cfg.listen)
+            api::listener::bind(&cfg.listen)
                 .await
                 .map_err(|source| ServerError::Listen {
                     addr: cfg.listen.clone(),

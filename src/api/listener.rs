@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// Defaults of `kapsel serve --max-connections` and `--header-read-timeout`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections the kernel may queue for us beyond the cap (it caps this at `somaxconn`); the
+/// standard library's 128 would make clients past it retry their SYNs for seconds.
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// Descriptors kept free for everything but API connections.
 const RESERVED_FDS: u64 = 512;
 
@@ -50,6 +53,30 @@ impl Default for ListenerConfig {
             drain_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Bind `addr` (`host:port`, resolved) with a [`LISTEN_BACKLOG`]-deep accept queue.
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(a) {
+            last = Some(e);
+            continue;
+        }
+        return socket.listen(LISTEN_BACKLOG);
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
 }
 
 /// Raise the soft open-files limit to the hard one; returns the soft limit now in force.
