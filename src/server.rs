@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,6 +57,10 @@ pub struct ServerConfig {
     pub docker_host: Option<String>,
     /// How often size-limited emptyDirs are measured.
     pub volume_check_interval: Duration,
+    /// The API's connection cap, header-read timeout and drain deadline.
+    pub api_listener: api::listener::ListenerConfig,
+    /// Extra `Host` names the API answers to (see `api::guard`).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -73,6 +76,8 @@ impl ServerConfig {
             event_ttl: Duration::from_secs(3600),
             docker_host: Some("unix:///var/run/docker.sock".into()),
             volume_check_interval: Duration::from_secs(5),
+            api_listener: api::listener::ListenerConfig::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -114,7 +119,7 @@ impl Server {
         }
 
         let listener =
-            TcpListener::bind(&cfg.listen)
+            api::listener::bind(&cfg.listen)
                 .await
                 .map_err(|source| ServerError::Listen {
                     addr: cfg.listen.clone(),
@@ -124,20 +129,20 @@ impl Server {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let app = api::router(AppState {
-            store: store.clone(),
-            logs: logs.clone(),
-            shutdown: cancel.clone(),
-        });
-        let c = cancel.clone();
-        tracker.spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { c.cancelled().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "API server");
-            }
-        });
+        let app = api::router(
+            AppState {
+                store: store.clone(),
+                logs: logs.clone(),
+                shutdown: cancel.clone(),
+            },
+            api::guard::RequestGuard::new(addr, &cfg.allowed_hosts),
+        );
+        let mut lcfg = cfg.api_listener.clone();
+        lcfg.max_connections = api::listener::effective_max_connections(
+            lcfg.max_connections,
+            api::listener::raise_nofile_limit(),
+        );
+        tracker.spawn(api::listener::serve(listener, app, lcfg, cancel.clone()));
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
         tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::pods::default_pod;
-use super::{decode, get_one, list_or_watch, AppState, ListQuery};
+use super::{decode, get_one, list_or_watch, AppState, DeleteOptions, ListQuery};
 use crate::model::deployment::{
     validate_deployment, validate_replica_set, Deployment, DeploymentStrategy, IntOrPercent,
     LabelSelector, ReplicaSet, RollingUpdate, StrategyType,
@@ -24,7 +24,6 @@ use crate::model::deployment::{
 use crate::model::meta::ObjectMeta;
 use crate::model::validate::FieldError;
 use crate::model::{Kind, Pod};
-use crate::store::object_rv;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -368,12 +367,21 @@ async fn replace_scale<W: Workload>(
     Ok(Json(scale_of(&mut w)))
 }
 
+/// DELETE: removes the object at once (the controllers then remove what it owned). Only an
+/// explicit precondition (`?resourceVersion=` or a `DeleteOptions` body's
+/// `preconditions.resourceVersion`) can make it fail with 409: without one the delete is
+/// unconditional, so a concurrent write (the controllers updating status) cannot fail it.
 async fn delete<W: Workload>(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<ListQuery>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let cur = get_one(&s, W::KIND, &ns, &name)?;
+    let opts = DeleteOptions::parse(&q, &body)?;
+    get_one(&s, W::KIND, &ns, &name)?;
     Ok(Json(
-        s.store.delete(W::KIND, &ns, &name, object_rv(&cur)).await?,
+        s.store
+            .delete(W::KIND, &ns, &name, opts.resource_version)
+            .await?,
     ))
 }

@@ -1,5 +1,5 @@
 //! The API layer's error enum and its one mapping to HTTP: a Kubernetes `Status` object with
-//! 400 / 404 / 409 / 410 / 422 / 500. Internal details are logged, not leaked.
+//! 400 / 403 / 404 / 409 / 410 / 415 / 422 / 500. Internal details are logged, not leaked.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Gone(String),
+    /// Refused before routing: a browser-origin or DNS-rebinding request (see `api::guard`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A write whose body is not in a media type the API parses.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -44,6 +50,10 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
             ApiError::Gone(_) => (StatusCode::GONE, "Expired"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }

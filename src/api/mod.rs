@@ -1,11 +1,15 @@
 //! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments and
 //! ReplicaSets, list/watch,
 //! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
-//! get and watch machinery lives here.
+//! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
+//! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
+//! header-read timeout, drain on shutdown).
 
 pub mod deployments;
 pub mod error;
 pub mod events;
+pub mod guard;
+pub mod listener;
 pub mod nodes;
 pub mod pods;
 
@@ -53,7 +57,8 @@ impl ListQuery {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The API's routes behind the request guard.
+pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
@@ -74,7 +79,71 @@ pub fn router(state: AppState) -> Router {
                 name: "the server could not find the requested resource".into(),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard),
+            guard::middleware,
+        ))
         .with_state(state)
+}
+
+/// How many times a DELETE without an explicit precondition re-reads and retries when the
+/// object changed between its read and its write (a node or controller updating status).
+pub const DELETE_RETRIES: u32 = 32;
+
+/// What a DELETE may carry: `?gracePeriodSeconds=` and `?resourceVersion=` in the query, or a
+/// `DeleteOptions` body (`gracePeriodSeconds`, `preconditions.resourceVersion`); the body wins.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeleteOptions {
+    pub grace_period_seconds: Option<i64>,
+    /// Delete only at this resourceVersion (409 `Conflict` otherwise). Without it a DELETE
+    /// never fails because the object changed meanwhile.
+    pub resource_version: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteOptionsBody {
+    grace_period_seconds: Option<i64>,
+    preconditions: Option<PreconditionsBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PreconditionsBody {
+    resource_version: Option<String>,
+}
+
+fn parse_rv(field: &str, rv: &str) -> Result<u64, ApiError> {
+    rv.parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "{field}: invalid resourceVersion {rv:?} (a decimal number)"
+        ))
+    })
+}
+
+impl DeleteOptions {
+    /// From the query and an optional JSON body.
+    pub fn parse(q: &ListQuery, body: &[u8]) -> Result<Self, ApiError> {
+        let mut o = DeleteOptions {
+            grace_period_seconds: q.grace_period_seconds,
+            resource_version: match q.resource_version.as_deref() {
+                None | Some("") => None,
+                Some(rv) => Some(parse_rv("resourceVersion", rv)?),
+            },
+        };
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(o);
+        }
+        let b: DeleteOptionsBody = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid DeleteOptions: {e}")))?;
+        if b.grace_period_seconds.is_some() {
+            o.grace_period_seconds = b.grace_period_seconds;
+        }
+        if let Some(rv) = b.preconditions.and_then(|p| p.resource_version) {
+            o.resource_version = Some(parse_rv("preconditions.resourceVersion", &rv)?);
+        }
+        Ok(o)
+    }
 }
 
 /// Decode a JSON body into a strict type: 400 with serde's message (names unknown fields).

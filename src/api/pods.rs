@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{decode, get_one, list_or_watch, AppState, ListQuery};
+use super::{decode, get_one, list_or_watch, AppState, DeleteOptions, ListQuery, DELETE_RETRIES};
 use crate::model::pod::{PodPhase, PodStatus, PullPolicy, RestartPolicy};
 use crate::model::validate::{validate_pod, FieldError};
 use crate::model::{Kind, Pod};
@@ -230,26 +230,73 @@ async fn replace_status(
 /// DELETE: a pod running on a node is deleted gracefully — marked with `deletionTimestamp`,
 /// stopped by its node agent, then removed. Unbound or finished pods, and
 /// `gracePeriodSeconds=0`, are removed at once (the node agent then stops what is left).
+/// Only an explicit precondition (`?resourceVersion=` or `preconditions.resourceVersion` in a
+/// `DeleteOptions` body) can make it fail with 409.
 async fn delete(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<ListQuery>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let opts = DeleteOptions::parse(&q, &body)?;
     get_one(&s, Kind::Pod, &ns, &name)?;
     Ok(Json(
-        delete_pod(&*s.store, &ns, &name, q.grace_period_seconds).await?,
+        delete_pod_with(
+            &*s.store,
+            &ns,
+            &name,
+            opts.grace_period_seconds,
+            opts.resource_version,
+        )
+        .await?,
     ))
 }
 
 /// Delete a pod as Kubernetes does: a pod running on a node is marked with
 /// `deletionTimestamp`, stopped by its node agent, then removed. Unbound or finished pods, and
 /// a grace period of 0, are removed at once (the node agent then stops what is left). Used by
-/// the API and by the controllers.
+/// the API and by the controllers. A concurrent write (status, binding) does not fail it: it
+/// re-reads and retries.
 pub async fn delete_pod(
     store: &dyn Store,
     ns: &str,
     name: &str,
     grace_period_seconds: Option<i64>,
+) -> Result<Value, StoreError> {
+    delete_pod_with(store, ns, name, grace_period_seconds, None).await
+}
+
+/// [`delete_pod`] with an optional explicit precondition: with `precondition_rv` the delete
+/// happens only at that resourceVersion (`Conflict` otherwise, never retried); without it, a
+/// `Conflict` caused by a write between the read and the delete is retried on a fresh read,
+/// up to [`DELETE_RETRIES`] times.
+pub async fn delete_pod_with(
+    store: &dyn Store,
+    ns: &str,
+    name: &str,
+    grace_period_seconds: Option<i64>,
+    precondition_rv: Option<u64>,
+) -> Result<Value, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match delete_pod_once(store, ns, name, grace_period_seconds, precondition_rv).await {
+            Err(StoreError::Conflict { .. })
+                if precondition_rv.is_none() && attempt < DELETE_RETRIES =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn delete_pod_once(
+    store: &dyn Store,
+    ns: &str,
+    name: &str,
+    grace_period_seconds: Option<i64>,
+    precondition_rv: Option<u64>,
 ) -> Result<Value, StoreError> {
     let cur_v = store
         .get(Kind::Pod, ns, name)?
@@ -257,12 +304,23 @@ pub async fn delete_pod(
             kind: "Pod",
             name: name.to_string(),
         })?;
+    let cur_rv = object_rv(&cur_v);
+    if let Some(given) = precondition_rv {
+        if Some(given) != cur_rv {
+            return Err(StoreError::Conflict {
+                kind: "Pod",
+                name: name.to_string(),
+                current: cur_rv.unwrap_or(0),
+                given,
+            });
+        }
+    }
     let mut cur: Pod = serde_json::from_value((*cur_v).clone())
         .map_err(|e| StoreError::Backend(format!("stored pod {name}: {e}")))?;
     let force = grace_period_seconds == Some(0);
     let active = cur.spec.node_name.is_some() && !cur.phase().is_terminal();
     if force || !active {
-        return store.delete(Kind::Pod, ns, name, object_rv(&cur_v)).await;
+        return store.delete(Kind::Pod, ns, name, cur_rv).await;
     }
     if cur.metadata.deletion_timestamp.is_some() {
         return Ok((*cur_v).clone());

@@ -1,6 +1,7 @@
 //! Reading manifests: multi-document YAML or JSON files (or a directory of them), strictly
 //! typed, with errors that name the file, line, column and field; relative WASM image paths
-//! resolved against the manifest's directory.
+//! resolved against the manifest's directory. Nesting is capped at [`MAX_DEPTH`] levels before
+//! any parser runs (YAML parsing is quadratic in depth; serde_json stops at 128 on its own).
 
 use std::path::{Path, PathBuf};
 
@@ -166,7 +167,140 @@ fn yaml_err(
     }
 }
 
+/// Deepest nesting a manifest may have (Kubernetes objects stay far below it).
+pub const MAX_DEPTH: usize = 128;
+
+/// A cheap, linear pre-scan of one YAML document: the nesting depth of each line —
+/// block levels (indentation, `- ` and `? ` indicators) plus open flow collections (`[`, `{`)
+/// outside quoted scalars, comments and block scalars. Refuses the document at the first line
+/// deeper than [`MAX_DEPTH`]. It may count a level or two more than a YAML parser would (it
+/// does not know every corner of YAML) but never misses a real nesting level.
+fn check_depth(doc: &str, offset: usize, file: &str) -> Result<(), ManifestError> {
+    let mut flow = 0usize;
+    let mut block: Vec<usize> = Vec::new();
+    // Inside a block scalar (`|`, `>`): lines indented deeper than this are text.
+    let mut block_scalar: Option<usize> = None;
+    // Inside a quoted scalar spanning lines (in flow context).
+    let mut quote: Option<u8> = None;
+    for (i, line) in doc.lines().enumerate() {
+        let b = line.as_bytes();
+        let indent = b.iter().take_while(|c| **c == b' ').count();
+        let blank = b[indent..].iter().all(|c| c.is_ascii_whitespace());
+        if let Some(parent) = block_scalar {
+            if blank || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        if blank && quote.is_none() {
+            continue;
+        }
+        let mut pos = indent;
+        let mut depth_here;
+        if flow == 0 && quote.is_none() {
+            if b[pos] == b'#' {
+                continue;
+            }
+            while block.last().is_some_and(|top| *top >= indent) {
+                block.pop();
+            }
+            block.push(indent);
+            depth_here = block.len();
+            // `- `, `? ` and `: ` indicators at the start of a node each open a level.
+            while let (Some(b'-' | b'?' | b':'), None | Some(b' ' | b'\t')) =
+                (b.get(pos), b.get(pos + 1))
+            {
+                depth_here += 1;
+                pos += 1;
+                while matches!(b.get(pos), Some(b' ' | b'\t')) {
+                    pos += 1;
+                }
+            }
+        } else {
+            depth_here = block.len();
+        }
+        let deny = || {
+            ManifestError::Invalid(format!(
+                "{file}:{}: nesting deeper than {MAX_DEPTH} levels (block indentation and `[`/`{{` \
+                 collections); no Kubernetes object needs that — refusing before parsing",
+                offset + i + 1
+            ))
+        };
+        if depth_here + flow > MAX_DEPTH {
+            return Err(deny());
+        }
+        // Walk the rest of the line.
+        let mut node_start = true; // a flow collection or a quote may begin here
+        while pos < b.len() {
+            let c = b[pos];
+            if let Some(q) = quote {
+                if c == b'\\' && q == b'"' {
+                    pos += 2;
+                    continue;
+                }
+                if c == q {
+                    if q == b'\'' && b.get(pos + 1) == Some(&b'\'') {
+                        pos += 2;
+                        continue;
+                    }
+                    quote = None;
+                    node_start = false;
+                }
+                pos += 1;
+                continue;
+            }
+            match c {
+                b'#' if pos == 0 || matches!(b[pos - 1], b' ' | b'\t') => break,
+                b'\'' | b'"' if node_start => {
+                    quote = Some(c);
+                    node_start = false;
+                }
+                b'[' | b'{' if flow > 0 || node_start => {
+                    flow += 1;
+                    if depth_here + flow > MAX_DEPTH {
+                        return Err(deny());
+                    }
+                    node_start = true;
+                }
+                b']' | b'}' if flow > 0 => {
+                    flow -= 1;
+                    node_start = false;
+                }
+                b',' if flow > 0 => node_start = true,
+                b' ' | b'\t' => {}
+                // `&anchor` / `!tag` before a node: still at the node's start after them.
+                b'&' | b'!' if node_start => {
+                    while pos < b.len() && !matches!(b[pos], b' ' | b'\t') {
+                        pos += 1;
+                    }
+                    continue;
+                }
+                b':' if matches!(b.get(pos + 1), None | Some(b' ' | b'\t')) => {
+                    node_start = true;
+                    if flow == 0 {
+                        // `key: |` / `key: >-` starts a block scalar on the next lines.
+                        let rest = line[pos + 1..].trim_start();
+                        let rest = rest.split(" #").next().unwrap_or("").trim_end();
+                        if rest.starts_with('|') || rest.starts_with('>') {
+                            block_scalar = Some(indent);
+                            break;
+                        }
+                    }
+                }
+                b'|' | b'>' if node_start && flow == 0 => {
+                    block_scalar = Some(indent);
+                    break;
+                }
+                _ => node_start = false,
+            }
+            pos += 1;
+        }
+    }
+    Ok(())
+}
+
 fn parse_yaml(doc: &str, offset: usize, file: &str) -> Result<Vec<Manifest>, ManifestError> {
+    check_depth(doc, offset, file)?;
     let generic: serde_norway::Value =
         serde_norway::from_str(doc).map_err(|e| yaml_err(&e, offset, file, 0))?;
     if !generic.is_mapping() {
@@ -399,5 +533,61 @@ mod tests {
             .to_string();
         assert!(err.starts_with("bad.yaml:"), "{err}");
         assert!(err.matches(':').count() >= 3, "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let t = std::time::Instant::now();
+        let flow = format!("kind: Pod\nmetadata:\n  name: {}\n", "[".repeat(100_000));
+        let err = parse(&flow, Path::new("deep.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("deep.yaml:3: nesting deeper than 128"),
+            "{err}"
+        );
+        let seq = format!("kind: Pod\nspec:\n  x: 1\n{}a\n", "- ".repeat(100_000));
+        let err = parse(&seq, Path::new("seq.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("seq.yaml:4: nesting deeper"), "{err}");
+        let mut map = String::from("kind: Pod\n");
+        for i in 0..200 {
+            map.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+        }
+        let err = parse(&map, Path::new("map.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("map.yaml:130: nesting deeper"), "{err}");
+        let json = format!("{{\"kind\": {}", "[".repeat(100_000));
+        let err = parse(&json, Path::new("deep.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("recursion limit exceeded"), "{err}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn ordinary_manifests_pass_the_depth_scan() {
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web # [ not a flow\n  annotations:\n    note: 'it''s [ fine {'\n    other: \"a [ \\\" {\"\n    plain: echo [ and { unbalanced\nspec:\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: c\n        image: busybox\n        command: [\"sh\", \"-c\", \"echo [[[[\"]\n        args:\n        - |\n          [[[[[[ {{{{{{\n          {[{[{[\n        env:\n        - name: X\n          value: >-\n            [[[[\n";
+        let mut big = String::new();
+        for _ in 0..40 {
+            big.push_str(&text.replace("[[[[[[ {{{{{{", &"[".repeat(300)));
+            big.push_str("---\n");
+        }
+        let m = parse(&big, Path::new("ok.yaml")).unwrap();
+        assert_eq!(m.len(), 40);
+        assert_eq!(
+            m[0].object["spec"]["template"]["spec"]["containers"][0]["command"][2],
+            "echo [[[["
+        );
+        // 100 levels of flow nesting are fine (below the cap).
+        let ok = format!(
+            "kind: Pod\nmetadata:\n  name: a\n  annotations:\n    x: {}{}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        let err = parse(&ok, Path::new("ok.yaml")).unwrap_err().to_string();
+        assert!(!err.contains("nesting deeper"), "{err}");
     }
 }

@@ -84,6 +84,32 @@ pub struct NodeOpts {
     pub volume_check_interval: Duration,
 }
 
+/// The API listener's protections (see `api::guard` and `api::listener`).
+#[derive(Args, Debug, Clone)]
+pub struct ApiOpts {
+    /// Most API connections served at once; more wait in the listen backlog until one ends.
+    #[arg(long, default_value_t = crate::api::listener::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Disconnect a client that has not sent a whole request head within this time (also
+    /// closes idle keep-alive connections); 0 disables it.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Also answer to this Host name (DNS-rebinding protection accepts only loopback names on
+    /// a loopback listener); repeatable or comma-separated. On a non-loopback listener, giving
+    /// any turns the Host check on.
+    #[arg(long = "allowed-host", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+}
+
+impl ApiOpts {
+    pub fn apply(&self, cfg: &mut ServerConfig) {
+        cfg.api_listener.max_connections = self.max_connections;
+        cfg.api_listener.header_read_timeout =
+            (!self.header_read_timeout.is_zero()).then_some(self.header_read_timeout);
+        cfg.allowed_hosts = self.allowed_hosts.clone();
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the control plane and a local node.
@@ -93,6 +119,8 @@ pub enum Command {
         listen: String,
         #[command(flatten)]
         node: NodeOpts,
+        #[command(flatten)]
+        api: ApiOpts,
     },
     /// Run manifests in the foreground with an embedded control plane + node; Ctrl-C stops all.
     Up {
@@ -107,6 +135,8 @@ pub enum Command {
         /// Most pods this node accepts.
         #[arg(long, default_value_t = 10_000)]
         max_pods: u64,
+        #[command(flatten)]
+        api: ApiOpts,
     },
     /// Create or update every object in the files.
     Apply {
@@ -250,8 +280,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let client = Client::new(&cli.server);
     let ns = cli.namespace.clone();
     match cli.command {
-        Command::Serve { listen, node } => {
-            let cfg = server_config(&listen, &node)?;
+        Command::Serve { listen, node, api } => {
+            let mut cfg = server_config(&listen, &node)?;
+            api.apply(&mut cfg);
             let server = Server::start(cfg.clone()).await?;
             eprintln!(
                 "kapsel: API on http://{} · node {} · data in {}",
@@ -270,7 +301,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
             listen,
             data_dir,
             max_pods,
-        } => up::run(&file, &listen, data_dir, max_pods, &ns).await,
+            api,
+        } => up::run(&file, &listen, data_dir, max_pods, &api, &ns).await,
         Command::Apply { file } => {
             let manifests = manifest::load(&file)?;
             apply(&client, &manifests, &ns, |line| println!("{line}")).await?;

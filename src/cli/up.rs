@@ -22,6 +22,7 @@ pub async fn run(
     listen: &str,
     data_dir: Option<PathBuf>,
     max_pods: u64,
+    api: &super::ApiOpts,
     ns: &str,
 ) -> Result<i32> {
     let manifests = manifest::load(file)?;
@@ -44,6 +45,7 @@ pub async fn run(
         &format!("{}-up", super::default_node_name()),
     );
     cfg.max_pods = max_pods;
+    api.apply(&mut cfg);
     let server = Server::start(cfg).await.with_context(|| {
         format!(
             "starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"
