@@ -63,6 +63,14 @@ pub struct NodeOpts {
     /// Largest linear memory of a pooled WASM instance.
     #[arg(long, default_value = "64Mi")]
     pub wasm_pool_memory: String,
+    /// Memory budget (all linear memories and tables) of a WASM container that sets no
+    /// `resources.limits.memory`; `0` or `none`: unlimited.
+    #[arg(long, default_value = "512Mi")]
+    pub wasm_default_memory_limit: String,
+    /// Tests only: give no pod a network namespace of its own (WASM-only pods use the node's
+    /// network, as on a node without the privilege to create one).
+    #[arg(long, hide = true)]
+    pub no_pod_netns: bool,
     /// First restart back-off (Kubernetes: 10s).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub backoff_initial: Duration,
@@ -104,6 +112,10 @@ pub enum Command {
         /// Most pods this node accepts.
         #[arg(long, default_value_t = 10_000)]
         max_pods: u64,
+        /// Memory budget of a WASM container without `resources.limits.memory`
+        /// (`0` or `none`: unlimited).
+        #[arg(long, default_value = "512Mi")]
+        wasm_default_memory_limit: String,
     },
     /// Create or update every object in the files.
     Apply {
@@ -228,10 +240,21 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
     cfg.wasm_pool_slots = opts.wasm_pool_slots;
     cfg.wasm_pool_memory =
         parse_bytes(&opts.wasm_pool_memory).map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
+    cfg.wasm_default_memory_limit = parse_memory_limit(&opts.wasm_default_memory_limit)?;
+    cfg.pod_netns = !opts.no_pod_netns;
     cfg.backoff.initial = opts.backoff_initial;
     cfg.backoff.max = opts.backoff_max;
     cfg.docker_host = (!opts.no_docker).then(|| opts.docker_host.clone());
     Ok(cfg)
+}
+
+/// `--wasm-default-memory-limit`: a quantity; `0` or `none` for no limit.
+pub fn parse_memory_limit(s: &str) -> Result<Option<u64>> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let bytes = parse_bytes(s).map_err(|e| anyhow!("--wasm-default-memory-limit: {e}"))?;
+    Ok((bytes > 0).then_some(bytes))
 }
 
 pub fn default_node_name() -> String {
@@ -266,7 +289,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             listen,
             data_dir,
             max_pods,
-        } => up::run(&file, &listen, data_dir, max_pods, &ns).await,
+            wasm_default_memory_limit,
+        } => {
+            let wasm_limit = parse_memory_limit(&wasm_default_memory_limit)?;
+            up::run(&file, &listen, data_dir, max_pods, wasm_limit, &ns).await
+        }
         Command::Apply { file } => {
             let manifests = manifest::load(&file)?;
             apply(&client, &manifests, &ns, |line| println!("{line}")).await?;

@@ -22,6 +22,7 @@ pub async fn run(
     listen: &str,
     data_dir: Option<PathBuf>,
     max_pods: u64,
+    wasm_default_memory_limit: Option<u64>,
     ns: &str,
 ) -> Result<i32> {
     let manifests = manifest::load(file)?;
@@ -44,6 +45,7 @@ pub async fn run(
         &format!("{}-up", super::default_node_name()),
     );
     cfg.max_pods = max_pods;
+    cfg.wasm_default_memory_limit = wasm_default_memory_limit;
     let server = Server::start(cfg).await.with_context(|| {
         format!(
             "starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"

@@ -42,6 +42,9 @@ pub struct AgentCtx {
     pub recorder: Recorder,
     pub backoff: BackoffConfig,
     pub host_ip: String,
+    /// Give pods that need one a network namespace of their own (false only in tests: WASM-only
+    /// pods then use the node's network, as on a node without the privilege to create one).
+    pub pod_netns: bool,
 }
 
 impl AgentCtx {
@@ -409,6 +412,8 @@ pub async fn run_pod(ctx: Arc<AgentCtx>, pod: Pod, stop: CancellationToken) {
 pub struct NetInfo {
     infra: Option<String>,
     rt: Option<tokio::runtime::Handle>,
+    /// The pod uses the node's network.
+    host: bool,
 }
 
 /// Owns the pod's sandbox; tears it down (thread, forwarders, infra container) when dropped.
@@ -428,6 +433,7 @@ impl SandboxGuard {
                     _ => None,
                 },
                 rt: s.runtime(),
+                host: s.mode == NetMode::Host,
             },
         }
     }
@@ -510,7 +516,11 @@ async fn setup_sandbox(
                 },
             }
         } else {
-            Ok(Sandbox::own_or_host())
+            Ok(if ctx.pod_netns {
+                Sandbox::own_or_host()
+            } else {
+                Sandbox::host()
+            })
         };
         match made {
             Ok(s) => {
@@ -748,6 +758,7 @@ impl Runner {
             pull_policy: c.image_pull_policy.unwrap_or_default(),
             infra: self.net.infra.clone(),
             sandbox_rt: self.net.rt.clone(),
+            host_network: self.net.host,
             events: {
                 let rec = self.ctx.recorder.clone();
                 let pod_ref = Recorder::pod_ref(pod);
