@@ -95,9 +95,7 @@ impl ResourceLimiter for GuestLimits {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if maximum.is_some_and(|m| desired > m)
-            || (self.memory_limit.is_none() && desired > MAX_TABLE_ELEMENTS_UNLIMITED)
-        {
+        if maximum.is_some_and(|m| desired > m) {
             return Ok(false);
         }
         let extra = (desired as u64).saturating_sub(current as u64);
@@ -121,6 +119,16 @@ impl ResourceLimiter for GuestLimits {
             .saturating_mul(TABLE_ELEMENT_BYTES);
         self.charge(extra, "table", format!("{desired} elements"))?;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        tracing::debug!(error = %error, used = self.used, "a guest's linear memory could not grow");
+        Ok(())
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        tracing::debug!(error = %error, used = self.used, "a guest's table could not grow");
+        Ok(())
     }
 
     fn instances(&self) -> usize {
