@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub backoff: BackoffConfig,
     pub wasm_pool_slots: u32,
     pub wasm_pool_memory: u64,
+    /// Memory budget of a WASM guest without `resources.limits.memory` (None: unlimited).
+    pub wasm_default_memory_limit: Option<u64>,
+    /// Pod network namespaces (false only in tests: the unprivileged fallback, forced).
+    pub pod_netns: bool,
     /// How long events are kept.
     pub event_ttl: Duration,
     /// Docker Engine socket; `None` makes a WASM-only node.
@@ -73,6 +77,8 @@ impl ServerConfig {
             backoff: BackoffConfig::default(),
             wasm_pool_slots: 1024,
             wasm_pool_memory: 64 << 20,
+            wasm_default_memory_limit: Some(crate::runtime::wasm::DEFAULT_MEMORY_LIMIT),
+            pod_netns: true,
             event_ttl: Duration::from_secs(3600),
             docker_host: Some("unix:///var/run/docker.sock".into()),
             volume_check_interval: Duration::from_secs(5),
@@ -105,7 +111,9 @@ impl Server {
         let mut wcfg = WasmConfig::new(cfg.data_dir.join("cache").join("wasm"));
         wcfg.pool_slots = cfg.wasm_pool_slots;
         wcfg.pool_memory = cfg.wasm_pool_memory;
+        wcfg.default_memory_limit = cfg.wasm_default_memory_limit;
         let wasm = WasmExecutor::new(wcfg)?;
+        let wasm_api = wasm.clone();
         let docker = cfg
             .docker_host
             .as_deref()
@@ -126,6 +134,7 @@ impl Server {
                     source,
                 })?;
         let addr = listener.local_addr()?;
+        wasm_api.set_api_addr(addr);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
@@ -158,6 +167,7 @@ impl Server {
             backoff: cfg.backoff,
             host_ip: "127.0.0.1".into(),
             volume_check_interval: cfg.volume_check_interval,
+            pod_netns: cfg.pod_netns,
         });
         let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
         let (registered, node_up) = tokio::sync::oneshot::channel();

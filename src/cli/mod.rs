@@ -63,6 +63,14 @@ pub struct NodeOpts {
     /// Largest linear memory of a pooled WASM instance.
     #[arg(long, default_value = "64Mi")]
     pub wasm_pool_memory: String,
+    /// Memory budget (all linear memories and tables) of a WASM container that sets no
+    /// `resources.limits.memory`; `0` or `none`: unlimited.
+    #[arg(long, default_value = "512Mi")]
+    pub wasm_default_memory_limit: String,
+    /// Tests only: give no pod a network namespace of its own (WASM-only pods use the node's
+    /// network, as on a node without the privilege to create one).
+    #[arg(long, hide = true)]
+    pub no_pod_netns: bool,
     /// First restart back-off (Kubernetes: 10s).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub backoff_initial: Duration,
@@ -137,6 +145,10 @@ pub enum Command {
         max_pods: u64,
         #[command(flatten)]
         api: ApiOpts,
+        /// Memory budget of a WASM container without `resources.limits.memory`
+        /// (`0` or `none`: unlimited).
+        #[arg(long, default_value = "512Mi")]
+        wasm_default_memory_limit: String,
     },
     /// Create or update every object in the files.
     Apply {
@@ -261,11 +273,22 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
     cfg.wasm_pool_slots = opts.wasm_pool_slots;
     cfg.wasm_pool_memory =
         parse_bytes(&opts.wasm_pool_memory).map_err(|e| anyhow!("--wasm-pool-memory: {e}"))?;
+    cfg.wasm_default_memory_limit = parse_memory_limit(&opts.wasm_default_memory_limit)?;
+    cfg.pod_netns = !opts.no_pod_netns;
     cfg.backoff.initial = opts.backoff_initial;
     cfg.backoff.max = opts.backoff_max;
     cfg.docker_host = (!opts.no_docker).then(|| opts.docker_host.clone());
     cfg.volume_check_interval = opts.volume_check_interval;
     Ok(cfg)
+}
+
+/// `--wasm-default-memory-limit`: a quantity; `0` or `none` for no limit.
+pub fn parse_memory_limit(s: &str) -> Result<Option<u64>> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let bytes = parse_bytes(s).map_err(|e| anyhow!("--wasm-default-memory-limit: {e}"))?;
+    Ok((bytes > 0).then_some(bytes))
 }
 
 pub fn default_node_name() -> String {
@@ -302,7 +325,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             data_dir,
             max_pods,
             api,
-        } => up::run(&file, &listen, data_dir, max_pods, &api, &ns).await,
+            wasm_default_memory_limit,
+        } => {
+            let wasm_limit = parse_memory_limit(&wasm_default_memory_limit)?;
+            up::run(&file, &listen, data_dir, max_pods, &api, wasm_limit, &ns).await
+        }
         Command::Apply { file } => {
             let manifests = manifest::load(&file)?;
             apply(&client, &manifests, &ns, |line| println!("{line}")).await?;

@@ -23,6 +23,7 @@ pub async fn run(
     data_dir: Option<PathBuf>,
     max_pods: u64,
     api: &super::ApiOpts,
+    wasm_default_memory_limit: Option<u64>,
     ns: &str,
 ) -> Result<i32> {
     let manifests = manifest::load(file)?;
@@ -46,6 +47,7 @@ pub async fn run(
     );
     cfg.max_pods = max_pods;
     api.apply(&mut cfg);
+    cfg.wasm_default_memory_limit = wasm_default_memory_limit;
     let server = Server::start(cfg).await.with_context(|| {
         format!(
             "starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"

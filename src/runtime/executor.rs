@@ -36,6 +36,9 @@ pub struct ContainerSpec {
     pub infra: Option<String>,
     /// The runtime whose thread lives in the pod's network namespace (WASM guests run there).
     pub sandbox_rt: Option<tokio::runtime::Handle>,
+    /// The pod has no network namespace of its own and uses the node's network (the
+    /// unprivileged fallback): the node's loopback and API are off limits to its guests.
+    pub host_network: bool,
     /// Records a Warning event on the pod (reason, message), for components that keep running
     /// through failures (git-sync's failed syncs).
     pub events: Option<EventSink>,

@@ -6,7 +6,8 @@
 //! namespace with `setns`, so every socket they open lives in the pod's namespace: `localhost`
 //! is shared both ways. A WASM-only pod that needs a network gets a fresh namespace of its own
 //! (`unshare(CLONE_NEWNET)`, loopback up) — no Docker needed. Without the privilege for that,
-//! the pod falls back to the node's network (documented in the README).
+//! the pod falls back to the node's network (documented in the README); its components may then
+//! not connect to the node's loopback or the API (the socket check in `runtime::wasm`).
 //! `hostPort`s are exposed by a small TCP forwarder listening on the node that connects to the
 //! port inside the pod's namespace.
 
@@ -60,13 +61,19 @@ impl Sandbox {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create a network namespace; the pod uses the node's network");
-                Sandbox {
-                    mode: NetMode::Host,
-                    rt: None,
-                    stop: CancellationToken::new(),
-                    thread: None,
-                }
+                Self::host()
             }
+        }
+    }
+
+    /// The node's network: no namespace. WASM components then may not connect to the node's
+    /// loopback or its API (see `runtime::wasm`).
+    pub fn host() -> Self {
+        Sandbox {
+            mode: NetMode::Host,
+            rt: None,
+            stop: CancellationToken::new(),
+            thread: None,
         }
     }
 

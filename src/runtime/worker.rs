@@ -47,6 +47,9 @@ pub struct AgentCtx {
     pub host_ip: String,
     /// How often size-limited emptyDirs are measured (kubelet: its housekeeping period).
     pub volume_check_interval: Duration,
+    /// Give pods that need one a network namespace of their own (false only in tests: WASM-only
+    /// pods then use the node's network, as on a node without the privilege to create one).
+    pub pod_netns: bool,
 }
 
 /// Grace period of the containers of an evicted pod (kubelet evicts for local storage with 1 s).
@@ -496,6 +499,8 @@ async fn check_usage(
 pub struct NetInfo {
     infra: Option<String>,
     rt: Option<tokio::runtime::Handle>,
+    /// The pod uses the node's network.
+    host: bool,
 }
 
 /// Owns the pod's sandbox; tears it down (thread, forwarders, infra container) when dropped.
@@ -515,6 +520,7 @@ impl SandboxGuard {
                     _ => None,
                 },
                 rt: s.runtime(),
+                host: s.mode == NetMode::Host,
             },
         }
     }
@@ -597,7 +603,11 @@ async fn setup_sandbox(
                 },
             }
         } else {
-            Ok(Sandbox::own_or_host())
+            Ok(if ctx.pod_netns {
+                Sandbox::own_or_host()
+            } else {
+                Sandbox::host()
+            })
         };
         match made {
             Ok(s) => {
@@ -839,6 +849,7 @@ impl Runner {
             pull_policy: c.image_pull_policy.unwrap_or_default(),
             infra: self.net.infra.clone(),
             sandbox_rt: self.net.rt.clone(),
+            host_network: self.net.host,
             events: {
                 let rec = self.ctx.recorder.clone();
                 let pod_ref = Recorder::pod_ref(pod);

@@ -18,9 +18,10 @@ pub mod stdio;
 pub mod throttle;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -64,7 +65,16 @@ pub struct WasmConfig {
     pub tick: Duration,
     /// Threads running guests.
     pub threads: usize,
+    /// The memory budget of a guest whose container sets no `resources.limits.memory`
+    /// (None: unlimited).
+    pub default_memory_limit: Option<u64>,
 }
+
+/// The node default for guests without a memory limit (`--wasm-default-memory-limit`): room for
+/// a CPython component (tens of MiB) with a wide margin, yet a guest gone wrong stops at a size
+/// the node survives instead of taking the kernel's OOM killer to the node's other processes,
+/// the control plane included.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
 
 impl WasmConfig {
     pub fn new(cache_dir: PathBuf) -> Self {
@@ -76,6 +86,7 @@ impl WasmConfig {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            default_memory_limit: Some(DEFAULT_MEMORY_LIMIT),
         }
     }
 }
@@ -149,12 +160,16 @@ pub struct WasmExecutor {
     stop_ticker: Arc<std::sync::atomic::AtomicBool>,
     /// Advances the epoch while any guest executes (time slicing, CPU limits, kill).
     ticker: Arc<EpochTicker>,
+    /// The node API's listen address, which guests on the node's network may not connect to.
+    api_addr: OnceLock<SocketAddr>,
 }
 
 fn base_config() -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
     c.wasm_component_model(true);
+    // Multi-memory modules run; all their memories count against the guest's one budget.
+    c.wasm_multi_memory(true);
     c.cranelift_opt_level(wasmtime::OptLevel::Speed);
     // Each module compiles on its own blocking thread: with rayon-parallel compilation a small
     // module would queue behind every function of a large component being compiled.
@@ -238,7 +253,22 @@ impl WasmExecutor {
             next_id: AtomicU64::new(1),
             stop_ticker,
             ticker,
+            api_addr: OnceLock::new(),
         }))
+    }
+
+    /// Tell the executor where the node's API listens (once bound): guests on the node's
+    /// network (no pod namespace) are refused connections to it.
+    pub fn set_api_addr(&self, addr: SocketAddr) {
+        let _ = self.api_addr.set(addr);
+    }
+
+    /// The memory budget of the container's guest, and whether it is the node default.
+    fn memory_limit(&self, spec: &ContainerSpec) -> (Option<u64>, bool) {
+        match spec.memory_limit {
+            Some(l) => (Some(l), false),
+            None => (self.config.default_memory_limit, true),
+        }
     }
 
     /// The image path of a container (`file://` stripped).
@@ -303,7 +333,7 @@ impl WasmExecutor {
                     if let Some(p) = self.prepared.lock().unwrap().get(&key) {
                         let want = self.pick_engine(
                             matches!(p, Prepared::Component { .. }),
-                            spec.memory_limit,
+                            self.memory_limit(spec).0,
                         );
                         if want == kind {
                             return Ok(p.clone());
@@ -321,7 +351,7 @@ impl WasmExecutor {
             .lock()
             .unwrap()
             .insert(path.clone(), (mtime, meta.len(), digest.clone()));
-        let kind = self.pick_engine(is_component, spec.memory_limit);
+        let kind = self.pick_engine(is_component, self.memory_limit(spec).0);
         let key = format!("{digest}-{}", kind.tag());
         if let Some(p) = self.prepared.lock().unwrap().get(&key) {
             return Ok(p.clone());
@@ -356,8 +386,23 @@ impl WasmExecutor {
         }
         let started = Instant::now();
         let path_for_msgs = path.clone();
+        let dyn_cache = self
+            .config
+            .cache_dir
+            .join(format!("{digest}-{}.cwasm", EngineKind::OnDemand.tag()));
         let prepared = tokio::task::spawn_blocking(move || {
-            this.compile(kind, is_component, &binary, &cache_file, &path_for_msgs)
+            match this.compile(kind, is_component, &binary, &cache_file, &path_for_msgs) {
+                // A module the pool's slots cannot hold (several memories or tables, a large
+                // table) runs on the on-demand engine, under the same limits.
+                Err(ExecError::InvalidImage(_)) if kind == EngineKind::Pooled => this.compile(
+                    EngineKind::OnDemand,
+                    is_component,
+                    &binary,
+                    &dyn_cache,
+                    &path_for_msgs,
+                ),
+                r => r,
+            }
         })
         .await
         .map_err(err_internal)??;
@@ -507,7 +552,12 @@ impl Drop for WasmExecutor {
 }
 
 /// Turn how a guest ended into a container exit status.
-fn classify(result: wasmtime::Result<i32>, oom_at: &AtomicU64, limit: Option<u64>) -> ExitStatus {
+fn classify(
+    result: wasmtime::Result<i32>,
+    oom_at: &AtomicU64,
+    limit: Option<u64>,
+    node_default: bool,
+) -> ExitStatus {
     match result {
         Ok(code) => ExitStatus::code(code),
         Err(e) => {
@@ -515,15 +565,23 @@ fn classify(result: wasmtime::Result<i32>, oom_at: &AtomicU64, limit: Option<u64
                 return ExitStatus::code(exit.0);
             }
             let oom = oom_at.load(Ordering::SeqCst);
-            if oom > 0 || e.downcast_ref::<MemoryLimitExceeded>().is_some() {
+            let exceeded = e.downcast_ref::<MemoryLimitExceeded>();
+            if oom > 0 || exceeded.is_some() {
+                let what = exceeded.map(|x| x.to_string()).unwrap_or_else(|| {
+                    format!(
+                        "memory limit of {} exceeded: the guest's linear memories and tables would total {}",
+                        limit.map(format_bytes).unwrap_or_default(),
+                        format_bytes(oom)
+                    )
+                });
                 return ExitStatus {
                     exit_code: KILLED_EXIT_CODE,
                     reason: "OOMKilled".into(),
-                    message: Some(format!(
-                        "memory limit of {} exceeded: the guest tried to grow its linear memory to {}",
-                        limit.map(format_bytes).unwrap_or_default(),
-                        format_bytes(oom)
-                    )),
+                    message: Some(if node_default {
+                        format!("{what} (the node's default for WASM containers without resources.limits.memory, --wasm-default-memory-limit)")
+                    } else {
+                        what
+                    }),
                 };
             }
             let trap = e
@@ -580,16 +638,15 @@ impl super::executor::Executor for Arc<WasmExecutor> {
         let prepared = self.prepared(&spec, None).await?;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let oom_at = Arc::new(AtomicU64::new(0));
-        let limits = GuestLimits {
-            memory_limit: spec.memory_limit,
-            oom_at: oom_at.clone(),
-        };
+        let (memory_limit, node_default) = self.memory_limit(&spec);
+        let limits = GuestLimits::new(memory_limit, oom_at.clone());
         let cancel = CancellationToken::new();
         let (tx, rx) = oneshot::channel();
         let mut builder = WasmExecutor::wasi_builder(&spec)?;
         let guard = GuestGuard {
             cpu: spec.cpu_limit_millis,
-            memory_limit: spec.memory_limit,
+            memory_limit,
+            node_default,
             oom_at,
             cancel: cancel.clone(),
             done: tx,
@@ -620,6 +677,9 @@ impl super::executor::Executor for Arc<WasmExecutor> {
             Prepared::Component { engine, pre } => {
                 id = format!("wasm://component/{n}");
                 let ports = spec.ports.clone();
+                // On the node's network (no pod namespace), the node's loopback and its API are
+                // the node's, not the pod's: out of reach.
+                let host_net = spec.host_network.then(|| self.api_addr.get().copied());
                 builder
                     .allow_tcp(true)
                     .allow_udp(true)
@@ -632,6 +692,10 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                                 port == 0 || ports.contains(&port)
                             }
                             SocketAddrUse::TcpListen => ports.contains(&port),
+                            SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => match host_net {
+                                Some(api) => host_net_allows(addr, api, is_node_address),
+                                None => true,
+                            },
                             _ => true,
                         };
                         Box::pin(async move { ok })
@@ -669,6 +733,8 @@ impl super::executor::Executor for Arc<WasmExecutor> {
 struct GuestGuard {
     cpu: Option<u64>,
     memory_limit: Option<u64>,
+    /// The limit is the node's default (the container sets none).
+    node_default: bool,
     oom_at: Arc<AtomicU64>,
     cancel: CancellationToken,
     done: oneshot::Sender<ExitStatus>,
@@ -684,7 +750,7 @@ impl WasmExecutor {
         // A networked pod's guests run on its sandbox thread, inside the pod's namespace.
         rt.unwrap_or(&self.rt).spawn(async move {
             let status = tokio::select! {
-                r = Throttled::new(run, g.cpu, ticker) => classify(r, &g.oom_at, g.memory_limit),
+                r = Throttled::new(run, g.cpu, ticker) => classify(r, &g.oom_at, g.memory_limit, g.node_default),
                 _ = g.cancel.cancelled() => killed(),
             };
             let _ = g.done.send(status);
@@ -692,10 +758,121 @@ impl WasmExecutor {
     }
 }
 
+/// Whether a guest running on the node's network (the unprivileged fallback, no pod network
+/// namespace) may connect or send to `addr`: never to the node's loopback (127.0.0.0/8, ::1,
+/// the unspecified address, which reaches it too), never to the API's listen address — on any of
+/// the node's addresses when the API listens on all of them.
+fn host_net_allows(
+    addr: SocketAddr,
+    api: Option<SocketAddr>,
+    is_node_address: impl Fn(IpAddr) -> bool,
+) -> bool {
+    let ip = addr.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return false;
+    }
+    if let Some(api) = api {
+        let api_ip = api.ip().to_canonical();
+        if addr.port() == api.port()
+            && (ip == api_ip || (api_ip.is_unspecified() && is_node_address(ip)))
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `ip` is one of this node's interface addresses.
+fn is_node_address(ip: IpAddr) -> bool {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we only read and free with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        // Unknown: refuse rather than let a guest reach the API.
+        return true;
+    }
+    let mut found = false;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: the family tells which sockaddr type the address is.
+            let a = unsafe {
+                match (*ifa.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                }
+            };
+            if a == Some(ip) {
+                found = true;
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
 fn killed() -> ExitStatus {
     ExitStatus {
         exit_code: KILLED_EXIT_CODE,
         reason: "Killed".into(),
         message: Some("stopped by Kapsel".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn host_network_guests_cannot_reach_the_node_loopback_or_its_api() {
+        let none = |_| false;
+        let api = Some(a("127.0.0.1:7070"));
+        for denied in [
+            "127.0.0.1:7070",
+            "127.0.0.1:6379",
+            "127.9.8.7:80",
+            "[::1]:7070",
+            "[::ffff:127.0.0.1]:22",
+            "0.0.0.0:7070",
+            "[::]:80",
+        ] {
+            assert!(!host_net_allows(a(denied), api, none), "{denied}");
+        }
+        assert!(host_net_allows(a("192.0.2.10:7070"), api, none));
+        assert!(host_net_allows(a("[2001:db8::1]:443"), api, none));
+
+        // An API on a node address: that address and port only.
+        let api = Some(a("192.0.2.5:7070"));
+        assert!(!host_net_allows(a("192.0.2.5:7070"), api, none));
+        assert!(host_net_allows(a("192.0.2.5:8080"), api, none));
+
+        // An API on every address: the API port on any node address.
+        let node = |ip: IpAddr| ip == "192.0.2.5".parse::<IpAddr>().unwrap();
+        for api in [a("0.0.0.0:7070"), a("[::]:7070")] {
+            assert!(!host_net_allows(a("192.0.2.5:7070"), Some(api), node));
+            assert!(host_net_allows(a("192.0.2.6:7070"), Some(api), node));
+            assert!(host_net_allows(a("192.0.2.5:8080"), Some(api), node));
+        }
+    }
+
+    #[test]
+    fn the_node_knows_its_loopback_address() {
+        assert!(is_node_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_node_address("198.51.100.123".parse().unwrap()));
     }
 }
