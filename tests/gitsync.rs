@@ -392,7 +392,10 @@ async fn exechook_and_webhook_get_the_hash() {
         format!("--webhook-url=http://127.0.0.1:{wport}/hook"),
         format!("--http-bind=127.0.0.1:{hport}"),
     ];
-    let app = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
+    // The exechook runs in the pod's OCI container (in the worktree as it sees it).
+    let app = format!(
+        "  - name: app\n    image: {BUSYBOX}\n    imagePullPolicy: Never\n    command: [sleep, \"3600\"]\n    volumeMounts: [{{name: git, mountPath: /git}}]\n"
+    );
     k.apply("hooks", &gitsync_pod("hooks", &args, &app));
     let got = tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await
@@ -400,7 +403,16 @@ async fn exechook_and_webhook_get_the_hash() {
         .unwrap();
     assert_eq!(got, hash);
     let root = volume(&k, "hooks").await;
-    let log = std::fs::read_to_string(root.join("hooks.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        if let Ok(l) = std::fs::read_to_string(root.join("hooks.log")) {
+            if l.ends_with('\n') {
+                break l;
+            }
+        }
+        assert!(Instant::now() < deadline, "exechook never ran: {}", k.logs("hooks", "git-sync").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(log, format!("hook {hash} x\n"));
     // --http-bind: ready after the first sync, and metrics.
     assert_eq!(http_get(hport, "/").await.as_deref(), Some("ok\n"));
