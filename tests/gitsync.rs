@@ -390,7 +390,6 @@ async fn exechook_and_webhook_get_the_hash() {
         "--period=1s".into(),
         "--exechook-command=echo \"hook $GITSYNC_HASH $(cat v.txt)\" >> ../../hooks.log".into(),
         format!("--webhook-url=http://127.0.0.1:{wport}/hook"),
-        format!("--http-bind=127.0.0.1:{hport}"),
     ];
     // The exechook runs in the pod's OCI container (in the worktree as it sees it).
     let app = format!(
@@ -414,7 +413,18 @@ async fn exechook_and_webhook_get_the_hash() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(log, format!("hook {hash} x\n"));
-    // --http-bind: ready after the first sync, and metrics.
+    // --http-bind (in a pod without a network namespace of its own, so the test can reach
+    // it): ready after the first sync, and metrics.
+    let args = vec![
+        format!("--repo={}", remote.url()),
+        "--root=/git".into(),
+        "--period=1s".into(),
+        format!("--http-bind=127.0.0.1:{hport}"),
+    ];
+    let idle = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
+    k.apply("status", &gitsync_pod("status", &args, &idle));
+    k.wait_pod("status", 30, |p| !state(p, 0)["running"].is_null())
+        .await;
     assert_eq!(http_get(hport, "/").await.as_deref(), Some("ok\n"));
     let m = http_get(hport, "/metrics").await.unwrap();
     let ok: u64 = m
