@@ -409,7 +409,11 @@ async fn exechook_and_webhook_get_the_hash() {
                 break l;
             }
         }
-        assert!(Instant::now() < deadline, "exechook never ran: {}", k.logs("hooks", "git-sync").await);
+        assert!(
+            Instant::now() < deadline,
+            "exechook never ran: {}",
+            k.logs("hooks", "git-sync").await
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(log, format!("hook {hash} x\n"));

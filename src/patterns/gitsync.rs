@@ -236,7 +236,10 @@ impl Config {
         let username = get("username").or(url_user);
         let password = get("password").or(url_password).map(Secret);
         if password.is_some() && get("password-file").is_some() {
-            return Err("only one of --password (or credentials in --repo) and --password-file may be set".into());
+            return Err(
+                "only one of --password (or credentials in --repo) and --password-file may be set"
+                    .into(),
+            );
         }
         if (password.is_some() || get("password-file").is_some()) && username.is_none() {
             return Err("--password and --password-file need --username".into());
@@ -310,7 +313,10 @@ pub fn split_credentials(url: &str) -> (String, Option<String>, Option<String>) 
     let http = matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https");
     let stripped = match (&user, http) {
         // ssh and friends take the user from the URL (and no password at all).
-        (Some(_), false) => format!("{scheme}://{}@{host}", &userinfo[..userinfo.find(':').unwrap_or(userinfo.len())]),
+        (Some(_), false) => format!(
+            "{scheme}://{}@{host}",
+            &userinfo[..userinfo.find(':').unwrap_or(userinfo.len())]
+        ),
         _ => format!("{scheme}://{host}"),
     };
     (stripped, user, password)
@@ -344,7 +350,9 @@ pub fn redact(text: &str) -> String {
         let (before, after) = rest.split_at(i + 3);
         out.push_str(before);
         let end = after
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\'')
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\''
+            })
             .unwrap_or(after.len());
         let authority = &after[..end];
         match authority.rfind('@') {
@@ -594,7 +602,10 @@ fn copy_tree(src: &Path, dst: &cap_std::fs::Dir, name: &Path) -> std::io::Result
             let mut to = out.create(&n)?;
             std::io::copy(&mut from, &mut to)?;
             let mode = e.metadata()?.permissions().mode() & 0o777;
-            out.set_permissions(&n, cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)))?;
+            out.set_permissions(
+                &n,
+                cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
+            )?;
         }
     }
     Ok(())
@@ -649,8 +660,9 @@ impl GitSync {
 
     /// A handle on `--root` in the volume, every directory on the way made real.
     fn root_dir(&self) -> Result<cap_std::fs::Dir, String> {
-        let vol = cap_std::fs::Dir::open_ambient_dir(&self.paths.volume, cap_std::ambient_authority())
-            .map_err(err("opening the volume"))?;
+        let vol =
+            cap_std::fs::Dir::open_ambient_dir(&self.paths.volume, cap_std::ambient_authority())
+                .map_err(err("opening the volume"))?;
         real_dirs(&vol, &self.paths.root_rel).map_err(err("opening --root in the volume"))
     }
 
@@ -767,7 +779,8 @@ impl GitSync {
             .mode(mode)
             .open(&tmp)
             .map_err(err("writing git-sync's private files"))?;
-        f.write_all(data).map_err(err("writing git-sync's private files"))?;
+        f.write_all(data)
+            .map_err(err("writing git-sync's private files"))?;
         drop(f);
         std::fs::rename(&tmp, self.paths.private.join(name))
             .map_err(err("writing git-sync's private files"))
@@ -801,8 +814,10 @@ impl GitSync {
     }
 
     async fn init(&self) -> Result<(), String> {
-        create_private_dir(&self.paths.private).map_err(err("creating git-sync's private directory"))?;
-        create_private_dir(&self.paths.private.join("home")).map_err(err("creating git-sync's HOME"))?;
+        create_private_dir(&self.paths.private)
+            .map_err(err("creating git-sync's private directory"))?;
+        create_private_dir(&self.paths.private.join("home"))
+            .map_err(err("creating git-sync's HOME"))?;
         // Keys are copied in (read through the volume's handle) so ssh never follows a link.
         if let Some(f) = &self.paths.ssh_key_file {
             let key = f.read().map_err(err("--ssh-key-file"))?;
@@ -837,7 +852,11 @@ impl GitSync {
     }
 
     /// Check `hash` out in a private staging directory; returns its path.
-    async fn checkout(&self, hash: &str, creds: Option<&(String, String)>) -> Result<PathBuf, String> {
+    async fn checkout(
+        &self,
+        hash: &str,
+        creds: Option<&(String, String)>,
+    ) -> Result<PathBuf, String> {
         let deadline = self.cfg.sync_timeout;
         let stage = self.paths.private.join("stage");
         let _ = std::fs::remove_dir_all(&stage);
@@ -845,8 +864,13 @@ impl GitSync {
         let wt = stage.join(hash);
         std::fs::create_dir(&wt).map_err(err("creating the staging checkout"))?;
         let _ = std::fs::remove_file(self.paths.private.join("index"));
-        self.run_git(&["read-tree", "--reset", "-u", hash], None, Some(&wt), deadline)
-            .await?;
+        self.run_git(
+            &["read-tree", "--reset", "-u", hash],
+            None,
+            Some(&wt),
+            deadline,
+        )
+        .await?;
         if self.cfg.submodules != "off" && wt.join(".gitmodules").exists() {
             let recursive = self.cfg.submodules == "recursive";
             let mut sync = vec!["submodule", "sync", "--quiet"];
@@ -912,7 +936,8 @@ impl GitSync {
             Err(e) if io_kind(&e, libc::EXDEV) => {
                 let tmp = PathBuf::from(format!(".tmp-{hash}"));
                 remove_any(&wts, &tmp).map_err(err("removing a stale worktree"))?;
-                copy_tree(&staged, &wts, &tmp).map_err(err("copying the worktree into the volume"))?;
+                copy_tree(&staged, &wts, &tmp)
+                    .map_err(err("copying the worktree into the volume"))?;
                 wts.rename(&tmp, &wts, &hash)
                     .map_err(err("publishing the worktree"))?;
                 let _ = std::fs::remove_dir_all(&staged);
@@ -942,7 +967,10 @@ impl GitSync {
             .map_err(err("creating the link"))?;
         if let Err(e) = parent.rename(&tmp, &parent, &name) {
             // A directory where the link goes (a guest made one): git-sync owns that name.
-            if io_kind(&e, libc::EISDIR) || io_kind(&e, libc::ENOTEMPTY) || io_kind(&e, libc::EEXIST) {
+            if io_kind(&e, libc::EISDIR)
+                || io_kind(&e, libc::ENOTEMPTY)
+                || io_kind(&e, libc::EEXIST)
+            {
                 remove_any(&parent, Path::new(&name)).map_err(err("replacing the link"))?;
                 parent
                     .rename(&tmp, &parent, &name)
@@ -991,7 +1019,9 @@ impl GitSync {
                         ran_in: "this machine".into(),
                     },
                     Ok(Err(e)) => return Err(HookError::Failed(format!("exechook: {e}"))),
-                    Err(_) => return Err(HookError::Failed(format!("exechook timed out after {t:?}"))),
+                    Err(_) => {
+                        return Err(HookError::Failed(format!("exechook timed out after {t:?}")))
+                    }
                 }
             }
         };
@@ -1269,7 +1299,10 @@ mod tests {
             "fetch https://alice:***@h/x.git and http://bob@h/ and file:///a@b"
         );
         let c = Config::parse(
-            &s(&["--repo=https://alice:pw@example.com/site.git", "--root=/git"]),
+            &s(&[
+                "--repo=https://alice:pw@example.com/site.git",
+                "--root=/git",
+            ]),
             &[],
         )
         .unwrap();
@@ -1278,6 +1311,8 @@ mod tests {
         assert_eq!(c.password, Some(Secret("pw".into())));
         assert!(!format!("{c:?}").contains("pw\""));
         assert!(Config::parse(&s(&["--repo=x", "--root=/g", "--password=p"]), &[]).is_err());
-        assert!(Config::parse(&s(&["--repo=x", "--root=/g", "--ref=--upload-pack=x"]), &[]).is_err());
+        assert!(
+            Config::parse(&s(&["--repo=x", "--root=/g", "--ref=--upload-pack=x"]), &[]).is_err()
+        );
     }
 }

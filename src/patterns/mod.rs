@@ -148,7 +148,9 @@ fn gitsync_config(
         .iter()
         .map(|m| (m.host_path.clone(), m.guest_path.clone()))
         .collect();
-    let inside = |flag: &str, p: &Option<PathBuf>| -> Result<Option<gitsync::BeneathFile>, ExecError> {
+    let inside = |flag: &str,
+                  p: &Option<PathBuf>|
+     -> Result<Option<gitsync::BeneathFile>, ExecError> {
         p.as_ref()
             .map(|guest| {
                 gitsync::split_mount(&all, guest)

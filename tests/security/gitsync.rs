@@ -122,22 +122,6 @@ async fn wait_file(k: &Kapsel, pod: &str, path: &Path, secs: u64) {
     }
 }
 
-/// Wait until `<volume>/<link>/v.txt` reads `want` (through real directories only).
-async fn wait_synced(k: &Kapsel, pod: &str, root: &Path, link: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::fs::read_to_string(root.join(link).join("v.txt")).ok().as_deref() == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{want:?} never synced to {link}; git-sync says: {}",
-            k.logs(pod, "git-sync").await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Removes a host path when the test ends, however it ends.
 struct Cleanup(Vec<PathBuf>);
 
@@ -194,17 +178,31 @@ async fn a_pod_member_rewriting_git_config_runs_nothing_on_the_node() {
     k.apply("cfg", &pod("cfg", &args, &vols, &members));
     let root = volume(&k, "cfg").await;
     wait_file(&k, "cfg", &root.join(".attacked"), 60).await;
-    // The next syncs: the new commit lands, and nothing ran on the node.
-    remote.commit("v2\n");
-    wait_synced(&k, "cfg", &root, "site", "v2\n").await;
-    remote.commit("v3\n");
-    wait_synced(&k, "cfg", &root, "site", "v3\n").await;
-    assert!(
-        !marker.exists(),
-        "a guest's git config ran a command on the node"
-    );
-    assert!(!PathBuf::from(format!("/tmp/pwned-{id}-fsmonitor")).exists());
-    // git's own directory is not in the volume.
+    // The next syncs: nothing runs on the node, and the new commits land.
+    for v in ["v2\n", "v3\n"] {
+        remote.commit(v);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                !marker.exists(),
+                "a guest's git config ran a command on the node"
+            );
+            assert!(!PathBuf::from(format!("/tmp/pwned-{id}-fsmonitor")).exists());
+            if std::fs::read_to_string(root.join("site/v.txt"))
+                .ok()
+                .as_deref()
+                == Some(v)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{v:?} never synced: {}",
+                k.logs("cfg", "git-sync").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let logs = k.logs("cfg", "git-sync").await;
     assert!(!logs.contains("sync failed"), "{logs}");
 }
@@ -261,7 +259,10 @@ async fn guest_planted_symlinks_at_the_link_and_worktrees_stay_in_the_volume() {
         };
         if real(&root.join("pub"))
             && real(&root.join(".worktrees"))
-            && std::fs::read_to_string(root.join("pub/site/v.txt")).ok().as_deref() == Some("v2\n")
+            && std::fs::read_to_string(root.join("pub/site/v.txt"))
+                .ok()
+                .as_deref()
+                == Some("v2\n")
         {
             break;
         }
@@ -313,7 +314,9 @@ async fn the_exechook_runs_inside_the_pods_container_not_on_the_node() {
     // It ran in the worktree as the container sees it, with the hash.
     assert_eq!(pwd.trim(), format!("/git/.worktrees/{hash}"));
     assert_eq!(
-        std::fs::read_to_string(root.join("hook-hash")).unwrap().trim(),
+        std::fs::read_to_string(root.join("hook-hash"))
+            .unwrap()
+            .trim(),
         hash
     );
     // Its host name is the container's, not the node's.
@@ -322,7 +325,12 @@ async fn the_exechook_runs_inside_the_pods_container_not_on_the_node() {
         .iter()
         .find(|id| {
             let out = Command::new("docker")
-                .args(["inspect", "-f", "{{index .Config.Labels \"io.kapsel.container\"}}", id])
+                .args([
+                    "inspect",
+                    "-f",
+                    "{{index .Config.Labels \"io.kapsel.container\"}}",
+                    id,
+                ])
                 .output()
                 .unwrap();
             String::from_utf8_lossy(&out.stdout).trim() == "app"
@@ -398,7 +406,11 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -504,7 +516,12 @@ async fn the_password_reaches_no_command_line_status_event_or_log() {
     let in_url = |pw: &str| format!("--repo=http://alice:{pw}@{needle}/site.git");
     k.apply(
         "inurl",
-        &pod("inurl", &[in_url(&password), "--root=/git".into()], "", &idle),
+        &pod(
+            "inurl",
+            &[in_url(&password), "--root=/git".into()],
+            "",
+            &idle,
+        ),
     );
     // A wrong password in the URL: the sync fails, and says so in the status, events and log.
     k.apply(
@@ -535,12 +552,19 @@ async fn the_password_reaches_no_command_line_status_event_or_log() {
         .as_str()
         .unwrap_or("")
         .to_string();
-    assert!(msg.contains(&needle), "the failure names the repository: {msg}");
+    assert!(
+        msg.contains(&needle),
+        "the failure names the repository: {msg}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (leaks, gits) = watcher.join().unwrap();
     let _ = server.kill();
     let _ = server.wait();
     assert!(gits > 0, "the watcher never saw git talk to the server");
+    let mut leaks = leaks;
+    leaks.sort();
+    leaks.dedup();
+    leaks.truncate(3);
     assert!(leaks.is_empty(), "a password on a command line: {leaks:?}");
     // Statuses, events and logs.
     let mut said = String::new();
