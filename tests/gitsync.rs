@@ -235,9 +235,10 @@ async fn refs_tags_commits_and_a_git_daemon_remote() {
     // Serve the bare repo with `git daemon` on loopback.
     let port = free_port();
     let base = remote.bare.parent().unwrap().to_path_buf();
-    let mut daemon = Command::new("git")
+    // `git-daemon` itself (`git daemon` would run it as a child that outlives a kill).
+    let exec_path = git(&base, &["--exec-path"]);
+    let mut daemon = Command::new(Path::new(&exec_path).join("git-daemon"))
         .args([
-            "daemon",
             "--reuseaddr",
             "--export-all",
             "--listen=127.0.0.1",
