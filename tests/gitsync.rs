@@ -238,11 +238,7 @@ async fn refs_tags_commits_and_a_git_daemon_remote() {
     // `git-daemon` itself (`git daemon` would run it as a child that outlives a kill).
     let exec_path = git(&base, &["--exec-path"]);
     let mut daemon = Command::new(Path::new(&exec_path).join("git-daemon"))
-        .args([
-            "--reuseaddr",
-            "--export-all",
-            "--listen=127.0.0.1",
-        ])
+        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
         .arg(format!("--port={port}"))
         .arg(format!("--base-path={}", base.display()))
         .arg(&base)
