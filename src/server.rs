@@ -120,7 +120,9 @@ impl Server {
             .map(|h| DockerExecutor::new(h, &cfg.node_name));
         let mut executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(wasm),
-            Arc::new(Arc::new(crate::patterns::BuiltinExecutor)),
+            Arc::new(Arc::new(crate::patterns::BuiltinExecutor::new(
+                docker.clone(),
+            ))),
         ];
         if let Some(d) = &docker {
             executors.push(Arc::new(d.clone()));

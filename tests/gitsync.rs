@@ -235,13 +235,10 @@ async fn refs_tags_commits_and_a_git_daemon_remote() {
     // Serve the bare repo with `git daemon` on loopback.
     let port = free_port();
     let base = remote.bare.parent().unwrap().to_path_buf();
-    let mut daemon = Command::new("git")
-        .args([
-            "daemon",
-            "--reuseaddr",
-            "--export-all",
-            "--listen=127.0.0.1",
-        ])
+    // `git-daemon` itself (`git daemon` would run it as a child that outlives a kill).
+    let exec_path = git(&base, &["--exec-path"]);
+    let mut daemon = Command::new(Path::new(&exec_path).join("git-daemon"))
+        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
         .arg(format!("--port={port}"))
         .arg(format!("--base-path={}", base.display()))
         .arg(&base)
@@ -390,9 +387,11 @@ async fn exechook_and_webhook_get_the_hash() {
         "--period=1s".into(),
         "--exechook-command=echo \"hook $GITSYNC_HASH $(cat v.txt)\" >> ../../hooks.log".into(),
         format!("--webhook-url=http://127.0.0.1:{wport}/hook"),
-        format!("--http-bind=127.0.0.1:{hport}"),
     ];
-    let app = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
+    // The exechook runs in the pod's OCI container (in the worktree as it sees it).
+    let app = format!(
+        "  - name: app\n    image: {BUSYBOX}\n    imagePullPolicy: Never\n    command: [sleep, \"3600\"]\n    volumeMounts: [{{name: git, mountPath: /git}}]\n"
+    );
     k.apply("hooks", &gitsync_pod("hooks", &args, &app));
     let got = tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await
@@ -400,9 +399,33 @@ async fn exechook_and_webhook_get_the_hash() {
         .unwrap();
     assert_eq!(got, hash);
     let root = volume(&k, "hooks").await;
-    let log = std::fs::read_to_string(root.join("hooks.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        if let Ok(l) = std::fs::read_to_string(root.join("hooks.log")) {
+            if l.ends_with('\n') {
+                break l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exechook never ran: {}",
+            k.logs("hooks", "git-sync").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(log, format!("hook {hash} x\n"));
-    // --http-bind: ready after the first sync, and metrics.
+    // --http-bind (in a pod without a network namespace of its own, so the test can reach
+    // it): ready after the first sync, and metrics.
+    let args = vec![
+        format!("--repo={}", remote.url()),
+        "--root=/git".into(),
+        "--period=1s".into(),
+        format!("--http-bind=127.0.0.1:{hport}"),
+    ];
+    let idle = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
+    k.apply("status", &gitsync_pod("status", &args, &idle));
+    k.wait_pod("status", 30, |p| !state(p, 0)["running"].is_null())
+        .await;
     assert_eq!(http_get(hport, "/").await.as_deref(), Some("ok\n"));
     let m = http_get(hport, "/metrics").await.unwrap();
     let ok: u64 = m

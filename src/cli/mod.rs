@@ -793,18 +793,37 @@ async fn metrics_adapter(args: Vec<String>) -> Result<i32> {
 
 /// `kapsel git-sync`: the sidecar's sync loop on this machine's filesystem.
 async fn git_sync(args: Vec<String>) -> Result<i32> {
-    use crate::patterns::gitsync::{Config, GitSync, Stats};
+    use crate::patterns::gitsync::{BeneathFile, Config, GitSync, HookRunner, Paths, Stats};
     use std::sync::Arc;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("git-sync: {e}"))?;
-    let sync = GitSync {
-        root: cfg.root.clone(),
-        cfg,
-        log: Arc::new(|m: &str| eprint!("{m}")),
-        warn: Arc::new(|_: &str| {}),
-        stats: Arc::new(Stats::default()),
-        env,
+    // On this machine the caller's paths are trusted; git's own directory is `<root>/.git-sync`.
+    let file = |p: &Option<std::path::PathBuf>| {
+        p.as_ref().map(|p| {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            BeneathFile {
+                base: "/".into(),
+                rel: p.strip_prefix("/").unwrap_or(&p).to_path_buf(),
+            }
+        })
     };
+    let paths = Paths {
+        volume: cfg.root.clone(),
+        root_rel: Default::default(),
+        private: cfg.root.join(".git-sync"),
+        password_file: file(&cfg.password_file),
+        ssh_key_file: file(&cfg.ssh_key_file),
+        ssh_known_hosts_file: file(&cfg.ssh_known_hosts_file),
+    };
+    std::fs::create_dir_all(&cfg.root)?;
+    let sync = GitSync::new(
+        cfg,
+        paths,
+        Arc::new(|m: &str| eprint!("{m}")),
+        Arc::new(|_: &str| {}),
+        Arc::new(Stats::default()),
+        HookRunner::Local { env },
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let s2 = stop.clone();
     tokio::spawn(async move {

@@ -1,9 +1,22 @@
 //! `builtin/git-sync`: keeps a directory in a pod volume in sync with a git repository, with
 //! kubernetes/git-sync v4's flags and `GITSYNC_*` variables. It drives the git CLI (as
-//! git-sync does): the repository lives in `--root`, every synced commit is checked out in a
-//! worktree `<root>/.worktrees/<hash>`, and `<root>/<link>` is a symlink flipped atomically
-//! (rename over the old one) to the new worktree, so a reader never sees a partial tree. Old
-//! worktrees are removed after the flip.
+//! git-sync does), and never on anything the pod can write:
+//! - the repository (a bare git directory), git's `HOME`, the staging checkouts and the
+//!   credential helper live in a node-private directory (mode 0700, under the pod's directory on
+//!   the node, in no volume). Every git command gets that directory as `GIT_DIR` explicitly, a
+//!   cleared environment, no system or global config, and `-c` overrides that allow only the
+//!   http(s), ssh, git and (not from submodules) file transports, no hooks and no fsmonitor;
+//! - each synced commit is checked out in the private directory, then moved (or, across
+//!   filesystems, copied) to `<root>/.worktrees/<hash>` in the volume; `<root>/<link>` is a
+//!   relative symlink flipped atomically (a new link renamed over the old one) to it, so a reader
+//!   never sees a partial tree. Old worktrees go after the flip. Every file operation in the
+//!   volume goes through a directory handle (cap-std) that cannot leave it: a symlink a guest
+//!   planted at `.worktrees`, at the link or along `--root` is replaced, never followed out;
+//! - credentials (`--password`, `--password-file`, `user:pass@` in `--repo`) reach git only
+//!   through the environment of its process and a node-private askpass script, never its argv;
+//!   URLs are stripped of them before use and redacted (`user:***@`) in every message;
+//! - `--exechook-command` runs where the pod runs: [`HookRunner::InPod`] execs it in an OCI
+//!   member of the pod (see `patterns::start_gitsync`), never on the node.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -11,12 +24,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+/// A secret value: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
 
 /// git-sync's configuration, from flags and `GITSYNC_*` environment variables.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The repository URL, without any credentials it came with (they move to `username` and
+    /// `password`).
     pub repo: String,
     pub git_ref: String,
     pub root: PathBuf,
@@ -31,10 +57,14 @@ pub struct Config {
     pub submodules: String,
     pub exechook_command: Option<String>,
     pub exechook_timeout: Duration,
+    /// Wait between attempts of a failed exechook (and while no pod member can run it yet).
+    pub exechook_backoff: Duration,
     pub webhook_url: Option<String>,
     pub webhook_method: String,
     pub webhook_success_status: u16,
     pub username: Option<String>,
+    /// `--password` / `GITSYNC_PASSWORD`, or the password of `--repo`'s userinfo.
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub ssh_key_file: Option<PathBuf>,
     pub ssh_known_hosts: bool,
@@ -56,10 +86,12 @@ const FLAGS: &[(&str, bool)] = &[
     ("submodules", false),
     ("exechook-command", false),
     ("exechook-timeout", false),
+    ("exechook-backoff", false),
     ("webhook-url", false),
     ("webhook-method", false),
     ("webhook-success-status", false),
     ("username", false),
+    ("password", false),
     ("password-file", false),
     ("ssh-key-file", false),
     ("ssh-known-hosts", true),
@@ -155,6 +187,10 @@ impl Config {
         }
         let get = |k: &str| vals.get(k).cloned().filter(|v| !v.is_empty());
         let repo = get("repo").ok_or("required flag missing: --repo (or GITSYNC_REPO)")?;
+        if repo.starts_with('-') {
+            return Err("--repo must be a URL or a path, not start with '-'".into());
+        }
+        let (repo, url_user, url_password) = split_credentials(&repo);
         let root =
             PathBuf::from(get("root").ok_or("required flag missing: --root (or GITSYNC_ROOT)")?);
         if !root.is_absolute() {
@@ -193,6 +229,21 @@ impl Config {
         if period < Duration::from_millis(10) {
             return Err("--period must be at least 10ms".into());
         }
+        let git_ref = get("ref").unwrap_or_else(|| "HEAD".into());
+        if git_ref.starts_with('-') {
+            return Err(format!("--ref {git_ref:?} must not start with '-'"));
+        }
+        let username = get("username").or(url_user);
+        let password = get("password").or(url_password).map(Secret);
+        if password.is_some() && get("password-file").is_some() {
+            return Err(
+                "only one of --password (or credentials in --repo) and --password-file may be set"
+                    .into(),
+            );
+        }
+        if (password.is_some() || get("password-file").is_some()) && username.is_none() {
+            return Err("--password and --password-file need --username".into());
+        }
         let submodules = get("submodules").unwrap_or_else(|| "recursive".into());
         if !["recursive", "shallow", "off"].contains(&submodules.as_str()) {
             return Err(format!(
@@ -205,7 +256,7 @@ impl Config {
         }
         Ok(Config {
             repo,
-            git_ref: get("ref").unwrap_or_else(|| "HEAD".into()),
+            git_ref,
             root,
             link,
             period,
@@ -219,10 +270,13 @@ impl Config {
             submodules,
             exechook_command: get("exechook-command"),
             exechook_timeout: dur("exechook-timeout", Duration::from_secs(30))?,
+            exechook_backoff: dur("exechook-backoff", Duration::from_secs(3))?
+                .max(Duration::from_millis(100)),
             webhook_url: get("webhook-url"),
             webhook_method: get("webhook-method").unwrap_or_else(|| "POST".into()),
             webhook_success_status: num("webhook-success-status", 200)? as u16,
-            username: get("username"),
+            username,
+            password,
             password_file: get("password-file").map(PathBuf::from),
             ssh_key_file: get("ssh-key-file").map(PathBuf::from),
             ssh_known_hosts: get("ssh-known-hosts")
@@ -239,8 +293,96 @@ impl Config {
     }
 }
 
+/// Split `scheme://user:password@host/...` into the URL without the password (and, for http(s),
+/// without the user: git gets both from the askpass helper), the user and the password.
+/// scp-like `user@host:path` and URLs without userinfo come back unchanged.
+pub fn split_credentials(url: &str) -> (String, Option<String>, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None, None);
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..auth_end].rfind('@') else {
+        return (url.to_string(), None, None);
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let (user, password) = match userinfo.split_once(':') {
+        Some((u, p)) => (u, Some(percent_decode(p))),
+        None => (userinfo, None),
+    };
+    let user = (!user.is_empty()).then(|| percent_decode(user));
+    let http = matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https");
+    let stripped = match (&user, http) {
+        // ssh and friends take the user from the URL (and no password at all).
+        (Some(_), false) => format!(
+            "{scheme}://{}@{host}",
+            &userinfo[..userinfo.find(':').unwrap_or(userinfo.len())]
+        ),
+        _ => format!("{scheme}://{host}"),
+    };
+    (stripped, user, password)
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every `scheme://user:password@` in `text` becomes `scheme://user:***@`: what git-sync says
+/// (logs, events, statuses) never carries a password.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (before, after) = rest.split_at(i + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\''
+            })
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Map a guest path (inside the container's mounts) to the host path; None if outside.
 pub fn host_path(mounts: &[(PathBuf, String)], guest: &Path) -> Option<PathBuf> {
+    split_mount(mounts, guest).map(|(base, rel)| base.join(rel))
+}
+
+/// The mount holding a guest path: (its host directory, the path relative to it). None if
+/// outside every mount or climbing with `..`.
+pub fn split_mount(mounts: &[(PathBuf, String)], guest: &Path) -> Option<(PathBuf, PathBuf)> {
     if guest.components().any(|c| c == Component::ParentDir) {
         return None;
     }
@@ -248,7 +390,51 @@ pub fn host_path(mounts: &[(PathBuf, String)], guest: &Path) -> Option<PathBuf> 
         .iter()
         .filter(|(_, g)| guest.starts_with(g))
         .max_by_key(|(_, g)| g.len())
-        .map(|(h, g)| h.join(guest.strip_prefix(g).unwrap_or(Path::new(""))))
+        .map(|(h, g)| {
+            (
+                h.clone(),
+                guest.strip_prefix(g).unwrap_or(Path::new("")).to_path_buf(),
+            )
+        })
+}
+
+/// A file inside a directory Kapsel trusts (a volume's host directory), read through a handle
+/// on that directory: a symlink in it cannot lead the read out of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeneathFile {
+    pub base: PathBuf,
+    pub rel: PathBuf,
+}
+
+impl BeneathFile {
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        let dir = cap_std::fs::Dir::open_ambient_dir(&self.base, cap_std::ambient_authority())?;
+        dir.read(&self.rel)
+    }
+}
+
+/// Where git-sync works on the node.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The volume's host directory holding `--root` (made by Kapsel, trusted).
+    pub volume: PathBuf,
+    /// `--root` relative to `volume`.
+    pub root_rel: PathBuf,
+    /// The node-private directory (0700): git directory, HOME, staging, askpass helper.
+    pub private: PathBuf,
+    pub password_file: Option<BeneathFile>,
+    pub ssh_key_file: Option<BeneathFile>,
+    pub ssh_known_hosts_file: Option<BeneathFile>,
+}
+
+/// Create `dir` (and missing parents) and make it 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// What git-sync reports (its `/metrics` and readiness).
@@ -260,59 +446,298 @@ pub struct Stats {
     pub synced_once: std::sync::atomic::AtomicBool,
 }
 
+/// What an exechook printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct HookOutput {
+    pub exit_code: i64,
+    pub output: String,
+    /// Where it ran (a container's name), for the log.
+    pub ran_in: String,
+}
+
+/// Why an exechook did not run to success.
+#[derive(Debug, Clone)]
+pub enum HookError {
+    /// Nothing can run it yet (no pod member up): tried again later, not reported as a failure.
+    NotYet(String),
+    Failed(String),
+}
+
+/// Runs exechooks inside the pod (an OCI member that mounts the volume).
+#[async_trait]
+pub trait PodExec: Send + Sync {
+    /// Run `sh -c command` with `GITSYNC_HASH=hash`, in the worktree `worktree` (a host path
+    /// in the volume) as that member sees it.
+    async fn run_hook(
+        &self,
+        command: &str,
+        worktree: &Path,
+        hash: &str,
+        timeout: Duration,
+    ) -> Result<HookOutput, HookError>;
+}
+
+/// Where `--exechook-command` runs.
+pub enum HookRunner {
+    /// `kapsel git-sync` run by hand: on this machine, as its user, with its environment (as
+    /// upstream git-sync runs hooks in its own container).
+    Local { env: Vec<(String, String)> },
+    /// In a pod: inside a member of the pod, never on the node.
+    InPod(Arc<dyn PodExec>),
+}
+
+/// Environment variables of Kapsel's own that git may see (proxies, CA bundles); nothing else.
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "GIT_SSL_CAINFO",
+];
+
+/// `-c` settings on every git command: they win over any config file.
+const LOCKDOWN: &[&str] = &[
+    "protocol.allow=never",
+    "protocol.https.allow=always",
+    "protocol.http.allow=always",
+    "protocol.git.allow=always",
+    "protocol.ssh.allow=always",
+    // `user`: the --repo URL may be a path; a submodule may not reach into the node's disk.
+    "protocol.file.allow=user",
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "credential.helper=",
+    "gc.autoDetach=false",
+    "maintenance.autoDetach=false",
+];
+
+/// Answers git's username and password prompts from the environment git was given.
+const ASKPASS: &str = "#!/bin/sh\ncase \"$1\" in\n  Username*) printf '%s\\n' \"$GITSYNC_ASKPASS_USERNAME\" ;;\n  Password*) printf '%s\\n' \"$GITSYNC_ASKPASS_PASSWORD\" ;;\n  *) exit 1 ;;\nesac\n";
+
 /// The sync loop, with host paths already resolved.
 pub struct GitSync {
     pub cfg: Config,
-    /// `--root` on the host.
-    pub root: PathBuf,
-    /// Where exechooks run relative paths from, and what they see: the host side of the volume.
+    pub paths: Paths,
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
     pub warn: Arc<dyn Fn(&str) + Send + Sync>,
     pub stats: Arc<Stats>,
-    pub env: Vec<(String, String)>,
+    pub hooks: HookRunner,
+    /// The private repository exists and knows its origin.
+    initialised: std::sync::atomic::AtomicBool,
 }
 
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+fn io_kind(e: &std::io::Error, errno: i32) -> bool {
+    e.raw_os_error() == Some(errno)
+}
+
+/// `dir/name` as a real directory: a symlink or a file a guest put there is removed (never
+/// followed), a missing one created. Returns a handle on it.
+fn real_dir(dir: &cap_std::fs::Dir, name: &std::ffi::OsStr) -> std::io::Result<cap_std::fs::Dir> {
+    match dir.symlink_metadata(name) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            dir.remove_file(name)?;
+            dir.create_dir(name)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir.create_dir(name)?,
+        Err(e) => return Err(e),
+    }
+    dir.open_dir(name)
+}
+
+/// Walk `rel` below `dir` component by component with [`real_dir`].
+fn real_dirs(dir: &cap_std::fs::Dir, rel: &Path) -> std::io::Result<cap_std::fs::Dir> {
+    let mut d = dir.try_clone()?;
+    for c in rel.components() {
+        match c {
+            Component::Normal(name) => d = real_dir(&d, name)?,
+            Component::CurDir => {}
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{} leaves its directory", rel.display()),
+                ))
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// Remove `name` in `dir` whatever it is, without following it.
+fn remove_any(dir: &cap_std::fs::Dir, name: &Path) -> std::io::Result<()> {
+    match dir.symlink_metadata(name) {
+        Ok(m) if m.is_dir() => dir.remove_dir_all(name),
+        Ok(_) => dir.remove_file(name),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copy the private tree `src` to `name` in `dst` (another filesystem), symlinks as symlinks.
+fn copy_tree(src: &Path, dst: &cap_std::fs::Dir, name: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    dst.create_dir(name)?;
+    let out = dst.open_dir(name)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let t = e.file_type()?;
+        let n = PathBuf::from(e.file_name());
+        if t.is_dir() {
+            copy_tree(&e.path(), &out, &n)?;
+        } else if t.is_symlink() {
+            out.symlink_contents(std::fs::read_link(e.path())?, &n)?;
+        } else if t.is_file() {
+            let mut from = std::fs::File::open(e.path())?;
+            let mut to = out.create(&n)?;
+            std::io::copy(&mut from, &mut to)?;
+            let mode = e.metadata()?.permissions().mode() & 0o777;
+            out.set_permissions(
+                &n,
+                cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 impl GitSync {
-    fn git(&self) -> Command {
+    pub fn new(
+        cfg: Config,
+        paths: Paths,
+        log: Arc<dyn Fn(&str) + Send + Sync>,
+        warn: Arc<dyn Fn(&str) + Send + Sync>,
+        stats: Arc<Stats>,
+        hooks: HookRunner,
+    ) -> Self {
+        GitSync {
+            cfg,
+            paths,
+            log,
+            warn,
+            stats,
+            hooks,
+            initialised: Default::default(),
+        }
+    }
+
+    fn say(&self, m: &str) {
+        (self.log)(&redact(m));
+    }
+
+    fn alarm(&self, m: &str) {
+        (self.warn)(&redact(m));
+    }
+
+    fn git_dir(&self) -> PathBuf {
+        self.paths.private.join("repo.git")
+    }
+
+    /// The link, relative to `--root`.
+    fn link_rel(&self) -> PathBuf {
+        let l = Path::new(&self.cfg.link);
+        l.strip_prefix(&self.cfg.root).unwrap_or(l).to_path_buf()
+    }
+
+    /// `<root>/.worktrees/<hash>` on the host.
+    fn worktree_path(&self, hash: &str) -> PathBuf {
+        self.paths
+            .volume
+            .join(&self.paths.root_rel)
+            .join(".worktrees")
+            .join(hash)
+    }
+
+    /// A handle on `--root` in the volume, every directory on the way made real.
+    fn root_dir(&self) -> Result<cap_std::fs::Dir, String> {
+        let vol =
+            cap_std::fs::Dir::open_ambient_dir(&self.paths.volume, cap_std::ambient_authority())
+                .map_err(err("opening the volume"))?;
+        real_dirs(&vol, &self.paths.root_rel).map_err(err("opening --root in the volume"))
+    }
+
+    /// A git command on the private repository: cleared environment, no config but the
+    /// repository's own (private) and the lock-down overrides. `work`: a private staging
+    /// checkout to work on.
+    fn git(&self, creds: Option<&(String, String)>, work: Option<&Path>) -> Command {
+        let p = &self.paths.private;
         let mut c = Command::new("git");
-        c.current_dir(&self.root)
-            .env("GIT_TERMINAL_PROMPT", "0")
+        c.env_clear();
+        for k in PASSED_ENV {
+            if let Some(v) = std::env::var_os(k) {
+                c.env(k, v);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        c.env("HOME", p.join("home"))
+            .env("XDG_CONFIG_HOME", p.join("home/.config"))
+            .env("LC_ALL", "C")
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env_remove("GIT_DIR")
-            .env_remove("GIT_WORK_TREE")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        c.arg("-c").arg("safe.directory=*");
-        if let (Some(user), Some(pf)) = (&self.cfg.username, &self.cfg.password_file) {
-            if let Ok(pw) = std::fs::read_to_string(pf) {
-                use base64_lite::encode;
-                let token =
-                    encode(format!("{user}:{}", pw.trim_end_matches(['\n', '\r'])).as_bytes());
-                c.arg("-c")
-                    .arg(format!("http.extraHeader=Authorization: Basic {token}"));
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_ATTR_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", p.join("askpass"))
+            .env("GIT_DIR", self.git_dir());
+        match work {
+            Some(w) => {
+                c.env("GIT_WORK_TREE", w)
+                    .env("GIT_INDEX_FILE", p.join("index"))
+                    .current_dir(w);
+            }
+            None => {
+                c.current_dir(p);
             }
         }
-        if let Some(key) = &self.cfg.ssh_key_file {
-            let mut ssh = format!("ssh -i {} -o IdentitiesOnly=yes", key.display());
-            if self.cfg.ssh_known_hosts {
-                if let Some(kh) = &self.cfg.ssh_known_hosts_file {
-                    ssh.push_str(&format!(" -o UserKnownHostsFile={}", kh.display()));
-                }
-                ssh.push_str(" -o StrictHostKeyChecking=yes");
-            } else {
-                ssh.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null");
-            }
-            c.env("GIT_SSH_COMMAND", ssh);
+        if let Some((user, pass)) = creds {
+            c.env("GITSYNC_ASKPASS_USERNAME", user)
+                .env("GITSYNC_ASKPASS_PASSWORD", pass);
         }
+        let mut ssh = String::from("ssh -F /dev/null -o IdentityAgent=none -o BatchMode=yes");
+        if self.paths.ssh_key_file.is_some() {
+            ssh.push_str(&format!(
+                " -i {} -o IdentitiesOnly=yes",
+                p.join("ssh-key").display()
+            ));
+        }
+        if self.cfg.ssh_known_hosts {
+            if self.paths.ssh_known_hosts_file.is_some() {
+                ssh.push_str(&format!(
+                    " -o UserKnownHostsFile={}",
+                    p.join("known_hosts").display()
+                ));
+            }
+            ssh.push_str(" -o StrictHostKeyChecking=yes");
+        } else {
+            ssh.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null");
+        }
+        c.env("GIT_SSH_COMMAND", ssh);
+        for kv in LOCKDOWN {
+            c.arg("-c").arg(kv);
+        }
+        c.stdin(std::process::Stdio::null()).kill_on_drop(true);
         c
     }
 
-    async fn run_git(&self, args: &[&str], timeout: Duration) -> Result<String, String> {
-        let mut cmd = self.git();
+    async fn run_git(
+        &self,
+        args: &[&str],
+        creds: Option<&(String, String)>,
+        work: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let mut cmd = self.git(creds, work);
         cmd.args(args);
         let out = tokio::time::timeout(timeout, cmd.output())
             .await
@@ -326,148 +751,403 @@ impl GitSync {
             .map_err(err("running git"))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("git {}: {}", args.join(" "), stderr.trim()));
+            return Err(redact(&format!(
+                "git {}: {}",
+                args.join(" "),
+                stderr.trim()
+            )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// The commit the link points to now.
+    /// The commit the link points to now (as far as the link says).
     fn current(&self) -> Option<String> {
-        let target = std::fs::read_link(self.root.join(&self.cfg.link)).ok()?;
+        let root = self.root_dir().ok()?;
+        let target = root.read_link_contents(self.link_rel()).ok()?;
         target.file_name().map(|f| f.to_string_lossy().into_owned())
     }
 
+    /// Write `data` to `name` in the private directory (0600), by create-then-rename.
+    fn write_private(&self, name: &str, data: &[u8], mode: u32) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.paths.private.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(err("writing git-sync's private files"))?;
+        f.write_all(data)
+            .map_err(err("writing git-sync's private files"))?;
+        drop(f);
+        std::fs::rename(&tmp, self.paths.private.join(name))
+            .map_err(err("writing git-sync's private files"))
+    }
+
+    /// The credentials of this sync (the password file is read again each time).
+    fn credentials(&self) -> Result<Option<(String, String)>, String> {
+        let Some(user) = &self.cfg.username else {
+            return Ok(None);
+        };
+        let pass = match (&self.cfg.password, &self.paths.password_file) {
+            (Some(p), _) => p.0.clone(),
+            (None, Some(f)) => {
+                let raw = f.read().map_err(|e| {
+                    format!(
+                        "--password-file {}: {e}",
+                        self.cfg
+                            .password_file
+                            .as_deref()
+                            .unwrap_or(Path::new(""))
+                            .display()
+                    )
+                })?;
+                String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string()
+            }
+            (None, None) => String::new(),
+        };
+        Ok(Some((user.clone(), pass)))
+    }
+
     async fn init(&self) -> Result<(), String> {
-        std::fs::create_dir_all(&self.root).map_err(err("creating --root"))?;
-        if !self.root.join(".git").exists() {
-            self.run_git(&["init", "-q"], self.cfg.sync_timeout).await?;
+        create_private_dir(&self.paths.private)
+            .map_err(err("creating git-sync's private directory"))?;
+        create_private_dir(&self.paths.private.join("home"))
+            .map_err(err("creating git-sync's HOME"))?;
+        // Keys are copied in (read through the volume's handle) so ssh never follows a link.
+        if let Some(f) = &self.paths.ssh_key_file {
+            let key = f.read().map_err(err("--ssh-key-file"))?;
+            self.write_private("ssh-key", &key, 0o600)?;
         }
+        if let Some(f) = &self.paths.ssh_known_hosts_file {
+            let kh = f.read().map_err(err("--ssh-known-hosts-file"))?;
+            self.write_private("known_hosts", &kh, 0o600)?;
+        }
+        if self.initialised.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.write_private("askpass", ASKPASS.as_bytes(), 0o700)?;
+        let t = self.cfg.sync_timeout;
+        if !self.git_dir().join("HEAD").exists() {
+            let dir = self.git_dir();
+            let _ = std::fs::remove_dir_all(&dir);
+            let d = dir.to_string_lossy().into_owned();
+            self.run_git(&["init", "-q", "--bare", &d], None, None, t)
+                .await?;
+        }
+        // Relative submodule URLs resolve against origin.
+        self.run_git(
+            &["config", "remote.origin.url", &self.cfg.repo],
+            None,
+            None,
+            t,
+        )
+        .await?;
+        self.initialised.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// One sync. Ok(Some(hash)) when the link moved, Ok(None) when already current.
-    pub async fn sync_once(&self) -> Result<Option<String>, String> {
+    /// Check `hash` out in a private staging directory; returns its path.
+    async fn checkout(
+        &self,
+        hash: &str,
+        creds: Option<&(String, String)>,
+    ) -> Result<PathBuf, String> {
         let deadline = self.cfg.sync_timeout;
-        self.init().await?;
-        let mut fetch = vec!["fetch".to_string(), "--no-tags".into(), "--force".into()];
-        if self.cfg.depth > 0 {
-            fetch.push(format!("--depth={}", self.cfg.depth));
-        }
-        fetch.push(self.cfg.repo.clone());
-        fetch.push(self.cfg.git_ref.clone());
-        let f: Vec<&str> = fetch.iter().map(String::as_str).collect();
-        self.run_git(&f, deadline).await?;
-        let hash = self
-            .run_git(&["rev-parse", "FETCH_HEAD^{commit}"], deadline)
-            .await?;
-        let previous = self.current();
-        if previous.as_deref() == Some(hash.as_str()) {
-            return Ok(None);
-        }
-        let wt_rel = format!(".worktrees/{hash}");
-        let wt = self.root.join(&wt_rel);
-        if wt.exists() {
-            let _ = self
-                .run_git(&["worktree", "remove", "--force", &wt_rel], deadline)
-                .await;
-            let _ = std::fs::remove_dir_all(&wt);
-        }
-        let _ = self.run_git(&["worktree", "prune"], deadline).await;
+        let stage = self.paths.private.join("stage");
+        let _ = std::fs::remove_dir_all(&stage);
+        create_private_dir(&stage).map_err(err("creating the staging directory"))?;
+        let wt = stage.join(hash);
+        std::fs::create_dir(&wt).map_err(err("creating the staging checkout"))?;
+        let _ = std::fs::remove_file(self.paths.private.join("index"));
         self.run_git(
-            &["worktree", "add", "--force", "--detach", &wt_rel, &hash],
+            &["read-tree", "--reset", "-u", hash],
+            None,
+            Some(&wt),
             deadline,
         )
         .await?;
         if self.cfg.submodules != "off" && wt.join(".gitmodules").exists() {
-            let mut sub = vec!["-C", &wt_rel, "submodule", "update", "--init"];
-            if self.cfg.submodules == "recursive" {
+            let recursive = self.cfg.submodules == "recursive";
+            let mut sync = vec!["submodule", "sync", "--quiet"];
+            if recursive {
+                sync.push("--recursive");
+            }
+            self.run_git(&sync, creds, Some(&wt), deadline).await?;
+            let mut sub = vec!["submodule", "update", "--init"];
+            if recursive {
                 sub.push("--recursive");
             }
             let depth = format!("--depth={}", self.cfg.depth);
             if self.cfg.depth > 0 {
                 sub.push(&depth);
             }
-            self.run_git(&sub, deadline).await?;
+            self.run_git(&sub, creds, Some(&wt), deadline).await?;
+        }
+        Ok(wt)
+    }
+
+    /// One sync. Ok(Some(hash)) when the link moved, Ok(None) when already current.
+    pub async fn sync_once(&self) -> Result<Option<String>, String> {
+        let deadline = self.cfg.sync_timeout;
+        self.init().await?;
+        let creds = self.credentials()?;
+        let mut fetch = vec!["fetch".to_string(), "--no-tags".into(), "--force".into()];
+        if self.cfg.depth > 0 {
+            fetch.push(format!("--depth={}", self.cfg.depth));
+        }
+        fetch.push("--end-of-options".into());
+        fetch.push(self.cfg.repo.clone());
+        fetch.push(self.cfg.git_ref.clone());
+        let f: Vec<&str> = fetch.iter().map(String::as_str).collect();
+        self.run_git(&f, creds.as_ref(), None, deadline).await?;
+        let hash = self
+            .run_git(&["rev-parse", "FETCH_HEAD^{commit}"], None, None, deadline)
+            .await?;
+        if hash.len() < 40 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("git rev-parse gave {hash:?}, not a commit hash"));
+        }
+        let root = self.root_dir()?;
+        let wts = real_dir(&root, std::ffi::OsStr::new(".worktrees"))
+            .map_err(err("opening .worktrees in the volume"))?;
+        let previous = self.current();
+        if previous.as_deref() == Some(hash.as_str())
+            && wts
+                .symlink_metadata(&hash)
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+        {
+            return Ok(None);
+        }
+        let staged = self.checkout(&hash, creds.as_ref()).await?;
+        // Publish: move the staged tree into the volume (copy it across filesystems).
+        remove_any(&wts, Path::new(&hash)).map_err(err("removing a stale worktree"))?;
+        let stage = cap_std::fs::Dir::open_ambient_dir(
+            staged.parent().unwrap_or(&self.paths.private),
+            cap_std::ambient_authority(),
+        )
+        .map_err(err("opening the staging directory"))?;
+        match stage.rename(&hash, &wts, &hash) {
+            Ok(()) => {}
+            Err(e) if io_kind(&e, libc::EXDEV) => {
+                let tmp = PathBuf::from(format!(".tmp-{hash}"));
+                remove_any(&wts, &tmp).map_err(err("removing a stale worktree"))?;
+                copy_tree(&staged, &wts, &tmp)
+                    .map_err(err("copying the worktree into the volume"))?;
+                wts.rename(&tmp, &wts, &hash)
+                    .map_err(err("publishing the worktree"))?;
+                let _ = std::fs::remove_dir_all(&staged);
+            }
+            Err(e) => return Err(format!("publishing the worktree: {e}")),
         }
         // Flip the link atomically: a new symlink renamed over the old one.
-        let link = self.root.join(&self.cfg.link);
-        if let Some(parent) = link.parent() {
-            std::fs::create_dir_all(parent).map_err(err("creating the link's directory"))?;
+        let link = self.link_rel();
+        let name = link
+            .file_name()
+            .ok_or_else(|| format!("--link {:?} names no file", self.cfg.link))?
+            .to_os_string();
+        let parent_rel = link.parent().unwrap_or(Path::new(""));
+        let parent = real_dirs(&root, parent_rel).map_err(err("creating the link's directory"))?;
+        let mut target = PathBuf::new();
+        for c in parent_rel.components() {
+            if matches!(c, Component::Normal(_)) {
+                target.push("..");
+            }
         }
-        let rel_target = relative_target(&link, &wt);
-        let tmp = link.with_file_name(format!(".{}.tmp", hash));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&rel_target, &tmp).map_err(err("creating the link"))?;
-        std::fs::rename(&tmp, &link).map_err(err("flipping the link"))?;
+        target.push(".worktrees");
+        target.push(&hash);
+        let tmp = PathBuf::from(format!(".{}.{hash}.tmp", name.to_string_lossy()));
+        let _ = remove_any(&parent, &tmp);
+        parent
+            .symlink_contents(&target, &tmp)
+            .map_err(err("creating the link"))?;
+        if let Err(e) = parent.rename(&tmp, &parent, &name) {
+            // A directory where the link goes (a guest made one): git-sync owns that name.
+            if io_kind(&e, libc::EISDIR)
+                || io_kind(&e, libc::ENOTEMPTY)
+                || io_kind(&e, libc::EEXIST)
+            {
+                remove_any(&parent, Path::new(&name)).map_err(err("replacing the link"))?;
+                parent
+                    .rename(&tmp, &parent, &name)
+                    .map_err(err("flipping the link"))?;
+            } else {
+                let _ = parent.remove_file(&tmp);
+                return Err(format!("flipping the link: {e}"));
+            }
+        }
         // Old worktrees go, except the one just replaced: a reader that resolved the link a
         // moment ago still finds a whole tree there until the next flip.
-        if let Ok(rd) = std::fs::read_dir(self.root.join(".worktrees")) {
+        if let Ok(rd) = wts.entries() {
             for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name != hash && Some(&name) != previous.as_ref() {
-                    let rel = format!(".worktrees/{name}");
-                    let _ = self
-                        .run_git(&["worktree", "remove", "--force", &rel], deadline)
-                        .await;
-                    let _ = std::fs::remove_dir_all(e.path());
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n != hash && Some(&n) != previous.as_ref() {
+                    let _ = remove_any(&wts, Path::new(&n));
                 }
             }
         }
-        let _ = self.run_git(&["worktree", "prune"], deadline).await;
         Ok(Some(hash))
     }
 
-    async fn hooks(&self, hash: &str) {
-        if let Some(cmd) = &self.cfg.exechook_command {
-            let wt = self.root.join(".worktrees").join(hash);
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(cmd)
-                .current_dir(&wt)
-                .envs(self.env.iter().cloned())
-                .env("GITSYNC_HASH", hash)
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true);
-            match tokio::time::timeout(self.cfg.exechook_timeout, c.output()).await {
-                Ok(Ok(out)) => {
-                    (self.log)(&String::from_utf8_lossy(&out.stdout));
-                    (self.log)(&String::from_utf8_lossy(&out.stderr));
-                    if !out.status.success() {
-                        (self.warn)(&format!("exechook failed with {}", out.status));
+    /// The exechook for `hash`, once.
+    async fn exechook(&self, command: &str, hash: &str) -> Result<(), HookError> {
+        let wt = self.worktree_path(hash);
+        let t = self.cfg.exechook_timeout;
+        let out = match &self.hooks {
+            HookRunner::InPod(exec) => exec.run_hook(command, &wt, hash, t).await?,
+            HookRunner::Local { env } => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(command)
+                    .current_dir(&wt)
+                    .envs(env.iter().cloned())
+                    .env("GITSYNC_HASH", hash)
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                match tokio::time::timeout(t, c.output()).await {
+                    Ok(Ok(out)) => HookOutput {
+                        exit_code: out.status.code().unwrap_or(-1) as i64,
+                        output: format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        ),
+                        ran_in: "this machine".into(),
+                    },
+                    Ok(Err(e)) => return Err(HookError::Failed(format!("exechook: {e}"))),
+                    Err(_) => {
+                        return Err(HookError::Failed(format!("exechook timed out after {t:?}")))
                     }
                 }
-                Ok(Err(e)) => (self.warn)(&format!("exechook: {e}")),
-                Err(_) => (self.warn)("exechook timed out"),
+            }
+        };
+        if !out.output.is_empty() {
+            self.say(&out.output);
+            if !out.output.ends_with('\n') {
+                self.say("\n");
             }
         }
-        if let Some(url) = &self.cfg.webhook_url {
-            let client = reqwest::Client::new();
-            let method = reqwest::Method::from_bytes(self.cfg.webhook_method.as_bytes())
-                .unwrap_or(reqwest::Method::POST);
-            let mut delay = Duration::from_millis(200);
-            for _ in 0..5 {
-                match client
-                    .request(method.clone(), url)
-                    .header("Gitsync-Hash", hash)
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().as_u16() == self.cfg.webhook_success_status => break,
-                    Ok(r) => (self.warn)(&format!("webhook {url} answered {}", r.status())),
-                    Err(e) => (self.warn)(&format!("webhook {url}: {e}")),
+        if out.exit_code != 0 {
+            return Err(HookError::Failed(format!(
+                "exechook (in {}) exited with {}",
+                out.ran_in, out.exit_code
+            )));
+        }
+        Ok(())
+    }
+
+    /// The exechook for `hash` until it succeeds, a newer hash comes, or syncing ends.
+    async fn exechook_until_done(
+        &self,
+        command: &str,
+        hash: &str,
+        rx: &tokio::sync::watch::Receiver<Option<String>>,
+        stop: &CancellationToken,
+    ) {
+        let mut said_waiting = false;
+        loop {
+            match self.exechook(command, hash).await {
+                Ok(()) => return,
+                Err(HookError::NotYet(m)) => {
+                    if !said_waiting {
+                        self.say(&format!("exechook for {hash} waits: {m}\n"));
+                        said_waiting = true;
+                    }
                 }
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                Err(HookError::Failed(m)) => {
+                    self.say(&format!("{m}\n"));
+                    self.alarm(&m);
+                }
             }
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.exechook_backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            match rx.has_changed() {
+                Ok(false) => {}
+                // A newer hash is waiting, or syncing is over.
+                _ => return,
+            }
+        }
+    }
+
+    async fn webhook(&self, hash: &str) {
+        let Some(url) = &self.cfg.webhook_url else {
+            return;
+        };
+        let client = reqwest::Client::new();
+        let method = reqwest::Method::from_bytes(self.cfg.webhook_method.as_bytes())
+            .unwrap_or(reqwest::Method::POST);
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..5 {
+            match client
+                .request(method.clone(), url)
+                .header("Gitsync-Hash", hash)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().as_u16() == self.cfg.webhook_success_status => break,
+                Ok(r) => self.alarm(&format!("webhook {url} answered {}", r.status())),
+                Err(e) => self.alarm(&format!("webhook {url}: {e}")),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+
+    /// Hooks for each new hash, beside the sync loop: the newest hash wins.
+    async fn hook_loop(
+        &self,
+        mut rx: tokio::sync::watch::Receiver<Option<String>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+            let Some(hash) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let exec = async {
+                if let Some(cmd) = &self.cfg.exechook_command {
+                    self.exechook_until_done(cmd, &hash, &rx, &stop).await;
+                }
+            };
+            tokio::join!(exec, self.webhook(&hash));
         }
     }
 
     /// Sync until cancelled (or once with `--one-time`). `first` fires after the first sync.
+    /// Hooks run beside the syncs (a hook waiting for its pod member holds no sync back).
     pub async fn run(
         &self,
         stop: CancellationToken,
+        first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::watch::channel::<Option<String>>(None);
+        let syncs = async {
+            let tx = tx;
+            self.sync_loop(&stop, first, &tx).await
+        };
+        let (r, ()) = tokio::join!(syncs, self.hook_loop(rx, stop.clone()));
+        r
+    }
+
+    async fn sync_loop(
+        &self,
+        stop: &CancellationToken,
         mut first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        hooks: &tokio::sync::watch::Sender<Option<String>>,
     ) -> Result<(), String> {
         let mut failures: i64 = 0;
         let mut backoff = Duration::ZERO;
@@ -487,11 +1167,11 @@ impl GitSync {
                     self.stats.success.fetch_add(1, Ordering::Relaxed);
                     self.stats.synced_once.store(true, Ordering::Relaxed);
                     if let Some(hash) = &moved {
-                        (self.log)(&format!(
+                        self.say(&format!(
                             "synced {} @ {} to {}\n",
                             self.cfg.repo, hash, self.cfg.link
                         ));
-                        self.hooks(hash).await;
+                        hooks.send_replace(Some(hash.clone()));
                     }
                     if let Some(tx) = first.take() {
                         let _ = tx.send(Ok(()));
@@ -501,14 +1181,15 @@ impl GitSync {
                     }
                 }
                 Err(e) => {
+                    let e = redact(&e);
                     failures += 1;
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     let kept = match self.current() {
                         Some(h) => format!("; keeping {h}"),
                         None => String::new(),
                     };
-                    (self.log)(&format!("sync failed ({failures} in a row){kept}: {e}\n"));
-                    (self.warn)(&format!("sync failed ({failures} in a row){kept}: {e}"));
+                    self.say(&format!("sync failed ({failures} in a row){kept}: {e}\n"));
+                    self.alarm(&format!("sync failed ({failures} in a row){kept}: {e}"));
                     if self.cfg.max_failures >= 0 && failures > self.cfg.max_failures {
                         let msg = format!(
                             "too many failures ({failures} > --max-failures={}): {e}",
@@ -534,46 +1215,6 @@ impl GitSync {
                 _ = stop.cancelled() => return Ok(()),
             }
         }
-    }
-}
-
-/// `.worktrees/<hash>` relative to the link's directory (so the tree works when mounted elsewhere).
-fn relative_target(link: &Path, target: &Path) -> PathBuf {
-    let base = link.parent().unwrap_or(Path::new("/"));
-    let b: Vec<_> = base.components().collect();
-    let t: Vec<_> = target.components().collect();
-    let common = b.iter().zip(t.iter()).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..b.len() {
-        out.push("..");
-    }
-    for c in &t[common..] {
-        out.push(c.as_os_str());
-    }
-    out
-}
-
-/// Minimal standard base64 (for the Authorization header).
-mod base64_lite {
-    pub fn encode(input: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
     }
 }
 
@@ -638,10 +1279,40 @@ mod tests {
         );
         assert_eq!(host_path(&m, Path::new("/etc")), None);
         assert_eq!(host_path(&m, Path::new("/git/../etc")), None);
+    }
+
+    #[test]
+    fn credentials_leave_the_url_and_every_message() {
+        let (u, user, pass) = split_credentials("https://alice:s%40cret@example.com/org/site.git");
+        assert_eq!(u, "https://example.com/org/site.git");
+        assert_eq!(user.as_deref(), Some("alice"));
+        assert_eq!(pass.as_deref(), Some("s@cret"));
+        let (u, user, pass) = split_credentials("ssh://git@example.com/site.git");
+        assert_eq!(u, "ssh://git@example.com/site.git");
+        assert_eq!((user.as_deref(), pass), (Some("git"), None));
         assert_eq!(
-            relative_target(Path::new("/r/link"), Path::new("/r/.worktrees/abc")),
-            PathBuf::from(".worktrees/abc")
+            split_credentials("git@example.com:org/site.git").0,
+            "git@example.com:org/site.git"
         );
-        assert_eq!(base64_lite::encode(b"user:pw"), "dXNlcjpwdw==");
+        assert_eq!(
+            redact("fetch https://alice:pw@h/x.git and http://bob@h/ and file:///a@b"),
+            "fetch https://alice:***@h/x.git and http://bob@h/ and file:///a@b"
+        );
+        let c = Config::parse(
+            &s(&[
+                "--repo=https://alice:pw@example.com/site.git",
+                "--root=/git",
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.repo, "https://example.com/site.git");
+        assert_eq!(c.link, "site");
+        assert_eq!(c.password, Some(Secret("pw".into())));
+        assert!(!format!("{c:?}").contains("pw\""));
+        assert!(Config::parse(&s(&["--repo=x", "--root=/g", "--password=p"]), &[]).is_err());
+        assert!(
+            Config::parse(&s(&["--repo=x", "--root=/g", "--ref=--upload-pack=x"]), &[]).is_err()
+        );
     }
 }

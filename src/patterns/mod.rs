@@ -7,7 +7,7 @@ pub mod adapter;
 pub mod gitsync;
 pub mod redis;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::runtime::docker::DockerExecutor;
 use crate::runtime::executor::{
     ContainerSpec, ExecError, Executor, ExecutorProgress, ExitStatus, Instance, TaskInstance,
 };
@@ -102,47 +103,193 @@ fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {
 }
 
 /// Runs `builtin/*` images.
-pub struct BuiltinExecutor;
+pub struct BuiltinExecutor {
+    /// The node's Docker, where git-sync's exechooks run (in an OCI member of the pod).
+    docker: Option<Arc<DockerExecutor>>,
+}
 
-fn gitsync_config(spec: &ContainerSpec) -> Result<(gitsync::Config, PathBuf), ExecError> {
+impl BuiltinExecutor {
+    pub fn new(docker: Option<Arc<DockerExecutor>>) -> Self {
+        BuiltinExecutor { docker }
+    }
+}
+
+const NO_HOOK_RUNNER: &str =
+    "--exechook-command needs an OCI container in the pod to run in; hooks never run on the node";
+
+/// git-sync's configuration and its places on the node. With `--exechook-command`, also the
+/// pod members (OCI containers mounting `--root`'s volume, in pod order) the hook may run in.
+fn gitsync_config(
+    spec: &ContainerSpec,
+    docker: Option<&Arc<DockerExecutor>>,
+) -> Result<(gitsync::Config, gitsync::Paths, Vec<String>), ExecError> {
     let cfg = gitsync::Config::parse(&spec.args, &spec.env)
-        .map_err(|e| ExecError::Config(format!("git-sync: {e}")))?;
+        .map_err(|e| ExecError::Config(format!("git-sync: {}", gitsync::redact(&e))))?;
     let mounts: Vec<(PathBuf, String)> = spec
         .mounts
         .iter()
         .filter(|m| !m.read_only)
         .map(|m| (m.host_path.clone(), m.guest_path.clone()))
         .collect();
-    let root = gitsync::host_path(&mounts, &cfg.root).ok_or_else(|| {
+    let (volume, root_rel) = gitsync::split_mount(&mounts, &cfg.root).ok_or_else(|| {
         ExecError::Config(format!(
             "git-sync: --root {} is outside the container's writable volume mounts ({}); git-sync writes only inside its volumes",
             cfg.root.display(),
             spec.mounts.iter().map(|m| m.guest_path.as_str()).collect::<Vec<_>>().join(", ")
         ))
     })?;
-    // Credentials are read from the container's volumes (a Secret mounted read-only).
+    let private = spec.private_dir.clone().ok_or_else(|| {
+        ExecError::Config("git-sync: this node gives the container no private directory".into())
+    })?;
+    // Credentials are read from the container's volumes (a Secret mounted read-only), through
+    // a handle on the volume.
     let all: Vec<(PathBuf, String)> = spec
         .mounts
         .iter()
         .map(|m| (m.host_path.clone(), m.guest_path.clone()))
         .collect();
-    let mut cfg = cfg;
-    for (flag, p) in [
-        ("--password-file", &mut cfg.password_file),
-        ("--ssh-key-file", &mut cfg.ssh_key_file),
-        ("--ssh-known-hosts-file", &mut cfg.ssh_known_hosts_file),
-    ] {
-        if let Some(guest) = p.as_ref() {
-            let host = gitsync::host_path(&all, guest).ok_or_else(|| {
-                ExecError::Config(format!(
-                    "git-sync: {flag} {} is not inside any of the container's volume mounts",
-                    guest.display()
-                ))
-            })?;
-            *p = Some(host);
+    let inside = |flag: &str,
+                  p: &Option<PathBuf>|
+     -> Result<Option<gitsync::BeneathFile>, ExecError> {
+        p.as_ref()
+            .map(|guest| {
+                gitsync::split_mount(&all, guest)
+                    .map(|(base, rel)| gitsync::BeneathFile { base, rel })
+                    .ok_or_else(|| {
+                        ExecError::Config(format!(
+                            "git-sync: {flag} {} is not inside any of the container's volume mounts",
+                            guest.display()
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let paths = gitsync::Paths {
+        volume,
+        root_rel,
+        private,
+        password_file: inside("--password-file", &cfg.password_file)?,
+        ssh_key_file: inside("--ssh-key-file", &cfg.ssh_key_file)?,
+        ssh_known_hosts_file: inside("--ssh-known-hosts-file", &cfg.ssh_known_hosts_file)?,
+    };
+    let mut members = Vec::new();
+    if cfg.exechook_command.is_some() {
+        let pod = spec
+            .pod
+            .as_ref()
+            .ok_or_else(|| ExecError::Config(format!("git-sync: {NO_HOOK_RUNNER}")))?;
+        // The volume --root is in, by git-sync's own volumeMounts.
+        let me = pod
+            .spec
+            .init_containers
+            .iter()
+            .chain(pod.spec.containers.iter())
+            .find(|c| c.name == spec.name);
+        let volume_name = me.and_then(|c| {
+            c.volume_mounts
+                .iter()
+                .filter(|m| !m.read_only.unwrap_or(false) && cfg.root.starts_with(&m.mount_path))
+                .max_by_key(|m| m.mount_path.len())
+                .map(|m| m.name.clone())
+        });
+        members = pod
+            .spec
+            .containers
+            .iter()
+            .chain(pod.spec.init_containers.iter())
+            .filter(|c| !c.is_wasm() && !c.image.starts_with("builtin/"))
+            .filter(|c| {
+                c.volume_mounts
+                    .iter()
+                    .any(|m| Some(&m.name) == volume_name.as_ref())
+            })
+            .map(|c| c.name.clone())
+            .collect();
+        if members.is_empty() {
+            return Err(ExecError::Config(format!(
+                "git-sync: {NO_HOOK_RUNNER} (no OCI container of pod {} mounts volume {:?})",
+                pod.name(),
+                volume_name.unwrap_or_default()
+            )));
+        }
+        if docker.is_none() {
+            return Err(ExecError::Config(format!(
+                "git-sync: {NO_HOOK_RUNNER} (this node runs no OCI containers)"
+            )));
         }
     }
-    Ok((cfg, root))
+    Ok((cfg, paths, members))
+}
+
+/// Runs git-sync's exechook in the first running member of `members` that mounts the
+/// worktree, with `docker exec`, in the worktree as that container sees it.
+struct DockerHooks {
+    docker: Arc<DockerExecutor>,
+    pod_uid: String,
+    members: Vec<String>,
+}
+
+/// `host` as a container with `mounts` (host source, container path) sees it.
+fn container_path(mounts: &[(PathBuf, String)], host: &Path) -> Option<String> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    mounts
+        .iter()
+        .filter_map(|(src, dst)| {
+            let rest = host
+                .strip_prefix(src)
+                .or_else(|_| host.strip_prefix(canon(src)))
+                .ok()?;
+            Some((src.as_os_str().len(), Path::new(dst).join(rest)))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p.to_string_lossy().into_owned())
+}
+
+#[async_trait]
+impl gitsync::PodExec for DockerHooks {
+    async fn run_hook(
+        &self,
+        command: &str,
+        worktree: &Path,
+        hash: &str,
+        timeout: Duration,
+    ) -> Result<gitsync::HookOutput, gitsync::HookError> {
+        use gitsync::HookError;
+        let running = self
+            .docker
+            .running_pod_containers(&self.pod_uid)
+            .await
+            .map_err(|e| HookError::NotYet(e.to_string()))?;
+        for name in &self.members {
+            let Some(c) = running.iter().find(|c| &c.name == name) else {
+                continue;
+            };
+            let Some(dir) = container_path(&c.mounts, worktree) else {
+                continue;
+            };
+            let argv = vec!["sh".to_string(), "-c".to_string(), command.to_string()];
+            let out = self
+                .docker
+                .exec_with(
+                    &c.id,
+                    &argv,
+                    &[format!("GITSYNC_HASH={hash}")],
+                    Some(&dir),
+                    timeout,
+                )
+                .await
+                .map_err(|e| HookError::Failed(format!("exechook in container {name}: {e}")))?;
+            return Ok(gitsync::HookOutput {
+                exit_code: out.exit_code,
+                output: out.output,
+                ran_in: format!("container {name}"),
+            });
+        }
+        Err(HookError::NotYet(format!(
+            "no container of the pod that mounts the worktree is running yet ({})",
+            self.members.join(", ")
+        )))
+    }
 }
 
 #[async_trait]
@@ -167,7 +314,7 @@ impl Executor for Arc<BuiltinExecutor> {
         _progress: ExecutorProgress,
     ) -> Result<(), ExecError> {
         match spec.image.as_str() {
-            GIT_SYNC => gitsync_config(spec).map(|_| ()),
+            GIT_SYNC => gitsync_config(spec, self.docker.as_ref()).map(|_| ()),
             REDIS_AMBASSADOR => ambassador_config(spec).map(|_| ()),
             METRICS_ADAPTER => adapter_new(spec).map(|_| ()),
             other => Err(ExecError::InvalidImage(format!(
@@ -180,7 +327,7 @@ impl Executor for Arc<BuiltinExecutor> {
         match spec.image.as_str() {
             REDIS_AMBASSADOR => start_ambassador(spec).await,
             METRICS_ADAPTER => start_adapter(spec).await,
-            _ => start_gitsync(spec).await,
+            _ => start_gitsync(spec, self.docker.clone()).await,
         }
     }
 }
@@ -230,24 +377,43 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
     )))
 }
 
-async fn start_gitsync(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
+async fn start_gitsync(
+    spec: ContainerSpec,
+    docker: Option<Arc<DockerExecutor>>,
+) -> Result<Box<dyn Instance>, ExecError> {
     {
-        let (cfg, root) = gitsync_config(&spec)?;
+        let (cfg, paths, members) = gitsync_config(&spec, docker.as_ref())?;
+        if let Some(parent) = paths.private.parent() {
+            gitsync::create_private_dir(parent).map_err(|e| {
+                ExecError::StartFailed(format!("git-sync: creating its private directory: {e}"))
+            })?;
+        }
+        let hooks = match docker {
+            Some(docker) if !members.is_empty() => {
+                gitsync::HookRunner::InPod(Arc::new(DockerHooks {
+                    docker,
+                    pod_uid: spec.pod_uid.clone(),
+                    members,
+                }))
+            }
+            // No exechook (gitsync_config refused one without a member to run in).
+            _ => gitsync::HookRunner::Local { env: Vec::new() },
+        };
         let stats = Arc::new(gitsync::Stats::default());
         let log = spec.log.clone();
         let events = spec.events.clone();
-        let sync = Arc::new(gitsync::GitSync {
-            cfg: cfg.clone(),
-            root,
-            log: Arc::new(move |m: &str| log.append(m.as_bytes())),
-            warn: Arc::new(move |m: &str| {
+        let sync = Arc::new(gitsync::GitSync::new(
+            cfg.clone(),
+            paths,
+            Arc::new(move |m: &str| log.append(gitsync::redact(m).as_bytes())),
+            Arc::new(move |m: &str| {
                 if let Some(e) = &events {
-                    e("GitSyncFailed", m);
+                    e("GitSyncFailed", &gitsync::redact(m));
                 }
             }),
-            stats: stats.clone(),
-            env: spec.env.clone(),
-        });
+            stats.clone(),
+            hooks,
+        ));
         let stop = CancellationToken::new();
         if let Some(bind) = &cfg.http_bind {
             let app = status_router(stats.clone());
@@ -283,7 +449,7 @@ async fn start_gitsync(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
                 Err(m) => ExitStatus {
                     exit_code: 1,
                     reason: "Error".into(),
-                    message: Some(m),
+                    message: Some(gitsync::redact(&m)),
                 },
             });
         });
@@ -294,7 +460,8 @@ async fn start_gitsync(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
         if let Ok(Ok(Err(msg))) = first {
             stop.cancel();
             return Err(ExecError::StartFailed(format!(
-                "git-sync: first sync failed: {msg}"
+                "git-sync: first sync failed: {}",
+                gitsync::redact(&msg)
             )));
         }
         Ok(Box::new(TaskInstance::new(

@@ -38,6 +38,16 @@ pub struct ExecOutput {
 
 const EXEC_OUTPUT_MAX: usize = 1024;
 
+/// A running container of a pod, as the daemon lists it.
+#[derive(Debug, Clone)]
+pub struct PodContainer {
+    pub id: String,
+    /// The pod's name for it (`spec.containers[].name`).
+    pub name: String,
+    /// Its mounts: (host source, path in the container).
+    pub mounts: Vec<(std::path::PathBuf, String)>,
+}
+
 fn humantime_secs(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())
@@ -222,6 +232,19 @@ impl DockerExecutor {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, ExecError> {
+        self.exec_with(container_id, argv, &[], None, timeout).await
+    }
+
+    /// [`exec`](Self::exec) with extra environment (`K=V`) and a working directory inside the
+    /// container (git-sync's exechooks run so).
+    pub async fn exec_with(
+        &self,
+        container_id: &str,
+        argv: &[String],
+        env: &[String],
+        working_dir: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ExecError> {
         let d = self.docker().await?;
         let id = container_id
             .strip_prefix("docker://")
@@ -237,6 +260,8 @@ impl DockerExecutor {
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     cmd: Some(argv.to_vec()),
+                    env: (!env.is_empty()).then(|| env.to_vec()),
+                    working_dir: working_dir.map(str::to_string),
                     ..Default::default()
                 },
             ),
@@ -275,6 +300,41 @@ impl DockerExecutor {
                 humantime_secs(timeout)
             ))
         })?
+    }
+
+    /// The running containers of a pod (not its infra container), with their bind mounts.
+    pub async fn running_pod_containers(&self, uid: &str) -> Result<Vec<PodContainer>, ExecError> {
+        let d = self.docker().await?;
+        let filters = HashMap::from([
+            ("label".to_string(), vec![format!("{LABEL_POD_UID}={uid}")]),
+            ("status".to_string(), vec!["running".to_string()]),
+        ]);
+        let list = d
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| unavailable(&self.host, e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let name = c.labels.as_ref()?.get(LABEL_CONTAINER)?.clone();
+                (name != "POD").then_some(())?;
+                let mounts = c
+                    .mounts
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|m| Some((std::path::PathBuf::from(m.source?), m.destination?)))
+                    .collect();
+                Some(PodContainer {
+                    id: c.id?,
+                    name,
+                    mounts,
+                })
+            })
+            .collect())
     }
 
     /// Remove every container of a pod (by its uid label).

@@ -42,6 +42,13 @@ pub struct ContainerSpec {
     /// Records a Warning event on the pod (reason, message), for components that keep running
     /// through failures (git-sync's failed syncs).
     pub events: Option<EventSink>,
+    /// The whole pod, for components that need to know their pod's other members (git-sync's
+    /// exechook runs in one of them).
+    pub pod: Option<Arc<crate::model::Pod>>,
+    /// A directory on the node for this container only, which no volume exposes to the pod
+    /// (`<pods-dir>/<uid>/private/<container>`): built-in components keep their state there
+    /// (git-sync's repository). Created on demand, mode 0700.
+    pub private_dir: Option<PathBuf>,
 }
 
 /// Records an event on the container's pod: (reason, message).

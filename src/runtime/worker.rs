@@ -858,6 +858,8 @@ impl Runner {
                     rec.warning(pod_ref.clone(), reason, format!("container {cname}: {msg}"))
                 }))
             },
+            pod: Some(pod.clone()),
+            private_dir: Some(self.pod_dir.join("private").join(&c.name)),
             env,
             working_dir: c.working_dir.clone(),
             mounts,

@@ -1,21 +1,26 @@
 """A git smart-HTTP server with HTTP basic auth, for git-sync's --username/--password-file test.
 
-Usage: git_http_auth.py PORT PROJECT_ROOT USER PASSWORD
+Usage: git_http_auth.py PORT PROJECT_ROOT USER PASSWORD [DELAY_SECONDS]
 Runs `git http-backend` (CGI) for every request that carries the right credentials; anything
-else gets 401 with a WWW-Authenticate challenge. Listens on 127.0.0.1 only.
+else gets 401 with a WWW-Authenticate challenge. Listens on 127.0.0.1 only. With DELAY_SECONDS,
+every answer waits that long first (so a test can watch the client's processes while it runs).
 """
 import base64
 import http.server
 import os
 import subprocess
 import sys
+import time
 
 PORT, ROOT, USER, PASSWORD = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+DELAY = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 EXPECTED = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
+        if DELAY:
+            time.sleep(DELAY)
         if self.headers.get("Authorization") != EXPECTED:
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="git"')
