@@ -8,13 +8,17 @@
 //! - [`model`]: the Kubernetes-shaped object types (Pod, Node, Event, Deployment, ReplicaSet),
 //!   quantities, validation.
 //! - [`store`]: the `Store` trait (revisions, compare-and-swap, watch) and its embedded redb
-//!   backend with group commit.
-//! - [`api`]: the axum HTTP API — one file per resource kind, errors mapped to `Status` once.
+//!   backend with group commit; watch history per kind, bounded by count and bytes.
+//! - [`api`]: the axum HTTP API — one file per resource kind, errors mapped to `Status` once;
+//!   `api::guard` (Host / Origin / content-type checks against cross-site requests) and
+//!   `api::listener` (accept loop with a connection cap and a header-read timeout).
 //! - [`sched`]: the scheduler and its filter/score plugin pipeline; the controller manager
 //!   (watch → de-duplicating work queue → workers) with the Deployment (rolling update,
 //!   recreate, canary, progress deadline, rollback) and ReplicaSet reconcilers.
-//! - [`runtime`]: the node agent, pod workers, the executor trait, the WASM executor, logs,
-//!   volumes, restart back-off.
+//! - [`runtime`]: the node agent, pod workers, the executor trait, the WASM executor (with
+//!   `runtime::wasm::limits`: one memory budget per guest), logs, volumes (subPaths opened
+//!   beneath their volume and bind-mounted from the handle; emptyDir size limits), restart
+//!   back-off.
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
