@@ -20,11 +20,28 @@ fn main() {
         match kapsel::cli::run(cli).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+                eprintln!("error: {}", one_line(&e));
                 1
             }
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(code);
+}
+
+/// The error and its causes on one line, each cause once: a layer whose message already
+/// quotes its source (`#[error("{0}")]` over an io::Error) does not repeat it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out.replace('\n', " ")
 }

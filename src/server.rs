@@ -107,6 +107,7 @@ impl Server {
         let pods_dir = cfg.data_dir.join("pods");
         private_dir(&pods_dir)?;
         private_dir(&cfg.data_dir.join("cache"))?;
+        let node_id = node_identity(&cfg.data_dir)?;
         let logs = Logs::new(pods_dir.clone());
         let mut wcfg = WasmConfig::new(cfg.data_dir.join("cache").join("wasm"));
         wcfg.pool_slots = cfg.wasm_pool_slots;
@@ -117,7 +118,7 @@ impl Server {
         let docker = cfg
             .docker_host
             .as_deref()
-            .map(|h| DockerExecutor::new(h, &cfg.node_name));
+            .map(|h| DockerExecutor::new(h, &cfg.node_name, &node_id));
         let mut executors: Vec<Arc<dyn Executor>> = vec![
             Arc::new(wasm),
             Arc::new(Arc::new(crate::patterns::BuiltinExecutor::new(
@@ -206,6 +207,33 @@ fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// This data directory's node identity: a random id made on first start and kept in
+/// `<data-dir>/node-id`. Docker containers carry it, and start-up cleans up only its own, so two
+/// servers on one machine (same node name, other data directories) never remove each other's.
+fn node_identity(data_dir: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let tmp = data_dir.join("node-id.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 /// Make the regular files directly in `dir` 0600 (the store's database).

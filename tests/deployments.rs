@@ -383,6 +383,17 @@ async fn automatic_rollback_after_the_progress_deadline() {
     })
     .await;
     k.apply("api", &never_ready("api", 3, "2", spec));
+    // `apply && rollout status` must not ship a release that was rolled back.
+    let status = {
+        let url = k.url.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::bin())
+                .args(["--server", &url, "rollout", "status", "deployment/api"])
+                .args(["--timeout", "60s"])
+                .output()
+                .unwrap()
+        })
+    };
     wait_deploy(&k, "api", 10, "a rollout of revision 2", |d| {
         d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
     })
@@ -398,6 +409,14 @@ async fn automatic_rollback_after_the_progress_deadline() {
         "3"
     );
     wait_pods(&k, "api", 20, "only v1", |p| all_ready(p, 3, "1")).await;
+    let status = status.await.unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success() && err.contains("rolled back") && err.contains("revision 2"),
+        "rollout status of a rolled-back release: exit {:?}, stdout {}, stderr {err}",
+        status.status.code(),
+        String::from_utf8_lossy(&status.stdout)
+    );
     let ev = deployment_events(&k, "api").await;
     assert!(
         ev.iter()
@@ -506,6 +525,23 @@ async fn canary_promoted_by_command_then_aborted_by_command() {
     );
     let out = k.cli(&["rollout", "abort", "deployment/shop"]);
     assert!(!out.status.success(), "abort without a canary must fail");
+
+    // The aborted template applied again is a canary again, not a full rollout.
+    k.apply("shop", &deployment("shop", 4, "3b", spec));
+    wait_pods(&k, "shop", 20, "v3b canary again", |p| {
+        p.iter().filter(|x| x.2 == "3b" && x.1).count() == 1
+    })
+    .await;
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_millis(1500) {
+        let p = pods_of(&k, "shop").await;
+        assert_eq!(p.iter().filter(|x| x.2 == "3b").count(), 1, "{p:?}");
+        assert_eq!(p.iter().filter(|x| x.2 == "2" && x.1).count(), 4, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli_ok(&k, &["rollout", "promote", "deployment/shop"]);
+    assert!(out.contains("promoted"), "{out}");
+    wait_pods(&k, "shop", 20, "all v3b", |p| all_ready(p, 4, "3b")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,6 +249,53 @@ async fn kill_9_then_restart_leaves_no_orphan_container() {
     assert_eq!(docker_ids(&format!("io.kapsel.node={}", k.node)).len(), 2);
 }
 
+/// Two servers on one machine under the same node name (their own data directories) never
+/// remove each other's containers, at start-up or at shutdown: cleanup goes by the data
+/// directory's node id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_with_one_node_name_keep_each_others_containers() {
+    let sleeper = |name: &str| {
+        pod(
+            name,
+            "Always",
+            &format!("  containers:\n{}", container("main", "sleep 3600")),
+        )
+    };
+    let running = |p: &serde_json::Value| !state(p, 0)["running"].is_null();
+    let a = Kapsel::start();
+    a.apply("keep", &sleeper("keep"));
+    let p = a.wait_pod("keep", 60, running).await;
+    let label = format!(
+        "io.kapsel.pod.uid={}",
+        p["metadata"]["uid"].as_str().unwrap()
+    );
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let before = sorted(docker_ids(&label));
+    assert_eq!(before.len(), 2, "infra + app: {before:?}");
+    {
+        let b = Kapsel::start_named(&a.node, &[]);
+        // B's start-up cleanup is over once it runs a pod of its own.
+        b.apply("other", &sleeper("other"));
+        b.wait_pod("other", 60, running).await;
+        assert_eq!(
+            sorted(docker_ids(&label)),
+            before,
+            "a second server of the same node name removed the first one's containers at start"
+        );
+    }
+    assert_eq!(
+        sorted(docker_ids(&label)),
+        before,
+        "a second server of the same node name removed the first one's containers at shutdown"
+    );
+    let p = a.pod("keep").await.unwrap();
+    assert!(running(&p), "{p}");
+    assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_images_get_clear_reasons() {
     let k = Kapsel::start();

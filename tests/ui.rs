@@ -57,3 +57,42 @@ fn invalid_manifests_give_the_expected_errors() {
     assert!(names.iter().all(|n| *n == "fine"), "stored: {names:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Errors a user gets before any server is involved: one line each, every cause once, and the
+/// `--server` address checked up front.
+#[test]
+fn client_side_errors_are_one_clear_line() {
+    let run = |args: &[&str]| {
+        let out = Command::new(common::bin()).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&["apply", "-f", "/nonexistent/kapsel-manifest.yaml"]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "cause repeated: {err}"
+    );
+    assert!(err.contains("/nonexistent/kapsel-manifest.yaml"), "{err}");
+
+    let err = run(&["--server", "http://127.0.0.1:1/api", "get", "pods"]);
+    assert!(err.contains("no path"), "{err}");
+    assert!(!err.contains("relative URL"), "{err}");
+}
+
+/// A bare `HOST:PORT` works as `--server`.
+#[test]
+fn server_without_scheme_is_taken_as_http() {
+    let k = common::Kapsel::start();
+    let bare = k.url.trim_start_matches("http://").to_string();
+    let out = Command::new(common::bin())
+        .args(["--server", &bare, "get", "pods"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -36,7 +36,8 @@ pub struct Cli {
         long,
         global = true,
         env = "KAPSEL_SERVER",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "http://127.0.0.1:7070",
+        value_parser = parse_server_url
     )]
     pub server: String,
     /// Namespace.
@@ -234,6 +235,43 @@ pub enum Command {
 }
 
 /// `10s`, `500ms`, `2m`, `1h`, or bare seconds.
+/// `--server`: `http(s)://HOST[:PORT]`, or a bare `HOST:PORT` (taken as `http://`). A path,
+/// query or other scheme is refused: the API lives at the root of its server.
+pub fn parse_server_url(s: &str) -> std::result::Result<String, String> {
+    let s = s.trim();
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    let url = reqwest::Url::parse(&with_scheme)
+        .map_err(|e| format!("{s:?} is not a server address ({e}); use http://HOST:PORT"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{s:?}: scheme {:?} is not supported; use http://HOST:PORT or https://HOST:PORT",
+            url.scheme()
+        ));
+    }
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        return Err(format!("{s:?} names no host; use http://HOST:PORT"));
+    };
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{s:?}: a server URL has no path or query (the API is at the server's root); use {}://{}",
+            url.scheme(),
+            url.port()
+                .map(|p| format!("{host}:{p}"))
+                .unwrap_or_else(|| host.to_string())
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{s:?}: credentials do not belong in the server URL"
+        ));
+    }
+    Ok(with_scheme.trim_end_matches('/').to_string())
+}
+
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
@@ -834,4 +872,34 @@ async fn git_sync(args: Vec<String>) -> Result<i32> {
         .await
         .map_err(|e| anyhow!("git-sync: {e}"))?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_server_url;
+
+    #[test]
+    fn server_urls_with_or_without_scheme() {
+        assert_eq!(
+            parse_server_url("127.0.0.1:7070").unwrap(),
+            "http://127.0.0.1:7070"
+        );
+        assert_eq!(
+            parse_server_url("http://localhost:7070/").unwrap(),
+            "http://localhost:7070"
+        );
+        assert_eq!(
+            parse_server_url("https://[::1]:6443").unwrap(),
+            "https://[::1]:6443"
+        );
+        let e = parse_server_url("http://127.0.0.1:7070/api").unwrap_err();
+        assert!(
+            e.contains("no path") && e.contains("http://127.0.0.1:7070"),
+            "{e}"
+        );
+        let e = parse_server_url("ftp://h:1").unwrap_err();
+        assert!(e.contains("scheme"), "{e}");
+        assert!(parse_server_url("http://u:p@h:1").is_err());
+        assert!(parse_server_url("http://:7070").is_err());
+    }
 }

@@ -14,7 +14,7 @@ use super::output;
 use super::parse_duration;
 use crate::model::deployment::{
     revision_of, Deployment, ReplicaSet, COMPLETE_ANNOTATION, PROMOTED_ANNOTATION,
-    TEMPLATE_HASH_LABEL,
+    ROLLBACK_MESSAGE_ANNOTATION, ROLLED_BACK_GENERATION_ANNOTATION, TEMPLATE_HASH_LABEL,
 };
 
 #[derive(Subcommand, Debug)]
@@ -387,8 +387,29 @@ async fn status(
 ) -> Result<i32> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
+    // The generation this command watches: if the controller rolls it back, the rollout failed,
+    // even though the Deployment then completes (on the earlier template).
+    let mut first_generation: Option<i64> = None;
     loop {
         let (d, _) = read(client, ns, name).await?;
+        let generation = d.metadata.generation.unwrap_or(1);
+        let watched = *first_generation.get_or_insert(generation);
+        if let Some(failed) = d
+            .metadata
+            .annotations
+            .get(ROLLED_BACK_GENERATION_ANNOTATION)
+            .and_then(|g| g.parse::<i64>().ok())
+        {
+            if failed >= watched {
+                let why = d
+                    .metadata
+                    .annotations
+                    .get(ROLLBACK_MESSAGE_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_else(|| "it was rolled back".into());
+                bail!("the rollout of deployment {name:?} failed and was rolled back: {why}");
+            }
+        }
         let (done, msg) = rollout_message(&d)?;
         if msg != last {
             println!("{msg}");

@@ -24,6 +24,12 @@ pub const CHANGE_CAUSE_ANNOTATION: &str = "kubernetes.io/change-cause";
 /// Set by `kapsel rollout promote` (or by the controller on auto-promotion, or when going back
 /// to an earlier template): the `pod-template-hash` of the template that is promoted.
 pub const PROMOTED_ANNOTATION: &str = "deployment.kapsel.io/promoted-revision";
+/// Set by an automatic rollback (or a canary abort by the controller): the `generation` whose
+/// template failed and was rolled back. `kapsel rollout status` fails when the generation it
+/// watches is rolled back.
+pub const ROLLED_BACK_GENERATION_ANNOTATION: &str = "deployment.kapsel.io/rolled-back-generation";
+/// Beside it: what failed and where the Deployment went back to, for people.
+pub const ROLLBACK_MESSAGE_ANNOTATION: &str = "deployment.kapsel.io/rollback-message";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

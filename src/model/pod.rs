@@ -277,9 +277,21 @@ pub struct PodStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `hostIP`, as Kubernetes spells it (`hostIp` was written before; still read).
+    #[serde(
+        default,
+        rename = "hostIP",
+        alias = "hostIp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host_ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `podIP`, as Kubernetes spells it (`podIp` was written before; still read).
+    #[serde(
+        default,
+        rename = "podIP",
+        alias = "podIp",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pod_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<DateTime<Utc>>,
@@ -417,4 +429,108 @@ impl Container {
 /// Is `image` a WASM module reference rather than an OCI image name?
 pub fn is_wasm_image(image: &str) -> bool {
     image.starts_with("file://") || image.ends_with(".wasm") || image.ends_with(".wat")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key of a fully populated pod status, spelled as Kubernetes' JSON does
+    /// (k8s.io/api/core/v1 types.go): clients such as kubectl read these names.
+    #[test]
+    fn status_fields_use_kubernetes_json_names() {
+        let terminated = StateTerminated {
+            exit_code: 1,
+            reason: Some("Error".into()),
+            message: Some("m".into()),
+            started_at: Some(Utc::now()),
+            finished_at: Some(Utc::now()),
+        };
+        let cs = ContainerStatus {
+            name: "c".into(),
+            image: "i".into(),
+            ready: true,
+            restart_count: 1,
+            started: Some(true),
+            state: ContainerState {
+                running: Some(StateRunning {
+                    started_at: Some(Utc::now()),
+                }),
+                ..Default::default()
+            },
+            last_state: ContainerState {
+                terminated: Some(terminated),
+                ..Default::default()
+            },
+            container_id: Some("docker://x".into()),
+        };
+        let st = PodStatus {
+            phase: PodPhase::Running,
+            conditions: vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: Some("r".into()),
+                message: Some("m".into()),
+                last_transition_time: Some(Utc::now()),
+            }],
+            message: Some("m".into()),
+            reason: Some("r".into()),
+            host_ip: Some("10.0.0.1".into()),
+            pod_ip: Some("10.42.0.2".into()),
+            start_time: Some(Utc::now()),
+            init_container_statuses: vec![cs.clone()],
+            container_statuses: vec![cs],
+        };
+        let v = serde_json::to_value(&st).unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(&v),
+            [
+                "conditions",
+                "containerStatuses",
+                "hostIP",
+                "initContainerStatuses",
+                "message",
+                "phase",
+                "podIP",
+                "reason",
+                "startTime"
+            ]
+        );
+        assert_eq!(
+            keys(&v["conditions"][0]),
+            ["lastTransitionTime", "message", "reason", "status", "type"]
+        );
+        assert_eq!(
+            keys(&v["containerStatuses"][0]),
+            [
+                "containerID",
+                "image",
+                "lastState",
+                "name",
+                "ready",
+                "restartCount",
+                "started",
+                "state"
+            ]
+        );
+        assert_eq!(
+            keys(&v["containerStatuses"][0]["state"]["running"]),
+            ["startedAt"]
+        );
+        assert_eq!(
+            keys(&v["containerStatuses"][0]["lastState"]["terminated"]),
+            ["exitCode", "finishedAt", "message", "reason", "startedAt"]
+        );
+        // Objects stored before the spelling was fixed still read.
+        let old: PodStatus =
+            serde_json::from_str(r#"{"phase":"Running","podIp":"1.2.3.4","hostIp":"5.6.7.8"}"#)
+                .unwrap();
+        assert_eq!(old.pod_ip.as_deref(), Some("1.2.3.4"));
+        assert_eq!(old.host_ip.as_deref(), Some("5.6.7.8"));
+    }
 }

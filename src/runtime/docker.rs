@@ -24,6 +24,8 @@ use crate::model::pod::{is_wasm_image, PullPolicy};
 pub const LABEL_POD_UID: &str = "io.kapsel.pod.uid";
 pub const LABEL_POD: &str = "io.kapsel.pod";
 pub const LABEL_NODE: &str = "io.kapsel.node";
+/// The node's identity (kept in its data directory): what start-up cleanup goes by.
+pub const LABEL_NODE_ID: &str = "io.kapsel.node-id";
 pub const LABEL_CONTAINER: &str = "io.kapsel.container";
 /// The image holding pod network namespaces, built by Kapsel itself (no registry needed).
 pub const PAUSE_IMAGE: &str = "kapsel/pause:1";
@@ -60,6 +62,8 @@ pub struct DockerExecutor {
     /// `unix:///var/run/docker.sock` or a path.
     host: String,
     node: String,
+    /// This data directory's node identity (`<data-dir>/node-id`).
+    node_id: String,
     client: Mutex<Option<Docker>>,
     pause_ready: Mutex<bool>,
 }
@@ -69,10 +73,11 @@ fn unavailable(host: &str, e: impl std::fmt::Display) -> ExecError {
 }
 
 impl DockerExecutor {
-    pub fn new(host: &str, node: &str) -> Arc<Self> {
+    pub fn new(host: &str, node: &str, node_id: &str) -> Arc<Self> {
         Arc::new(DockerExecutor {
             host: host.to_string(),
             node: node.to_string(),
+            node_id: node_id.to_string(),
             client: Mutex::new(None),
             pause_ready: Mutex::new(false),
         })
@@ -157,6 +162,7 @@ impl DockerExecutor {
             (LABEL_POD_UID.to_string(), spec_uid.to_string()),
             (LABEL_POD.to_string(), pod.to_string()),
             (LABEL_NODE.to_string(), self.node.clone()),
+            (LABEL_NODE_ID.to_string(), self.node_id.clone()),
             (LABEL_CONTAINER.to_string(), container.to_string()),
         ])
     }
@@ -343,13 +349,14 @@ impl DockerExecutor {
             .await
     }
 
-    /// Every Kapsel container of this node whose pod uid is not in `keep` is removed
+    /// Every Kapsel container of this node (this data directory's node id) whose pod uid is
+    /// not in `keep` is removed
     /// (checked again until none is left, for containers caught mid-stop).
     pub async fn remove_orphans(
         &self,
         keep: &std::collections::HashSet<String>,
     ) -> Result<usize, ExecError> {
-        self.remove_where(&format!("{LABEL_NODE}={}", self.node), keep)
+        self.remove_where(&format!("{LABEL_NODE_ID}={}", self.node_id), keep)
             .await
     }
 

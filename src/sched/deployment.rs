@@ -30,7 +30,8 @@ use crate::events::Recorder;
 use crate::model::deployment::{
     template_hash, CanaryStatus, Deployment, DeploymentCondition, DeploymentStatus, IntOrPercent,
     LabelSelector, ReplicaSet, ReplicaSetSpec, StrategyType, CHANGE_CAUSE_ANNOTATION,
-    COMPLETE_ANNOTATION, PROMOTED_ANNOTATION, REVISION_ANNOTATION, TEMPLATE_HASH_LABEL,
+    COMPLETE_ANNOTATION, PROMOTED_ANNOTATION, REVISION_ANNOTATION, ROLLBACK_MESSAGE_ANNOTATION,
+    ROLLED_BACK_GENERATION_ANNOTATION, TEMPLATE_HASH_LABEL,
 };
 use crate::model::meta::{ObjectMeta, OwnerReference};
 use crate::model::{Kind, ObjectReference};
@@ -145,8 +146,11 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
             }
             Some(i) if sets[i].rs.revision() < max_rev => {
                 // An old template is back (undo, rollback, an aborted canary): it becomes the
-                // newest revision. Going back is never canaried: it is marked promoted first.
+                // newest revision. Going back to a revision that once completed is never
+                // canaried: it is marked promoted first. One that never completed (an aborted
+                // canary applied again) goes through the canary again.
                 if d.spec.strategy_type() == StrategyType::Canary
+                    && is_complete(&sets[i].rs)
                     && d.metadata.annotations.get(PROMOTED_ANNOTATION) != Some(&hash)
                 {
                     let mut nd = d.clone();
@@ -599,19 +603,25 @@ async fn rollback(
     t.metadata.labels.remove(TEMPLATE_HASH_LABEL);
     let mut nd = d.clone();
     nd.spec.template = t;
-    nd.metadata.generation = Some(d.metadata.generation.unwrap_or(1) + 1);
+    let failed_generation = d.metadata.generation.unwrap_or(1);
+    nd.metadata.generation = Some(failed_generation + 1);
+    let message = format!(
+        "Rolled back deployment {} from revision {new_rev} to revision {}: {why}",
+        d.metadata.name,
+        prev.rs.revision()
+    );
+    // What `rollout status` of the failed generation reports.
+    nd.metadata.annotations.insert(
+        ROLLED_BACK_GENERATION_ANNOTATION.into(),
+        failed_generation.to_string(),
+    );
+    nd.metadata
+        .annotations
+        .insert(ROLLBACK_MESSAGE_ANNOTATION.into(), message.clone());
     ctx.store
         .update(Kind::Deployment, serde_json::to_value(&nd)?)
         .await?;
-    ctx.recorder.warning(
-        dref.clone(),
-        reason,
-        format!(
-            "Rolled back deployment {} from revision {new_rev} to revision {}: {why}",
-            d.metadata.name,
-            prev.rs.revision()
-        ),
-    );
+    ctx.recorder.warning(dref.clone(), reason, message);
     Ok(())
 }
 

@@ -45,13 +45,19 @@ impl Kapsel {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        let node = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Self::start_named(&node, extra)
+    }
+
+    /// A fresh server (own data directory) with a given node name.
+    pub fn start_named(node: &str, extra: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("kapsel-test-")
             .tempdir()
             .unwrap();
         let data = tmp.path().to_path_buf();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let node = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let node = node.to_string();
         let (child, url, stderr) = spawn(&data, &node, &extra);
         Kapsel {
             node,
@@ -232,7 +238,13 @@ impl Drop for Kapsel {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let left = docker_ids(&format!("io.kapsel.node={}", self.node));
+        // This server's containers: by its data directory's node id (another server may
+        // share the node name), else by node name.
+        let label = match std::fs::read_to_string(self.data.join("node-id")) {
+            Ok(id) if !id.trim().is_empty() => format!("io.kapsel.node-id={}", id.trim()),
+            _ => format!("io.kapsel.node={}", self.node),
+        };
+        let left = docker_ids(&label);
         if !left.is_empty() {
             let _ = Command::new("docker")
                 .args(["rm", "-f"])
