@@ -531,28 +531,31 @@ impl SandboxGuard {
 
     async fn release(&mut self) {
         if let Some(s) = self.sandbox.take() {
-            let infra = matches!(s.mode, NetMode::Infra { .. });
-            let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
-            if infra {
-                if let Some(d) = &self.ctx.docker {
-                    let _ = d
-                        .remove_labelled(super::docker::LABEL_POD_UID, &self.uid)
-                        .await;
-                }
-            }
+            release_sandbox(s, self.ctx.clone(), self.uid.clone()).await;
+        }
+    }
+}
+
+/// End the sandbox's thread and forwarders, then remove its infra container.
+async fn release_sandbox(s: Sandbox, ctx: Arc<AgentCtx>, uid: String) {
+    let infra = matches!(s.mode, NetMode::Infra { .. });
+    let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
+    if infra {
+        if let Some(d) = &ctx.docker {
+            let _ = d.remove_labelled(super::docker::LABEL_POD_UID, &uid).await;
         }
     }
 }
 
 impl Drop for SandboxGuard {
     fn drop(&mut self) {
-        if self.sandbox.is_some() {
-            let mut me = SandboxGuard {
-                sandbox: self.sandbox.take(),
-                ctx: self.ctx.clone(),
-                uid: self.uid.clone(),
-            };
-            tokio::spawn(async move { me.release().await });
+        if let Some(s) = self.sandbox.take() {
+            // The task owns the bare `Sandbox`, not a guard: when the runtime is shutting down
+            // it drops the task unpolled, and dropping a `Sandbox` ends its thread without
+            // spawning again (a guard here would re-spawn from its own drop, forever).
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(release_sandbox(s, self.ctx.clone(), self.uid.clone()));
+            }
         }
     }
 }
