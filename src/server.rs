@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub api_listener: api::listener::ListenerConfig,
     /// Extra `Host` names the API answers to (see `api::guard`).
     pub allowed_hosts: Vec<String>,
+    /// Where compiled WASM modules are cached; `None`: `<data-dir>/cache/wasm`. `kapsel up`
+    /// uses the user's cache ([`user_module_cache`]) so a fresh temporary data directory does
+    /// not recompile every module on every run.
+    pub module_cache_dir: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -84,8 +88,43 @@ impl ServerConfig {
             volume_check_interval: Duration::from_secs(5),
             api_listener: api::listener::ListenerConfig::default(),
             allowed_hosts: Vec::new(),
+            module_cache_dir: None,
         }
     }
+}
+
+/// The user's compiled-module cache: `$XDG_CACHE_HOME/kapsel/wasm` (else `~/.cache/kapsel/wasm`),
+/// created 0700. Compiled modules are native code loaded without re-verification, so the
+/// directory must be the user's alone: `None` (use the data directory) when it is owned by
+/// someone else or writable by group or others, or when no home is known.
+pub fn user_module_cache() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".cache"))
+        })?;
+    let kapsel = base.join("kapsel");
+    let dir = kapsel.join("wasm");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for d in [&kapsel, &dir] {
+        let m = std::fs::symlink_metadata(d).ok()?;
+        if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+            tracing::warn!(dir = %d.display(), "not using the module cache: not a directory of this user's alone");
+            return None;
+        }
+    }
+    Some(dir)
 }
 
 /// A running server.
@@ -109,7 +148,11 @@ impl Server {
         private_dir(&cfg.data_dir.join("cache"))?;
         let node_id = node_identity(&cfg.data_dir)?;
         let logs = Logs::new(pods_dir.clone());
-        let mut wcfg = WasmConfig::new(cfg.data_dir.join("cache").join("wasm"));
+        let mut wcfg = WasmConfig::new(
+            cfg.module_cache_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("cache").join("wasm")),
+        );
         wcfg.pool_slots = cfg.wasm_pool_slots;
         wcfg.pool_memory = cfg.wasm_pool_memory;
         wcfg.default_memory_limit = cfg.wasm_default_memory_limit;

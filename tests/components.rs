@@ -81,27 +81,99 @@ async fn components_serve_http_talk_over_localhost_and_listen_only_on_declared_p
 }
 
 #[test]
-fn up_prints_the_hello_output_and_exits_zero() {
-    let out = Command::new(bin())
-        .current_dir(repo(""))
-        .args([
-            "up",
-            "-f",
-            "sample-pods/hello.yaml",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(
-        stdout.contains("hello/hello | Howdy, Kapsel user!"),
+fn up_prints_the_hello_output_and_exits_zero_and_compiles_once_per_user() {
+    // `up` keeps compiled modules in the user's cache ($XDG_CACHE_HOME/kapsel/wasm).
+    let cache = tempfile::tempdir().unwrap();
+    let up = || {
+        let out = Command::new(bin())
+            .current_dir(repo(""))
+            .env("XDG_CACHE_HOME", cache.path())
+            .args([
+                "up",
+                "-f",
+                "sample-pods/hello.yaml",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        (stdout, stderr)
+    };
+    let (stdout, stderr) = up();
+    // The container's output, and only its output: the node's "compiling" note is progress.
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["hello/hello | Howdy, Kapsel user!"],
         "{stdout}"
+    );
+    assert!(
+        stderr.contains("pod/hello container hello: compiling"),
+        "{stderr}"
     );
     // (A quick pod may go from Pending to Succeeded in one status write: Running is optional.)
     assert!(stderr.contains("pod/hello Succeeded"), "{stderr}");
+    let cached = std::fs::read_dir(cache.path().join("kapsel/wasm"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("cwasm".as_ref()))
+        .count();
+    assert!(cached >= 1, "nothing in the user's module cache");
+    // A second run, with another temporary data directory, compiles nothing.
+    let (stdout, stderr) = up();
+    assert!(stdout.contains("Howdy"), "{stdout}");
+    assert!(!stderr.contains("compiling"), "recompiled: {stderr}");
+}
+
+#[test]
+fn up_whose_output_is_closed_stops_every_pod_and_leaves_no_container() {
+    // `kapsel up … | head`: once head exits, up's writes fail. It must take the shutdown path.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("talk.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: talk\nspec:\n  containers:\n  - name: sh\n    image: {BUSYBOX}\n    imagePullPolicy: Never\n    command: [sh, -c, 'while true; do echo line; sleep 0.05; done']\n  - name: wasm\n    image: {}\n",
+            fixture("ticker/ticker.wasm")
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let cmd = format!(
+        "'{}' up -f '{}' --data-dir '{}' --listen 127.0.0.1:0 2>&1 | head -n 12",
+        bin(),
+        manifest.display(),
+        data.display()
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &cmd])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("talk/sh | line"), "{out}");
+    // head has exited; the pipeline ends only when up has.
+    let t = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "up kept running with its output closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let node_id = std::fs::read_to_string(data.join("node-id")).unwrap();
+    let left = docker_ids(&format!("io.kapsel.node-id={}", node_id.trim()));
+    assert!(left.is_empty(), "containers left behind: {left:?}");
 }
 
 #[test]

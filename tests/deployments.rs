@@ -239,7 +239,11 @@ async fn rolling_update_with_max_unavailable_0_never_drops_below_5_ready() {
     })
     .await;
 
-    k.apply("web", &deployment("web", 5, "2", strategy));
+    // Version 2, its command line recorded as the change cause.
+    let v2 = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(v2.path(), deployment("web", 5, "2", strategy)).unwrap();
+    let v2_path = v2.path().to_str().unwrap();
+    cli_ok(&k, &["apply", "-f", v2_path, "--record"]);
     let t0 = Instant::now();
     let (mut samples, mut min_ready, mut max_live) = (0, usize::MAX, 0);
     loop {
@@ -279,8 +283,23 @@ async fn rolling_update_with_max_unavailable_0_never_drops_below_5_ready() {
         &["rollout", "status", "deployment/web", "--timeout", "5s"],
     );
     assert!(status.contains("successfully rolled out"), "{status}");
+    // Revisions can be told apart: what changed, and the recorded cause.
     let hist = cli_ok(&k, &["rollout", "history", "deployment/web"]);
-    assert!(hist.contains("\n1 ") && hist.contains("\n2 "), "{hist}");
+    let row = |r: &str| {
+        hist.lines()
+            .find(|l| l.starts_with(&format!("{r} ")))
+            .unwrap_or_else(|| panic!("no revision {r}: {hist}"))
+            .to_string()
+    };
+    assert!(row("1").ends_with("<none>"), "{hist}");
+    assert!(row("2").contains("env V=2"), "{hist}");
+    assert!(
+        row("2").contains(&format!(
+            "kapsel --server {} apply -f {v2_path} --record",
+            k.url
+        )),
+        "{hist}"
+    );
     let ev = deployment_events(&k, "web").await;
     assert!(
         ev.iter().filter(|(r, _)| r == "ScalingReplicaSet").count() >= 10,

@@ -96,3 +96,47 @@ fn server_without_scheme_is_taken_as_http() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--help` tells what each command takes; a missing argument's usage line does not make the
+/// optional `--server` look required.
+#[test]
+fn help_texts_name_every_kind_and_flag() {
+    let run = |args: &[&str]| {
+        let out = Command::new(common::bin()).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, help, _) = run(&["get", "--help"]);
+    assert!(ok);
+    for kind in ["pods", "deployments", "replicasets", "nodes", "events"] {
+        assert!(help.contains(kind), "get --help lacks {kind}: {help}");
+    }
+    let (ok, help, _) = run(&["logs", "--help"]);
+    assert!(ok);
+    for (flag, words) in [
+        ("--container", "container"),
+        ("--follow", "streaming"),
+        ("--tail", "last"),
+    ] {
+        let line = help
+            .lines()
+            .skip_while(|l| !l.contains(flag))
+            .take(2)
+            .collect::<String>();
+        assert!(line.contains(words), "{flag} has no help: {help}");
+    }
+    let (ok, _, err) = run(&["logs"]);
+    assert!(!ok);
+    let usage = err
+        .lines()
+        .find(|l| l.starts_with("Usage:"))
+        .unwrap_or_default();
+    assert!(usage.contains("<POD>"), "{err}");
+    assert!(
+        !usage.contains("--server"),
+        "--server looks required: {err}"
+    );
+}

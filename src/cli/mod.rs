@@ -153,12 +153,21 @@ pub enum Command {
     },
     /// Create or update every object in the files.
     Apply {
+        /// Manifest file (YAML or JSON, `---`-separated documents) or a directory of them.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Record this command line in each Deployment's `kubernetes.io/change-cause`
+        /// annotation (unless the manifest sets one), shown by `rollout history`.
+        #[arg(long)]
+        record: bool,
     },
-    /// List or read objects: pods, nodes, events.
+    /// List or read objects: pods (po), deployments (deploy), replicasets (rs), nodes (no),
+    /// events (ev).
     Get {
+        /// The kind: pods, deployments, replicasets, nodes or events (singular and short
+        /// names work too).
         resource: String,
+        /// One object's name (default: list them all).
         name: Option<String>,
         /// wide, json or yaml.
         #[arg(short = 'o', long)]
@@ -170,16 +179,25 @@ pub enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// Show an object in detail with its recent events.
-    Describe { resource: String, name: String },
+    /// Show an object in detail with its recent events: pod, deployment, replicaset, node.
+    Describe {
+        /// The kind: pod, deployment, replicaset or node.
+        resource: String,
+        /// The object's name.
+        name: String,
+    },
     /// Print a container's logs.
     Logs {
+        /// The pod's name.
         pod: String,
+        /// The container (default: the pod's only container; required when it has several).
         #[arg(short = 'c', long)]
         container: Option<String>,
+        /// Keep streaming new lines until the container ends (or Ctrl-C).
         #[arg(short = 'f', long)]
         follow: bool,
-        #[arg(long)]
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
         tail: Option<usize>,
     },
     /// Delete objects by name or by manifest.
@@ -234,7 +252,6 @@ pub enum Command {
     },
 }
 
-/// `10s`, `500ms`, `2m`, `1h`, or bare seconds.
 /// `--server`: `http(s)://HOST[:PORT]`, or a bare `HOST:PORT` (taken as `http://`). A path,
 /// query or other scheme is refused: the API lives at the root of its server.
 pub fn parse_server_url(s: &str) -> std::result::Result<String, String> {
@@ -272,6 +289,7 @@ pub fn parse_server_url(s: &str) -> std::result::Result<String, String> {
     Ok(with_scheme.trim_end_matches('/').to_string())
 }
 
+/// `10s`, `500ms`, `2m`, `1h`, or bare seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
@@ -368,8 +386,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let wasm_limit = parse_memory_limit(&wasm_default_memory_limit)?;
             up::run(&file, &listen, data_dir, max_pods, &api, wasm_limit, &ns).await
         }
-        Command::Apply { file } => {
-            let manifests = manifest::load(&file)?;
+        Command::Apply { file, record } => {
+            let mut manifests = manifest::load(&file)?;
+            if record {
+                record_change_cause(&mut manifests);
+            }
             apply(&client, &manifests, &ns, |line| println!("{line}")).await?;
             Ok(0)
         }
@@ -872,6 +893,28 @@ async fn git_sync(args: Vec<String>) -> Result<i32> {
         .await
         .map_err(|e| anyhow!("git-sync: {e}"))?;
     Ok(0)
+}
+
+/// `apply --record`: this command line becomes each Deployment's `kubernetes.io/change-cause`
+/// (the manifest's own annotation wins), as kubectl's `--record` did.
+fn record_change_cause(manifests: &mut [Manifest]) {
+    let cause = std::iter::once("kapsel".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for m in manifests.iter_mut().filter(|m| m.kind == "Deployment") {
+        let meta = &mut m.object["metadata"];
+        if !meta["annotations"].is_object() {
+            meta["annotations"] = serde_json::json!({});
+        }
+        let ann = &mut meta["annotations"];
+        if ann
+            .get(crate::model::deployment::CHANGE_CAUSE_ANNOTATION)
+            .is_none()
+        {
+            ann[crate::model::deployment::CHANGE_CAUSE_ANNOTATION] = cause.clone().into();
+        }
+    }
 }
 
 #[cfg(test)]

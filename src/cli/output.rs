@@ -538,11 +538,18 @@ pub fn history_table(rss: &[ReplicaSet]) -> String {
         "REVISION".to_string(),
         "REPLICASET".into(),
         "IMAGES".into(),
+        "CHANGES".into(),
         "CHANGE-CAUSE".into(),
     ]];
     let mut rss: Vec<&ReplicaSet> = rss.iter().collect();
     rss.sort_by_key(|r| r.revision());
+    let mut prev: Option<&ReplicaSet> = None;
     for rs in rss {
+        let changes = match prev {
+            None => "-".to_string(),
+            Some(p) => template_changes(&p.spec.template, &rs.spec.template),
+        };
+        prev = Some(rs);
         rows.push(vec![
             rs.revision().to_string(),
             rs.metadata.name.clone(),
@@ -554,6 +561,7 @@ pub fn history_table(rss: &[ReplicaSet]) -> String {
                 .map(|c| c.image.as_str())
                 .collect::<Vec<_>>()
                 .join(","),
+            changes,
             rs.metadata
                 .annotations
                 .get(crate::model::deployment::CHANGE_CAUSE_ANNOTATION)
@@ -562,6 +570,128 @@ pub fn history_table(rss: &[ReplicaSet]) -> String {
         ]);
     }
     table(rows)
+}
+
+/// What differs from one revision's pod template to the next, shortly: `image worker=b.wasm`,
+/// `env VERSION=v2`, `env -CRASH`, `args of worker`, `restarted`, `volumes`.
+pub fn template_changes(
+    prev: &crate::model::deployment::PodTemplateSpec,
+    cur: &crate::model::deployment::PodTemplateSpec,
+) -> String {
+    use serde_json::Value;
+    let mut out: Vec<String> = Vec::new();
+    let by_name = |t: &crate::model::deployment::PodTemplateSpec| -> Vec<(String, Value)> {
+        t.spec
+            .init_containers
+            .iter()
+            .chain(t.spec.containers.iter())
+            .map(|c| (c.name.clone(), serde_json::to_value(c).unwrap_or_default()))
+            .collect()
+    };
+    let (old, new) = (by_name(prev), by_name(cur));
+    let find =
+        |v: &[(String, Value)], n: &str| v.iter().find(|(k, _)| k == n).map(|(_, c)| c.clone());
+    for (name, c) in &new {
+        let Some(o) = find(&old, name) else {
+            out.push(format!("+container {name}"));
+            continue;
+        };
+        if o["image"] != c["image"] {
+            out.push(format!(
+                "image {name}={}",
+                c["image"].as_str().unwrap_or_default()
+            ));
+        }
+        let env = |v: &Value| -> Vec<(String, String)> {
+            v["env"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            let val = match &e["value"] {
+                                Value::String(s) => s.clone(),
+                                Value::Null => e["valueFrom"].to_string(),
+                                other => other.to_string(),
+                            };
+                            (e["name"].as_str().unwrap_or_default().to_string(), val)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (eo, en) = (env(&o), env(c));
+        for (k, v) in &en {
+            if eo.iter().find(|(ok, _)| ok == k).map(|(_, ov)| ov) != Some(v) {
+                let v = if v.chars().count() > 24 {
+                    format!("{}…", v.chars().take(24).collect::<String>())
+                } else {
+                    v.clone()
+                };
+                out.push(format!("env {k}={v}"));
+            }
+        }
+        for (k, _) in &eo {
+            if !en.iter().any(|(nk, _)| nk == k) {
+                out.push(format!("env -{k}"));
+            }
+        }
+        let (Value::Object(om), Value::Object(nm)) = (&o, c) else {
+            continue;
+        };
+        let mut fields: Vec<&String> = om.keys().chain(nm.keys()).collect();
+        fields.sort();
+        fields.dedup();
+        for f in fields {
+            if matches!(f.as_str(), "image" | "env" | "name") {
+                continue;
+            }
+            if om.get(f) != nm.get(f) {
+                out.push(format!("{f} of {name}"));
+            }
+        }
+    }
+    for (name, _) in &old {
+        if find(&new, name).is_none() {
+            out.push(format!("-container {name}"));
+        }
+    }
+    let restarted = "kubectl.kubernetes.io/restartedAt";
+    if prev.metadata.annotations.get(restarted) != cur.metadata.annotations.get(restarted) {
+        out.push("restarted".into());
+    }
+    let (mut ps, mut cs) = (
+        serde_json::to_value(&prev.spec).unwrap_or_default(),
+        serde_json::to_value(&cur.spec).unwrap_or_default(),
+    );
+    for v in [&mut ps, &mut cs] {
+        if let Value::Object(m) = v {
+            m.remove("containers");
+            m.remove("initContainers");
+        }
+    }
+    if let (Value::Object(pm), Value::Object(cm)) = (&ps, &cs) {
+        let mut fields: Vec<&String> = pm.keys().chain(cm.keys()).collect();
+        fields.sort();
+        fields.dedup();
+        for f in fields {
+            if pm.get(f) != cm.get(f) {
+                out.push(f.clone());
+            }
+        }
+    }
+    let labels = |t: &crate::model::deployment::PodTemplateSpec| {
+        let mut l = t.metadata.labels.clone();
+        l.remove(crate::model::deployment::TEMPLATE_HASH_LABEL);
+        l
+    };
+    if labels(prev) != labels(cur) {
+        out.push("labels".into());
+    }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 pub fn describe_deployment(d: &Deployment, rss: &[ReplicaSet], events: &[Event]) -> String {

@@ -1,21 +1,34 @@
 //! `kapsel up`: like `docker compose up`. Starts an embedded control plane + node, applies the
 //! manifests, shows each pod becoming ready, streams every container's log prefixed with
 //! `pod/container |`, and exits when every pod has finished (0 if all succeeded) — or on
-//! Ctrl-C / SIGTERM, after stopping every pod, with 0.
+//! Ctrl-C / SIGTERM, or when its output is closed (`kapsel up | head`), after stopping every
+//! pod, with 0. The node's own progress (compiling a module, pulling an image) comes from the
+//! pods' events and is shown on stderr beside the pod states.
+//!
+//! Status lines go to stderr and logs to stdout; neither a closed stderr nor a closed stdout
+//! may skip the shutdown path (a panic in `eprintln!` would leave containers behind), so
+//! nothing here prints with a panicking macro.
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 
 use super::client::Client;
 use super::manifest;
 use crate::model::{Kind, Pod, PodPhase};
 use crate::server::{Server, ServerConfig};
 use crate::store::WatchFrom;
+
+/// A status line on stderr; a closed stderr is not an error worth dying for.
+fn say(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "kapsel: {line}");
+}
 
 pub async fn run(
     file: &Path,
@@ -31,6 +44,7 @@ pub async fn run(
         bail!("{}: no objects found", file.display());
     }
     let tmp;
+    let dir_given = data_dir.is_some();
     let dir = match data_dir {
         Some(d) => d,
         None => {
@@ -48,20 +62,24 @@ pub async fn run(
     cfg.max_pods = max_pods;
     api.apply(&mut cfg);
     cfg.wasm_default_memory_limit = wasm_default_memory_limit;
+    // A temporary data directory would recompile every module on every run: share the user's.
+    if !dir_given {
+        cfg.module_cache_dir = crate::server::user_module_cache();
+    }
     let server = Server::start(cfg).await.with_context(|| {
         format!(
             "starting the embedded control plane (use --listen 127.0.0.1:0 if {listen} is taken)"
         )
     })?;
-    eprintln!(
-        "kapsel: control plane + node up at http://{} (data: {})",
+    say(format_args!(
+        "control plane + node up at http://{} (data: {})",
         server.addr,
         dir.display()
-    );
+    ));
     let client = Client::new(&format!("http://{}", server.addr));
 
     let mut watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
-    let applied = super::apply(&client, &manifests, ns, |l| eprintln!("kapsel: {l}")).await;
+    let applied = super::apply(&client, &manifests, ns, say).await;
     if let Err(e) = applied {
         server.shutdown();
         server.wait().await;
@@ -107,8 +125,16 @@ pub async fn run(
     tokio::pin!(signal);
     let mut interrupted = false;
     let mut pending = std::mem::take(&mut watch.initial);
+    // Cancelled by a log follower whose stdout is gone (`| head` exited).
+    let output_closed = CancellationToken::new();
+    let mut seen_uids: HashSet<String> = HashSet::new();
+    let mut progress: Vec<serde_json::Value> = Vec::new();
     loop {
         for ev in pending.drain(..) {
+            if ev.kind == Kind::Event {
+                progress.push((*ev.object).clone());
+                continue;
+            }
             let Ok(pod) = serde_json::from_value::<Pod>((*ev.object).clone()) else {
                 continue;
             };
@@ -117,16 +143,17 @@ pub async fn run(
                 continue;
             }
             if ev.type_ == crate::store::EventType::Deleted {
-                eprintln!("kapsel: pod/{} deleted", pod.name());
+                say(format_args!("pod/{} deleted", pod.name()));
                 last.remove(&key);
                 continue;
             }
             let line = summary(&pod);
             if last.get(&key) != Some(&line) {
-                eprintln!("kapsel: pod/{} {line}", pod.name());
+                say(format_args!("pod/{} {line}", pod.name()));
                 last.insert(key.clone(), line);
             }
             phases.insert(key.clone(), pod.phase());
+            seen_uids.insert(pod.uid().to_string());
             for c in pod
                 .spec
                 .init_containers
@@ -137,10 +164,35 @@ pub async fn run(
                 if following.insert(k) {
                     let client = client.clone();
                     let (ns, name, cname) = (key.0.clone(), key.1.clone(), c.name.clone());
-                    log_tasks.spawn(async move { follow(&client, &ns, &name, &cname).await });
+                    let closed = output_closed.clone();
+                    log_tasks.spawn(async move {
+                        if follow(&client, &ns, &name, &cname).await.is_err() {
+                            closed.cancel();
+                        }
+                    });
                 }
             }
         }
+        // Node progress of the pods shown: compiling, pulling (Normal events of those reasons).
+        progress.retain(|e| {
+            let uid = e["involvedObject"]["uid"].as_str().unwrap_or_default();
+            if !seen_uids.contains(uid) {
+                // Its pod may not be shown yet: keep the event a few seconds.
+                return progress_is_young(e);
+            }
+            let reason = e["reason"].as_str().unwrap_or_default();
+            if matches!(
+                reason,
+                "Compiling" | "Compiled" | "Pulling" | "Pulled" | "Preparing"
+            ) {
+                say(format_args!(
+                    "pod/{} {}",
+                    e["involvedObject"]["name"].as_str().unwrap_or_default(),
+                    e["message"].as_str().unwrap_or_default()
+                ));
+            }
+            false
+        });
         if !wanted.is_empty()
             && deployments.is_empty()
             && wanted
@@ -151,7 +203,8 @@ pub async fn run(
         }
         tokio::select! {
             ev = watch.live.recv() => match ev {
-                Ok(ev) => if watch.wants(&ev) { pending.push(ev) },
+                Ok(ev) => if watch.wants(&ev)
+                    || (ev.kind == Kind::Event && ev.rv > watch.after) { pending.push(ev) },
                 Err(RecvError::Lagged(_)) => {
                     watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
                     pending = std::mem::take(&mut watch.initial);
@@ -159,14 +212,19 @@ pub async fn run(
                 Err(RecvError::Closed) => break,
             },
             _ = &mut signal => { interrupted = true; break; }
+            _ = output_closed.cancelled() => { interrupted = true; break; }
         }
     }
     if interrupted {
-        eprintln!("kapsel: stopping every pod…");
+        if output_closed.is_cancelled() {
+            say("output closed; stopping every pod…");
+        } else {
+            say("stopping every pod…");
+        }
         log_tasks.abort_all();
         server.shutdown();
         server.wait().await;
-        eprintln!("kapsel: stopped");
+        say("stopped");
         return Ok(0);
     }
     // Every pod finished: let the log followers drain, then stop.
@@ -180,11 +238,11 @@ pub async fn run(
         .map(|(k, _)| k)
         .collect();
     if failed.is_empty() {
-        eprintln!("kapsel: all pods succeeded");
+        say("all pods succeeded");
         Ok(0)
     } else {
         for (_, n) in &failed {
-            eprintln!("kapsel: pod/{n} failed");
+            say(format_args!("pod/{n} failed"));
         }
         Ok(1)
     }
@@ -219,10 +277,11 @@ fn summary(pod: &Pod) -> String {
     s
 }
 
-async fn follow(client: &Client, ns: &str, pod: &str, container: &str) {
+/// Follow one container's log onto stdout; `Err` when stdout is closed.
+async fn follow(client: &Client, ns: &str, pod: &str, container: &str) -> std::io::Result<()> {
     let path = format!("/api/v1/namespaces/{ns}/pods/{pod}/log?follow=true&container={container}");
     let Ok(resp) = client.stream(&path).await else {
-        return;
+        return Ok(());
     };
     let prefix = format!("{pod}/{container} | ");
     let mut body = resp.bytes_stream();
@@ -234,15 +293,25 @@ async fn follow(client: &Client, ns: &str, pod: &str, container: &str) {
             let line: Vec<u8> = buf.drain(..=i).collect();
             let mut o = prefix.clone().into_bytes();
             o.extend_from_slice(&line);
-            let _ = out.write_all(&o).await;
+            out.write_all(&o).await?;
         }
-        let _ = out.flush().await;
+        out.flush().await?;
     }
     if !buf.is_empty() {
         let mut o = prefix.into_bytes();
         o.extend_from_slice(&buf);
         o.push(b'\n');
-        let _ = out.write_all(&o).await;
-        let _ = out.flush().await;
+        out.write_all(&o).await?;
+        out.flush().await?;
     }
+    Ok(())
+}
+
+/// Events about pods not (yet) shown are kept for a few seconds, then dropped.
+fn progress_is_young(e: &serde_json::Value) -> bool {
+    e["lastTimestamp"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| chrono::Utc::now().signed_duration_since(t) < chrono::Duration::seconds(10))
+        .unwrap_or(false)
 }

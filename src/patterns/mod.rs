@@ -4,6 +4,7 @@
 //! and Docker.
 
 pub mod adapter;
+pub mod flags;
 pub mod gitsync;
 pub mod redis;
 

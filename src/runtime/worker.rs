@@ -912,9 +912,25 @@ impl Runner {
             };
             let prepared = match self.spec() {
                 Ok(spec) => {
-                    let log = spec.log.clone();
+                    // The node's own work (compiling a module, pulling an image) is told in the
+                    // pod's events, not in the container's log: the log is the container's output.
+                    let recorder = self.ctx.recorder.clone();
+                    let (pod_ref, cname) = (pod_ref.clone(), name.clone());
                     let progress: super::executor::ExecutorProgress = Arc::new(move |msg: &str| {
-                        log.note(msg);
+                        let reason = if msg.starts_with("compiled ") {
+                            "Compiled"
+                        } else if msg.starts_with("compiling ") {
+                            "Compiling"
+                        } else if msg.starts_with("pulling ") {
+                            "Pulling"
+                        } else {
+                            "Preparing"
+                        };
+                        recorder.normal(
+                            pod_ref.clone(),
+                            reason,
+                            format!("container {cname}: {msg}"),
+                        );
                     });
                     match executor.prepare(&spec, progress).await {
                         Ok(()) => Ok(spec),
