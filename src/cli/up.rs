@@ -79,6 +79,8 @@ pub async fn run(
     let client = Client::new(&format!("http://{}", server.addr));
 
     let mut watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
+    // The node's progress (compiling, pulling) arrives as the pods' events.
+    let mut events = server.store.watch(Kind::Event, None, WatchFrom::Current)?;
     let applied = super::apply(&client, &manifests, ns, say).await;
     if let Err(e) = applied {
         server.shutdown();
@@ -203,12 +205,17 @@ pub async fn run(
         }
         tokio::select! {
             ev = watch.live.recv() => match ev {
-                Ok(ev) => if watch.wants(&ev)
-                    || (ev.kind == Kind::Event && ev.rv > watch.after) { pending.push(ev) },
+                Ok(ev) => if watch.wants(&ev) { pending.push(ev) },
                 Err(RecvError::Lagged(_)) => {
                     watch = server.store.watch(Kind::Pod, None, WatchFrom::Current)?;
                     pending = std::mem::take(&mut watch.initial);
                 }
+                Err(RecvError::Closed) => break,
+            },
+            ev = events.live.recv() => match ev {
+                Ok(ev) => if events.wants(&ev) { pending.push(ev) },
+                // Progress lines are best effort: a lagging reader just skips some.
+                Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => break,
             },
             _ = &mut signal => { interrupted = true; break; }
