@@ -106,7 +106,10 @@ fn up_prints_the_hello_output_and_exits_zero_and_compiles_once_per_user() {
     // The container's output, and only its output: the node's "compiling" note is progress.
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
-        ["hello/hello | Howdy, Kapsel user!"],
+        [
+            "hello/hello | Howdy, Kapsel user! (from a WASM container in a Kapsel pod)",
+            "hello/hello | argv: [\"hello.wasm\", \"Kapsel\", \"user\"]",
+        ],
         "{stdout}"
     );
     assert!(
