@@ -945,6 +945,8 @@ mod tests {
             active: size,
             ready: available,
             available,
+            ready_restarted: 0,
+            available_restarted: 0,
             present: size as usize,
             crash_looping: false,
             healthy_since: None,
