@@ -104,12 +104,12 @@ fn up_prints_the_hello_output_and_exits_zero_and_compiles_once_per_user() {
     };
     let (stdout, stderr) = up();
     // The container's output, and only its output: the node's "compiling" note is progress.
-    assert!(
-        stdout.starts_with("hello/hello | Howdy, Kapsel user!"),
-        "{stdout}"
-    );
-    assert!(
-        !stdout.contains("[kapsel]") && !stdout.contains("compiling"),
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "hello/hello | Howdy, Kapsel user! (from a WASM container in a Kapsel pod)",
+            "hello/hello | argv: [\"hello.wasm\", \"Kapsel\", \"user\"]",
+        ],
         "{stdout}"
     );
     assert!(

@@ -11,7 +11,8 @@
 //!   progress deadline is aborted when `autoRollback` is set.
 //!
 //! Progress is tracked as Kubernetes does, in the `Progressing` condition: any gain in updated,
-//! ready or available replicas (or loss of old ones) refreshes it; `progressDeadlineSeconds`
+//! ready or available replicas (or loss of old ones) refreshes it, except readiness that a pod
+//! of the new revision regains after a restart (a crash loop is no progress); `progressDeadlineSeconds`
 //! without progress marks it `ProgressDeadlineExceeded`, and with `spec.autoRollback` the
 //! template goes back to the previous revision. `rollout undo` works by writing an old
 //! template back: its ReplicaSet is found by the template hash and becomes the newest
@@ -45,6 +46,10 @@ struct Rs {
     active: i32,
     ready: i32,
     available: i32,
+    /// Of `ready` and `available`: pods that have restarted. A crash-looping pod is ready for
+    /// a moment after each restart; that is not progress of a rollout.
+    ready_restarted: i32,
+    available_restarted: i32,
     /// Pods still present, terminating ones included.
     present: usize,
     /// A pod is crash-looping or has restarted more than once.
@@ -103,6 +108,11 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
             active: pods.iter().filter(|p| p.active()).count() as i32,
             ready: pods.iter().filter(|p| p.ready()).count() as i32,
             available: pods.iter().filter(|p| p.available(min_ready, now)).count() as i32,
+            ready_restarted: pods.iter().filter(|p| p.ready() && p.restarts > 0).count() as i32,
+            available_restarted: pods
+                .iter()
+                .filter(|p| p.available(min_ready, now) && p.restarts > 0)
+                .count() as i32,
             present: pods.len(),
             crash_looping: pods
                 .iter()
@@ -135,6 +145,8 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                     active: 0,
                     ready: 0,
                     available: 0,
+                    ready_restarted: 0,
+                    available_restarted: 0,
                     present: 0,
                     crash_looping: false,
                     healthy_since: None,
@@ -750,8 +762,10 @@ async fn write_status(
             || !refers_to_new
             || settled
             || updated > prev.updated_replicas
-            || ready > prev.ready_replicas
-            || available > prev.available_replicas
+            // (Pods of the new revision ready again after a restart do not count: a release
+            // that crash-loops would otherwise never reach its deadline.)
+            || ready - n.ready_restarted > prev.ready_replicas
+            || available - n.available_restarted > prev.available_replicas
             || (prev.replicas - prev.updated_replicas) > (st_replicas - updated);
         let canary_waiting = canary
             .as_ref()
@@ -931,6 +945,8 @@ mod tests {
             active: size,
             ready: available,
             available,
+            ready_restarted: 0,
+            available_restarted: 0,
             present: size as usize,
             crash_looping: false,
             healthy_since: None,

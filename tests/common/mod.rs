@@ -367,3 +367,202 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
     }
     r.text().await.ok()
 }
+
+/// Poll `f` until it gives `Some`; panics naming `what` after `secs` (with `f`'s last note).
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {secs}s waiting for {what}; last seen:\n{last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Where `kapsel up` keeps compiled modules in tests: one per-user cache (0700) under the
+/// target directory, shared by every `up` the tests start, so an 18 MB component is compiled
+/// once per build tree, never in the user's own `~/.cache`.
+pub fn up_module_cache() -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kapsel-up-cache");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .unwrap();
+    dir
+}
+
+/// `kapsel up -f MANIFEST` run from the checkout as the README runs it (on `127.0.0.1:0`, its
+/// own temporary data directory), with its stdout (the containers' `pod/container | line`s)
+/// and stderr (progress) collected as they come.
+pub struct Up {
+    child: Option<Child>,
+    pub stdout: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+    /// The embedded API, for client commands.
+    pub url: String,
+    /// The node id of up's data directory: its Docker containers carry it.
+    pub node_id: String,
+}
+
+impl Up {
+    pub fn start(manifest: &str) -> Up {
+        let mut child = Command::new(bin())
+            .current_dir(repo(""))
+            .env("XDG_CACHE_HOME", up_module_cache())
+            .env("KAPSEL_LOG", "warn")
+            .args(["up", "-f", manifest, "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |r: Box<dyn std::io::Read + Send>| {
+            let buf = Arc::new(Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    let mut b = b.lock().unwrap();
+                    b.push_str(&line);
+                    b.push('\n');
+                }
+            });
+            buf
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        let mut up = Up {
+            child: Some(child),
+            stdout,
+            stderr,
+            url: String::new(),
+            node_id: String::new(),
+        };
+        // "kapsel: control plane + node up at http://ADDR (data: DIR)"
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (url, data) = loop {
+            let err = up.stderr.lock().unwrap().clone();
+            if let Some(l) = err
+                .lines()
+                .find(|l| l.contains("control plane + node up at "))
+            {
+                let rest = l.split("up at ").nth(1).unwrap();
+                let url = rest.split_whitespace().next().unwrap().to_string();
+                let data = rest.split("(data: ").nth(1).unwrap().trim_end_matches(')');
+                break (url, PathBuf::from(data));
+            }
+            if let Some(s) = up.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("kapsel up -f {manifest} exited ({s}) before starting:\n{err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kapsel up -f {manifest} did not start:\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        up.url = url;
+        up.node_id = std::fs::read_to_string(data.join("node-id"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        assert!(!up.node_id.is_empty(), "no node-id in {}", data.display());
+        up
+    }
+
+    /// Run a client command against up's embedded API.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Poll up's stdout until `pred` holds on it; panics with both streams after `secs`.
+    pub async fn wait_stdout(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        wait_for(what, secs, || async {
+            let out = self.stdout.lock().unwrap().clone();
+            if pred(&out) {
+                Ok(out)
+            } else {
+                Err(format!(
+                    "stdout:\n{out}\nstderr:\n{}",
+                    self.stderr.lock().unwrap()
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Ctrl-C's path (SIGTERM): the exit status and up's stderr, once it has exited.
+    pub async fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        let mut c = self.child.take().expect("already stopped");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "kapsel up did not stop within 60s of SIGTERM:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The reader threads finish at EOF; give them a moment to take the last lines.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !self.stderr.lock().unwrap().contains("kapsel: stopped")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (status, self.stderr.lock().unwrap().clone())
+    }
+
+    /// Docker containers of this `up` still present.
+    pub fn containers_left(&self) -> Vec<String> {
+        docker_ids(&format!("io.kapsel.node-id={}", self.node_id))
+    }
+}
+
+impl Drop for Up {
+    /// A failed test still stops `up` and removes whatever containers it left.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let left = self.containers_left();
+        if !left.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&left)
+                .output();
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! rollout — a long-running WASI preview-1 worker for the Deployment sample: it announces
+//! rollout/worker — a long-running WASI preview-1 worker for the Deployment sample: it announces
 //! its version (VERSION) and pod (HOSTNAME), then reports that it is alive every INTERVAL_MS
 //! (default 2000). With CRASH=1 it exits 1 at once: the "broken release" of the sample.
 use std::io::Write;
