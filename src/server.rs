@@ -202,14 +202,20 @@ impl Server {
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
         tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
 
+        // The node reaches the objects through the client seam, in-process here.
+        let node_client = crate::client::LocalClient::shared(store.clone());
         let ctx = Arc::new(AgentCtx {
-            store: store.clone(),
+            client: node_client.clone(),
             node_name: cfg.node_name.clone(),
             pods_dir,
             logs,
             executors,
             docker,
-            recorder: Recorder::new(store.clone(), "kapsel-node", Some(cfg.node_name.clone())),
+            recorder: Recorder::with_client(
+                node_client,
+                "kapsel-node",
+                Some(cfg.node_name.clone()),
+            ),
             backoff: cfg.backoff,
             host_ip: "127.0.0.1".into(),
             volume_check_interval: cfg.volume_check_interval,
