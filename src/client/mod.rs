@@ -5,13 +5,14 @@
 //! Backends:
 //! - [`local::LocalClient`]: in-process, over the server's own store. The embedded node of
 //!   `kapsel serve` and `kapsel up` uses it, so single-node speed stays what it was.
-//! - an HTTP backend (TLS, token) for agents on other machines joins here with the cluster.
+//! - [`http::HttpClient`]: the API over HTTP, with a bearer token: what `kapsel agent` uses.
 //!
 //! Rules the node may rely on from every backend: a write with a `resourceVersion` is
 //! compare-and-swap (a stale one is [`ClientError::Conflict`]); a watch delivers every change
 //! after its initial list, in order, or says [`WatchItem::Resync`] when it fell behind, after
 //! which the caller lists again. Controllers must not rely on seeing their own writes at once.
 
+pub mod http;
 pub mod local;
 
 use std::sync::Arc;
