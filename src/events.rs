@@ -17,9 +17,10 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::client::{Client, ClientError, LocalClient};
 use crate::model::event::EventSource;
 use crate::model::{Event, Kind, ObjectMeta, ObjectReference, Pod};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Events one object may record at once for one reason...
 const BURST_PER_OBJECT: f64 = 25.0;
@@ -38,7 +39,7 @@ pub struct Recorder {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    client: Arc<dyn Client>,
     component: String,
     host: Option<String>,
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -69,10 +70,16 @@ enum Fold {
 }
 
 impl Recorder {
+    /// A recorder writing straight into the server's store (the control plane's components).
     pub fn new(store: Arc<dyn Store>, component: &str, host: Option<String>) -> Self {
+        Self::with_client(LocalClient::shared(store), component, host)
+    }
+
+    /// A recorder writing through the client seam (the node agent).
+    pub fn with_client(client: Arc<dyn Client>, component: &str, host: Option<String>) -> Self {
         Recorder {
             inner: Arc::new(Inner {
-                store,
+                client,
                 component: component.to_string(),
                 host,
                 buckets: Mutex::new(HashMap::new()),
@@ -185,7 +192,7 @@ impl Recorder {
         type_: &str,
         reason: &str,
         message: String,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), ClientError> {
         self.record(obj, type_, reason, message, Fold::Identical)
             .await
     }
@@ -197,8 +204,8 @@ impl Recorder {
         reason: &str,
         message: String,
         fold: Fold,
-    ) -> Result<(), StoreError> {
-        let store = &self.inner.store;
+    ) -> Result<(), ClientError> {
+        let client = &self.inner.client;
         let ns = if obj.namespace.is_empty() {
             "default".to_string()
         } else {
@@ -213,7 +220,7 @@ impl Recorder {
         let name = format!("{}.{}", obj.name, &hex::encode(h.finalize())[..16]);
         let now = Utc::now();
         for _ in 0..5 {
-            if let Some(existing) = store.get(Kind::Event, &ns, &name)? {
+            if let Some(existing) = client.get(Kind::Event, &ns, &name).await? {
                 let mut ev: Event = match serde_json::from_value((*existing).clone()) {
                     Ok(e) => e,
                     Err(_) => return Ok(()),
@@ -222,11 +229,11 @@ impl Recorder {
                 ev.last_timestamp = Some(now);
                 ev.message = message.clone();
                 ev.type_ = type_.to_string();
-                match store
-                    .update(Kind::Event, serde_json::to_value(&ev).unwrap())
+                match client
+                    .replace(Kind::Event, serde_json::to_value(&ev).unwrap())
                     .await
                 {
-                    Err(StoreError::Conflict { .. }) | Err(StoreError::NotFound { .. }) => continue,
+                    Err(ClientError::Conflict(_)) | Err(ClientError::NotFound { .. }) => continue,
                     r => return r.map(|_| ()),
                 }
             }
@@ -252,11 +259,11 @@ impl Recorder {
                     host: self.inner.host.clone(),
                 }),
             };
-            match store
+            match client
                 .create(Kind::Event, serde_json::to_value(&ev).unwrap())
                 .await
             {
-                Err(StoreError::AlreadyExists { .. }) => continue,
+                Err(ClientError::AlreadyExists { .. }) => continue,
                 r => return r.map(|_| ()),
             }
         }

@@ -19,6 +19,9 @@
 //!   `runtime::wasm::limits`: one memory budget per guest), logs, volumes (subPaths opened
 //!   beneath their volume and bind-mounted from the handle; emptyDir size limits), restart
 //!   back-off.
+//! - [`client`]: the seam between the node and the objects (get / create / replace /
+//!   replace-status / delete / watch with a field selector); `client::local` is the in-process
+//!   backend the embedded node uses. Nothing in [`runtime`] touches the store.
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
@@ -29,6 +32,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod events;
 pub mod model;
 pub mod patterns;

@@ -40,6 +40,8 @@ pub enum ServerError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("control plane client: {0}")]
+    Client(#[from] crate::client::ClientError),
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub struct ServerConfig {
     /// uses the user's cache ([`user_module_cache`]) so a fresh temporary data directory does
     /// not recompile every module on every run.
     pub module_cache_dir: Option<PathBuf>,
+    /// The address this node reports as its pods' `hostIP` and its Node's InternalIP.
+    pub host_ip: String,
 }
 
 impl ServerConfig {
@@ -89,6 +93,7 @@ impl ServerConfig {
             api_listener: api::listener::ListenerConfig::default(),
             allowed_hosts: Vec::new(),
             module_cache_dir: None,
+            host_ip: "127.0.0.1".into(),
         }
     }
 }
@@ -144,33 +149,7 @@ impl Server {
         let store: Arc<dyn Store> = RedbStore::open(&store_dir)?;
         private_files(&store_dir)?;
         let pods_dir = cfg.data_dir.join("pods");
-        private_dir(&pods_dir)?;
-        private_dir(&cfg.data_dir.join("cache"))?;
-        let node_id = node_identity(&cfg.data_dir)?;
-        let logs = Logs::new(pods_dir.clone());
-        let mut wcfg = WasmConfig::new(
-            cfg.module_cache_dir
-                .clone()
-                .unwrap_or_else(|| cfg.data_dir.join("cache").join("wasm")),
-        );
-        wcfg.pool_slots = cfg.wasm_pool_slots;
-        wcfg.pool_memory = cfg.wasm_pool_memory;
-        wcfg.default_memory_limit = cfg.wasm_default_memory_limit;
-        let wasm = WasmExecutor::new(wcfg)?;
-        let wasm_api = wasm.clone();
-        let docker = cfg
-            .docker_host
-            .as_deref()
-            .map(|h| DockerExecutor::new(h, &cfg.node_name, &node_id));
-        let mut executors: Vec<Arc<dyn Executor>> = vec![
-            Arc::new(wasm),
-            Arc::new(Arc::new(crate::patterns::BuiltinExecutor::new(
-                docker.clone(),
-            ))),
-        ];
-        if let Some(d) = &docker {
-            executors.push(Arc::new(d.clone()));
-        }
+        let logs = Logs::new(pods_dir);
 
         let listener =
             api::listener::bind(&cfg.listen)
@@ -180,7 +159,6 @@ impl Server {
                     source,
                 })?;
         let addr = listener.local_addr()?;
-        wasm_api.set_api_addr(addr);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
@@ -201,24 +179,17 @@ impl Server {
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
         tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
-
-        let ctx = Arc::new(AgentCtx {
-            store: store.clone(),
-            node_name: cfg.node_name.clone(),
-            pods_dir,
-            logs,
-            executors,
-            docker,
-            recorder: Recorder::new(store.clone(), "kapsel-node", Some(cfg.node_name.clone())),
-            backoff: cfg.backoff,
-            host_ip: "127.0.0.1".into(),
-            volume_check_interval: cfg.volume_check_interval,
-            pod_netns: cfg.pod_netns,
-        });
-        let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
-        let (registered, node_up) = tokio::sync::oneshot::channel();
-        tracker.spawn(agent.run(cancel.clone(), Some(registered)));
         tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
+
+        // The node reaches the objects through the client seam, in-process here.
+        let node_up = start_node(
+            &cfg,
+            crate::client::LocalClient::shared(store.clone()),
+            logs,
+            Some(addr),
+            &tracker,
+            &cancel,
+        )?;
         tracker.close();
         // Ready means ready to run pods: the node has registered itself.
         let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
@@ -236,6 +207,104 @@ impl Server {
     }
 
     /// Wait until every part has stopped.
+    pub async fn wait(&self) {
+        self.tracker.wait().await;
+    }
+}
+
+/// Start a node over `client`: its executors (WASM, the built-ins, Docker when configured) and
+/// its agent, as tasks of `tracker` stopped by `cancel`. `serve` passes the in-process client,
+/// `kapsel agent` the HTTP one. `api_addr`: the control plane's address, out of reach of pods on
+/// the node's network. Returns a receiver that fires once the node has registered.
+pub fn start_node(
+    cfg: &ServerConfig,
+    client: Arc<dyn crate::client::Client>,
+    logs: Logs,
+    api_addr: Option<SocketAddr>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<tokio::sync::oneshot::Receiver<()>, ServerError> {
+    private_dir(&cfg.data_dir)?;
+    let pods_dir = cfg.data_dir.join("pods");
+    private_dir(&pods_dir)?;
+    private_dir(&cfg.data_dir.join("cache"))?;
+    let node_id = node_identity(&cfg.data_dir)?;
+    let mut wcfg = WasmConfig::new(
+        cfg.module_cache_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("cache").join("wasm")),
+    );
+    wcfg.pool_slots = cfg.wasm_pool_slots;
+    wcfg.pool_memory = cfg.wasm_pool_memory;
+    wcfg.default_memory_limit = cfg.wasm_default_memory_limit;
+    let wasm = WasmExecutor::new(wcfg)?;
+    if let Some(a) = api_addr {
+        wasm.set_api_addr(a);
+    }
+    let docker = cfg
+        .docker_host
+        .as_deref()
+        .map(|h| DockerExecutor::new(h, &cfg.node_name, &node_id));
+    let mut executors: Vec<Arc<dyn Executor>> = vec![
+        Arc::new(wasm),
+        Arc::new(Arc::new(crate::patterns::BuiltinExecutor::new(
+            docker.clone(),
+        ))),
+    ];
+    if let Some(d) = &docker {
+        executors.push(Arc::new(d.clone()));
+    }
+    let ctx = Arc::new(AgentCtx {
+        client: client.clone(),
+        node_name: cfg.node_name.clone(),
+        pods_dir,
+        logs,
+        executors,
+        docker,
+        recorder: Recorder::with_client(client, "kapsel-node", Some(cfg.node_name.clone())),
+        backoff: cfg.backoff,
+        host_ip: cfg.host_ip.clone(),
+        volume_check_interval: cfg.volume_check_interval,
+        pod_netns: cfg.pod_netns,
+    });
+    let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
+    let (registered, node_up) = tokio::sync::oneshot::channel();
+    tracker.spawn(agent.run(cancel.clone(), Some(registered)));
+    Ok(node_up)
+}
+
+/// `kapsel agent`: a node without a control plane, reaching one over HTTP.
+pub struct Agent {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Agent {
+    /// Start the node's parts against the API at `server`; returns once it has registered
+    /// (or after 15 s, the agent retrying in the background).
+    pub async fn start(
+        cfg: ServerConfig,
+        server: &str,
+        token: Option<String>,
+    ) -> Result<Agent, ServerError> {
+        let client = crate::client::http::HttpClient::shared(server, token)?;
+        let api_addr = reqwest::Url::parse(server)
+            .ok()
+            .and_then(|u| u.socket_addrs(|| None).ok())
+            .and_then(|a| a.into_iter().next());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let logs = Logs::new(cfg.data_dir.join("pods"));
+        let node_up = start_node(&cfg, client, logs, api_addr, &tracker, &cancel)?;
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
+        Ok(Agent { cancel, tracker })
+    }
+
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
     pub async fn wait(&self) {
         self.tracker.wait().await;
     }

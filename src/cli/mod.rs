@@ -131,6 +131,18 @@ pub enum Command {
         #[command(flatten)]
         api: ApiOpts,
     },
+    /// Run a node that joins the control plane at --server: it registers its Node, runs the
+    /// pods bound to it and reports their status through the API (nothing else is local).
+    Agent {
+        /// Bearer token presented to the API server (also KAPSEL_TOKEN).
+        #[arg(long, env = "KAPSEL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The address reported as this node's InternalIP and its pods' hostIP.
+        #[arg(long, default_value = "127.0.0.1")]
+        node_ip: String,
+        #[command(flatten)]
+        node: NodeOpts,
+    },
     /// Run manifests in the foreground with an embedded control plane + node; Ctrl-C stops all.
     Up {
         /// Manifest file or directory.
@@ -358,6 +370,7 @@ pub fn default_node_name() -> String {
 pub async fn run(cli: Cli) -> Result<i32> {
     let client = Client::new(&cli.server);
     let ns = cli.namespace.clone();
+    let server = cli.server.clone();
     match cli.command {
         Command::Serve { listen, node, api } => {
             let mut cfg = server_config(&listen, &node)?;
@@ -373,6 +386,26 @@ pub async fn run(cli: Cli) -> Result<i32> {
             eprintln!("kapsel: stopping pods…");
             server.shutdown();
             server.wait().await;
+            Ok(0)
+        }
+        Command::Agent {
+            token,
+            node_ip,
+            node,
+        } => {
+            let mut cfg = server_config("", &node)?;
+            cfg.host_ip = node_ip;
+            let agent = crate::server::Agent::start(cfg.clone(), &server, token).await?;
+            eprintln!(
+                "kapsel: node {} joined {} · data in {}",
+                cfg.node_name,
+                server,
+                cfg.data_dir.display()
+            );
+            shutdown_signal().await;
+            eprintln!("kapsel: stopping pods…");
+            agent.shutdown();
+            agent.wait().await;
             Ok(0)
         }
         Command::Up {

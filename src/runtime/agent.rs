@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::broadcast::error::RecvError;
+use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::{run_pod, AgentCtx};
+use crate::client::{ClientError, Selector, WatchItem};
 use crate::model::node::{NodeAddress, NodeCondition, NodeInfo, NodeStatus};
 use crate::model::{Kind, Node, ObjectMeta, Pod};
-use crate::store::{EventType, StoreError, WatchEvent, WatchFrom};
+use crate::store::{EventType, WatchEvent};
 
 /// Capacity this node advertises.
 #[derive(Debug, Clone)]
@@ -139,32 +140,32 @@ impl NodeAgent {
     }
 
     /// Create or refresh this node's object (also the heartbeat).
-    pub async fn register(&self, runtimes: &[String]) -> Result<(), StoreError> {
-        let store = &self.ctx.store;
+    pub async fn register(&self, runtimes: &[String]) -> Result<(), ClientError> {
+        let client = &self.ctx.client;
         for _ in 0..10 {
             let mut node = self.node_object(runtimes);
-            match store.get(Kind::Node, "", &self.ctx.node_name)? {
+            match client.get(Kind::Node, "", &self.ctx.node_name).await? {
                 None => {
                     node.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
                     node.metadata.creation_timestamp = Some(Utc::now());
-                    match store
+                    match client
                         .create(Kind::Node, serde_json::to_value(&node).unwrap())
                         .await
                     {
-                        Err(StoreError::AlreadyExists { .. }) => continue,
+                        Err(ClientError::AlreadyExists { .. }) => continue,
                         r => return r.map(|_| ()),
                     }
                 }
                 Some(cur) => {
                     let cur: Node = serde_json::from_value((*cur).clone())
-                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                        .map_err(|e| ClientError::Invalid(format!("node object: {e}")))?;
                     node.metadata = cur.metadata;
                     node.spec = cur.spec;
-                    match store
-                        .update(Kind::Node, serde_json::to_value(&node).unwrap())
+                    match client
+                        .replace_status(Kind::Node, serde_json::to_value(&node).unwrap())
                         .await
                     {
-                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(ClientError::Conflict(_)) => continue,
                         r => return r.map(|_| ()),
                     }
                 }
@@ -201,7 +202,8 @@ impl NodeAgent {
         }
         let mut first = true;
         'outer: loop {
-            let mut watch = match self.ctx.store.watch(Kind::Pod, None, WatchFrom::Current) {
+            let selector = Selector::NodeName(self.ctx.node_name.clone());
+            let mut watch = match self.ctx.client.watch(Kind::Pod, None, selector).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::error!(error = %e, "watching pods");
@@ -236,13 +238,13 @@ impl NodeAgent {
             let mut beats = 0u32;
             loop {
                 tokio::select! {
-                    ev = watch.live.recv() => match ev {
-                        Ok(ev) => if watch.wants(&ev) { self.handle(&ev); },
-                        Err(RecvError::Lagged(n)) => {
-                            tracing::warn!(missed = n, "pod watch lagged; resyncing");
+                    item = watch.live.next() => match item {
+                        Some(WatchItem::Event(ev)) => { self.handle(&ev); }
+                        Some(WatchItem::Resync) => {
+                            tracing::warn!("pod watch lagged; resyncing");
                             continue 'outer;
                         }
-                        Err(RecvError::Closed) => break 'outer,
+                        None => break 'outer,
                     },
                     _ = heartbeat.tick() => {
                         beats += 1;
@@ -387,7 +389,7 @@ fn cleanup_pod_dir(ctx: &AgentCtx, uid: &str) {
 /// The pod's containers are stopped: remove the object (if it is still this pod).
 async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
     for _ in 0..20 {
-        let cur = match ctx.store.get(Kind::Pod, pod.ns(), pod.name()) {
+        let cur = match ctx.client.get(Kind::Pod, pod.ns(), pod.name()).await {
             Ok(Some(c)) => c,
             _ => break,
         };
@@ -395,8 +397,8 @@ async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
             break;
         }
         let rv = crate::store::object_rv(&cur);
-        match ctx.store.delete(Kind::Pod, pod.ns(), pod.name(), rv).await {
-            Err(StoreError::Conflict { .. }) => continue,
+        match ctx.client.delete(Kind::Pod, pod.ns(), pod.name(), rv).await {
+            Err(ClientError::Conflict(_)) => continue,
             _ => break,
         }
     }

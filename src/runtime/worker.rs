@@ -23,6 +23,7 @@ use super::logs::Logs;
 use super::probe::{ProbeEvent, Probes, Target as ProbeTarget};
 use super::sandbox::{NetMode, Sandbox};
 use super::volumes;
+use crate::client::{Client, ClientError};
 use crate::events::Recorder;
 use crate::model::pod::{
     Container, ContainerState, ContainerStatus, PodCondition, PodPhase, PodStatus, RestartPolicy,
@@ -30,11 +31,11 @@ use crate::model::pod::{
 };
 use crate::model::quantity::{parse_bytes, parse_millicpu};
 use crate::model::{Kind, Pod};
-use crate::store::{Store, StoreError};
 
 /// What every pod worker of a node shares.
 pub struct AgentCtx {
-    pub store: Arc<dyn Store>,
+    /// The node's only way to the cluster's objects (see [`crate::client`]).
+    pub client: Arc<dyn Client>,
     pub node_name: String,
     /// `<data-dir>/pods`: one directory per pod uid (volumes, logs).
     pub pods_dir: PathBuf,
@@ -670,7 +671,7 @@ fn apply(local: &mut LocalStatus, rep: Report) {
 async fn flush(ctx: &AgentCtx, pod: &Pod, local: &LocalStatus) -> bool {
     let status = local.to_status(&ctx.host_ip);
     for _ in 0..20 {
-        let cur = match ctx.store.get(Kind::Pod, pod.ns(), pod.name()) {
+        let cur = match ctx.client.get(Kind::Pod, pod.ns(), pod.name()).await {
             Ok(Some(c)) => c,
             Ok(None) => return false,
             Err(e) => {
@@ -706,13 +707,13 @@ async fn flush(ctx: &AgentCtx, pod: &Pod, local: &LocalStatus) -> bool {
         }
         cur.status = Some(st);
         match ctx
-            .store
-            .update(Kind::Pod, serde_json::to_value(&cur).unwrap())
+            .client
+            .replace_status(Kind::Pod, serde_json::to_value(&cur).unwrap())
             .await
         {
             Ok(_) => return true,
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(StoreError::NotFound { .. }) => return false,
+            Err(ClientError::Conflict(_)) => continue,
+            Err(ClientError::NotFound { .. }) => return false,
             Err(e) => {
                 tracing::warn!(error = %e, pod = %pod.key(), "writing pod status");
                 return true;
