@@ -839,7 +839,7 @@ mod tests {
         assert!(t.contains("users 2\n"));
         assert!(t.contains("kapsel_adapter_statsd_malformed_lines_total 1"));
         let st = a.status_lines();
-        assert_eq!(st[0], ("Series".to_string(), "5".to_string()), "{st:?}");
+        assert_eq!(st[0], ("Series".to_string(), "4".to_string()), "{st:?}");
         assert!(st[1].1.contains("9 lines, 1 malformed"), "{st:?}");
     }
 }
