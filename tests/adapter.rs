@@ -623,7 +623,10 @@ fn get_sync(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.lines().next()?.contains(" 200 ").then(|| body.to_string())
+    head.lines()
+        .next()?
+        .contains(" 200 ")
+        .then(|| body.to_string())
 }
 
 fn own_metric(page: &str, name: &str) -> f64 {
