@@ -47,6 +47,17 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) the process has used, from `/proc/PID/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / tick
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -107,56 +118,100 @@ fn main() {
             }
         });
     }
-    let (udp, web) = (free_port(), free_port());
-    let _adapter = Proc(
-        Command::new(env!("CARGO_BIN_EXE_kapsel"))
-            .arg("metrics-adapter")
+    // The adapter without a mapping file, and one with a statsd_exporter mapping file whose
+    // glob rules the bench's name goes through (several rules, so matching is exercised).
+    let mapping_dir =
+        std::env::temp_dir().join(format!("kapsel-bench-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&mapping_dir).unwrap();
+    let mapping = mapping_dir.join("mapping.yaml");
+    std::fs::write(
+        &mapping,
+        "mappings:\n- {match: 'other.*.count', name: other_total}\n- {match: 'bench.*.errors', name: bench_errors_total}\n- match: 'bench.*'\n  name: 'bench_${1}_total'\n  labels: {app: bench, kind: '$1'}\n- {match: '*.*.*', name: three}\n",
+    )
+    .unwrap();
+    let start = |mapping: Option<&std::path::Path>| {
+        let (udp, web) = (free_port(), free_port());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kapsel"));
+        c.arg("metrics-adapter")
             .arg(format!("--statsd.listen-udp=127.0.0.1:{udp}"))
             .arg(format!("--web.listen-address=127.0.0.1:{web}"))
             .arg("--max-series=300000")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(web, "/metrics").is_none() {
-        assert!(Instant::now() < deadline, "adapter never served");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .stderr(Stdio::null());
+        if let Some(m) = mapping {
+            c.arg(format!("--statsd.mapping-config={}", m.display()));
+        }
+        let p = Proc(c.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while get(web, "/metrics").is_none() {
+            assert!(Instant::now() < deadline, "adapter never served");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (p, udp, web)
+    };
+    let (plain, udp, web) = start(None);
+    let (mapped, mudp, mweb) = start(Some(&mapping));
 
+    // Lines/s and CPU µs per line of one adapter over one blast.
+    let measure = |pid: u32, udp: u16, web: u16| -> (f64, f64) {
+        let l0 = metric(
+            &get(web, "/metrics").unwrap(),
+            "kapsel_adapter_statsd_lines_total",
+        );
+        let c0 = cpu_secs(pid);
+        blast(udp, secs);
+        std::thread::sleep(Duration::from_millis(500));
+        let c1 = cpu_secs(pid);
+        let l1 = metric(
+            &get(web, "/metrics").unwrap(),
+            "kapsel_adapter_statsd_lines_total",
+        );
+        ((l1 - l0) / secs, (c1 - c0) * 1e6 / (l1 - l0).max(1.0))
+    };
     let mut bare_rates = Vec::new();
-    let mut adapter_rates = Vec::new();
     let mut sent_rates = Vec::new();
+    let (mut plain_rates, mut plain_cpu) = (Vec::new(), Vec::new());
+    let (mut mapped_rates, mut mapped_cpu) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         let c0 = count.load(Ordering::Relaxed);
         let sent = blast(bare_port, secs);
         std::thread::sleep(Duration::from_millis(300));
         bare_rates.push((count.load(Ordering::Relaxed) - c0) as f64 / secs);
         sent_rates.push(sent as f64 / secs);
-
-        let l0 = metric(
-            &get(web, "/metrics").unwrap(),
-            "kapsel_adapter_statsd_lines_total",
-        );
-        blast(udp, secs);
-        std::thread::sleep(Duration::from_millis(500));
-        let l1 = metric(
-            &get(web, "/metrics").unwrap(),
-            "kapsel_adapter_statsd_lines_total",
-        );
-        adapter_rates.push((l1 - l0) / secs);
+        let (r, c) = measure(plain.0.id(), udp, web);
+        plain_rates.push(r);
+        plain_cpu.push(c);
+        let (r, c) = measure(mapped.0.id(), mudp, mweb);
+        mapped_rates.push(r);
+        mapped_cpu.push(c);
     }
     done.store(true, Ordering::Relaxed);
-    let (b, a) = (median(bare_rates), median(adapter_rates));
+    let b = median(bare_rates);
     println!("StatsD ingestion, single-line datagrams, {secs}s x {reps} reps (medians):");
-    println!("| receiver | lines/s | vs bare |");
-    println!("|---|---|---|");
-    println!("| sender offered | {:.0} | |", median(sent_rates));
-    println!("| bare UDP receiver (counts datagrams) | {b:.0} | 1.00x |");
-    println!(
-        "| kapsel metrics-adapter (parse, map, update) | {a:.0} | {:.2}x |",
-        a / b
-    );
+    println!("| receiver | lines/s | vs bare | adapter CPU per line |");
+    println!("|---|---|---|---|");
+    println!("| sender offered | {:.0} | | |", median(sent_rates));
+    println!("| bare UDP receiver (counts datagrams) | {b:.0} | 1.00x | |");
+    for (what, rates, cpu) in [
+        (
+            "kapsel metrics-adapter, no mapping file",
+            plain_rates,
+            plain_cpu,
+        ),
+        (
+            "kapsel metrics-adapter, glob mapping file",
+            mapped_rates,
+            mapped_cpu,
+        ),
+    ] {
+        let a = median(rates);
+        println!(
+            "| {what} | {a:.0} | {:.2}x | {:.2} µs |",
+            a / b,
+            median(cpu)
+        );
+    }
+    drop(mapped);
+    let _ = std::fs::remove_dir_all(&mapping_dir);
 
     // 100,000 series, fed in 50-line datagrams with pauses (UDP drops nothing then).
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -421,3 +421,579 @@ async fn the_metrics_adapter_sample_runs_under_up_and_stops_cleanly() {
         "containers left after up stopped: {left:?}"
     );
 }
+
+// ------------------------------------------------------------------ statsd_exporter's scenarios
+
+/// One file of `tests/fixtures/statsd-mapper/`: a mapping file and what the adapter must make
+/// of StatsD lines under it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    config: Option<String>,
+    /// A file next to the scenario, used byte for byte.
+    config_file: Option<String>,
+    /// The adapter must refuse to start, with this in its error.
+    refused: Option<String>,
+    /// Warnings the adapter must log.
+    #[serde(default)]
+    warns: Vec<String>,
+    #[serde(default)]
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    /// A StatsD line; `{1..100}` sends one line per number.
+    line: String,
+    name: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    /// counter, gauge, histogram or summary (by default from the line's StatsD type).
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Dropped by an `action: drop` rule.
+    #[serde(default)]
+    dropped: bool,
+    /// Leaves the exposition after its ttl.
+    #[serde(default)]
+    gone: bool,
+    #[serde(default = "one")]
+    repeat: usize,
+    value: Option<f64>,
+    sum: Option<f64>,
+    count: Option<f64>,
+    buckets: Option<Vec<f64>>,
+    quantiles: Option<Vec<f64>>,
+    quantile_values: Option<serde_norway::Mapping>,
+    help: Option<String>,
+    #[allow(dead_code)]
+    note: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Case {
+    fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let expanded = match (self.line.find('{'), self.line.find("..")) {
+            (Some(open), Some(dots)) if dots > open => {
+                let close = self.line[dots..].find('}').unwrap() + dots;
+                let a: i64 = self.line[open + 1..dots].parse().unwrap();
+                let b: i64 = self.line[dots + 2..close].parse().unwrap();
+                (a..=b)
+                    .map(|v| format!("{}{v}{}", &self.line[..open], &self.line[close + 1..]))
+                    .collect()
+            }
+            _ => vec![self.line.clone()],
+        };
+        for _ in 0..self.repeat {
+            out.extend(expanded.iter().cloned());
+        }
+        out
+    }
+
+    fn kind(&self) -> String {
+        self.kind.clone().unwrap_or_else(|| {
+            match self.line.split('|').nth(1).unwrap_or("") {
+                "c" => "counter",
+                "g" | "s" => "gauge",
+                _ => "histogram",
+            }
+            .to_string()
+        })
+    }
+}
+
+type Labels = std::collections::BTreeMap<String, String>;
+
+/// A scraped page: samples, `# TYPE`s and `# HELP`s.
+struct Page {
+    samples: Vec<(String, Labels, f64)>,
+    types: HashMap<String, String>,
+    helps: HashMap<String, String>,
+}
+
+use std::collections::HashMap;
+
+fn parse_page(text: &str) -> Page {
+    let mut p = Page {
+        samples: Vec::new(),
+        types: HashMap::new(),
+        helps: HashMap::new(),
+    };
+    for line in text.lines() {
+        if let Some(r) = line.strip_prefix("# TYPE ") {
+            let (n, t) = r.split_once(' ').unwrap();
+            p.types.insert(n.to_string(), t.to_string());
+            continue;
+        }
+        if let Some(r) = line.strip_prefix("# HELP ") {
+            let (n, t) = r.split_once(' ').unwrap();
+            p.helps.insert(n.to_string(), t.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, rest) = match line.find('{') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => {
+                let (n, v) = line.split_once(' ').unwrap();
+                p.samples
+                    .push((n.to_string(), Labels::new(), parse_value(v)));
+                continue;
+            }
+        };
+        let mut labels = Labels::new();
+        let b: Vec<char> = rest.chars().collect();
+        let mut i = 0;
+        loop {
+            if b[i] == '}' {
+                i += 1;
+                break;
+            }
+            if b[i] == ',' {
+                i += 1;
+                continue;
+            }
+            let eq = (i..b.len()).find(|&j| b[j] == '=').unwrap();
+            let key: String = b[i..eq].iter().collect();
+            let mut j = eq + 2;
+            let mut val = String::new();
+            while b[j] != '"' {
+                if b[j] == '\\' {
+                    j += 1;
+                    val.push(if b[j] == 'n' { '\n' } else { b[j] });
+                } else {
+                    val.push(b[j]);
+                }
+                j += 1;
+            }
+            labels.insert(key, val);
+            i = j + 1;
+        }
+        let v: String = b[i..].iter().collect();
+        p.samples
+            .push((name.to_string(), labels, parse_value(v.trim())));
+    }
+    p
+}
+
+fn parse_value(v: &str) -> f64 {
+    match v.trim() {
+        "NaN" => f64::NAN,
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().unwrap(),
+    }
+}
+
+impl Page {
+    fn get(&self, name: &str, labels: &Labels) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|s| s.2)
+    }
+    /// Samples of `name` whose labels are `labels` plus one more, `extra`: (its value, sample).
+    fn by_extra(&self, name: &str, labels: &Labels, extra: &str) -> Vec<(f64, f64)> {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len() + 1
+                    && labels.iter().all(|(k, v)| l.get(k) == Some(v))
+            })
+            .filter_map(|(_, l, v)| Some((parse_value(l.get(extra)?), *v)))
+            .collect()
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 + 1e-9 * b.abs()
+}
+
+fn get_sync(port: u16, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.lines()
+        .next()?
+        .contains(" 200 ")
+        .then(|| body.to_string())
+}
+
+fn own_metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(parse_value)
+        .unwrap_or(f64::NAN)
+}
+
+/// Run one scenario against a real `kapsel metrics-adapter` over UDP; every failed
+/// expectation is returned.
+fn run_scenario(dir: &std::path::Path, file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join(file)).unwrap();
+    let sc: Scenario = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut errs = Vec::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let mapping = tmp.path().join("mapping.yaml");
+    let config = match (&sc.config, &sc.config_file) {
+        (_, Some(f)) => std::fs::read(dir.join(f)).unwrap(),
+        (Some(c), None) => c.clone().into_bytes(),
+        (None, None) => Vec::new(),
+    };
+    std::fs::write(&mapping, config).unwrap();
+    let stderr_path = tmp.path().join("stderr");
+    let (udp, web) = (free_port(), free_port());
+    let mut child = Proc(
+        Command::new(bin())
+            .arg("metrics-adapter")
+            .arg(format!("--statsd.listen-udp=127.0.0.1:{udp}"))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .arg(format!("--statsd.mapping-config={}", mapping.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    if let Some(want) = &sc.refused {
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return vec![format!("{file}: the adapter accepted a bad mapping file")];
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = stderr();
+        if status.success()
+            || !err.contains("--statsd.mapping-config")
+            || !err.contains(want.as_str())
+        {
+            errs.push(format!(
+                "{file}: want a refusal naming {want:?}, got {status:?}: {err}"
+            ));
+        }
+        return errs;
+    }
+    while get_sync(web, "/metrics").is_none() {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            return vec![format!("{file}: the adapter exited ({s}): {}", stderr())];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{file}: the adapter never served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent = 0;
+    for c in &sc.cases {
+        for l in c.lines() {
+            sock.send_to(l.as_bytes(), ("127.0.0.1", udp)).unwrap();
+            sent += 1;
+        }
+    }
+    let want_lines = format!("kapsel_adapter_statsd_lines_total {sent}\n");
+    let page = loop {
+        let p = get_sync(web, "/metrics").unwrap_or_default();
+        if p.contains(&want_lines) {
+            break p;
+        }
+        if Instant::now() > deadline {
+            return vec![format!("{file}: not every line arrived: {p}")];
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let p = parse_page(&page);
+    let mut series = std::collections::BTreeSet::new();
+    let mut dropped = 0;
+    for c in &sc.cases {
+        let at = format!("{file}: {:?}", c.line);
+        if c.dropped {
+            dropped += c.lines().len();
+            continue;
+        }
+        let name = c.name.clone().unwrap();
+        series.insert((name.clone(), c.labels.clone()));
+        let kind = c.kind();
+        if p.types.get(&name) != Some(&kind) {
+            errs.push(format!(
+                "{at}: want # TYPE {name} {kind}, got {:?}",
+                p.types.get(&name)
+            ));
+        }
+        if let Some(h) = &c.help {
+            if p.helps.get(&name) != Some(h) {
+                errs.push(format!(
+                    "{at}: want # HELP {name} {h}, got {:?}",
+                    p.helps.get(&name)
+                ));
+            }
+        }
+        let check = |errs: &mut Vec<String>, what: &str, got: Option<f64>, want: Option<f64>| match (
+            got, want,
+        ) {
+            (None, _) => errs.push(format!("{at}: no {what}{:?} in {page}", c.labels)),
+            (Some(g), Some(w)) if !close(g, w) => {
+                errs.push(format!("{at}: {what}{:?} is {g}, want {w}", c.labels))
+            }
+            _ => {}
+        };
+        match kind.as_str() {
+            "counter" | "gauge" => check(&mut errs, &name, p.get(&name, &c.labels), c.value),
+            "histogram" => {
+                check(
+                    &mut errs,
+                    &format!("{name}_count"),
+                    p.get(&format!("{name}_count"), &c.labels),
+                    c.count,
+                );
+                check(
+                    &mut errs,
+                    &format!("{name}_sum"),
+                    p.get(&format!("{name}_sum"), &c.labels),
+                    c.sum,
+                );
+                if let Some(b) = &c.buckets {
+                    let got: Vec<f64> = p
+                        .by_extra(&format!("{name}_bucket"), &c.labels, "le")
+                        .into_iter()
+                        .map(|(le, _)| le)
+                        .filter(|le| le.is_finite())
+                        .collect();
+                    if got.len() != b.len() || got.iter().zip(b).any(|(g, w)| !close(*g, *w)) {
+                        errs.push(format!("{at}: buckets {got:?}, want {b:?}"));
+                    }
+                }
+            }
+            "summary" => {
+                check(
+                    &mut errs,
+                    &format!("{name}_count"),
+                    p.get(&format!("{name}_count"), &c.labels),
+                    c.count,
+                );
+                check(
+                    &mut errs,
+                    &format!("{name}_sum"),
+                    p.get(&format!("{name}_sum"), &c.labels),
+                    c.sum,
+                );
+                let got = p.by_extra(&name, &c.labels, "quantile");
+                if let Some(q) = &c.quantiles {
+                    let qs: Vec<f64> = got.iter().map(|g| g.0).collect();
+                    if qs.len() != q.len() || q.iter().any(|w| !qs.iter().any(|g| close(*g, *w))) {
+                        errs.push(format!("{at}: quantiles {qs:?}, want {q:?}"));
+                    }
+                }
+                for (k, v) in c.quantile_values.iter().flatten() {
+                    let (q, want) = (k.as_f64().unwrap(), v.as_f64().unwrap());
+                    match got.iter().find(|g| close(g.0, q)) {
+                        Some((_, v)) if close(*v, want) => {}
+                        other => errs.push(format!("{at}: quantile {q} is {other:?}, want {want}")),
+                    }
+                }
+            }
+            other => panic!("{at}: unknown type {other}"),
+        }
+    }
+    let held = own_metric(&page, "kapsel_adapter_series");
+    if held != series.len() as f64 {
+        errs.push(format!(
+            "{file}: {held} series held, want {} ({series:?}):\n{page}",
+            series.len()
+        ));
+    }
+    let by_rule = own_metric(&page, "kapsel_adapter_statsd_dropped_by_rule_total");
+    if by_rule != dropped as f64 {
+        errs.push(format!(
+            "{file}: {by_rule} samples dropped by rules, want {dropped}"
+        ));
+    }
+    let err = stderr();
+    for w in &sc.warns {
+        if !err.contains(w.as_str()) || !err.contains("warning") {
+            errs.push(format!(
+                "{file}: want a warning with {w:?} in the log: {err}"
+            ));
+        }
+    }
+    // Series past their ttl leave the exposition; the others stay.
+    let gone: Vec<&Case> = sc.cases.iter().filter(|c| c.gone).collect();
+    if !gone.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = parse_page(&get_sync(web, "/metrics").unwrap_or_default());
+            let left = gone
+                .iter()
+                .filter(|c| {
+                    let name = c.name.clone().unwrap();
+                    p.samples
+                        .iter()
+                        .any(|(n, l, _)| *n == name && *l == c.labels)
+                })
+                .count();
+            let kept = sc.cases.iter().filter(|c| !c.gone && !c.dropped).all(|c| {
+                p.samples
+                    .iter()
+                    .any(|(n, l, _)| Some(n) == c.name.as_ref() && *l == c.labels)
+            });
+            if left == 0 {
+                if !kept {
+                    errs.push(format!("{file}: a series without a ttl left too"));
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                errs.push(format!("{file}: {left} series outlived their ttl"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    errs
+}
+
+/// statsd_exporter's own mapper scenarios (`pkg/mapper/mapper_test.go`: every mapping-semantics
+/// case of TestMetricMapperYAML, TestAction and TestMultipleMatches), its README's examples and
+/// its documented starter configuration, each replayed through a running adapter: StatsD lines
+/// over UDP, `/metrics` scraped, every expected name, label set, type, bucket and quantile
+/// checked, and the series count (so nothing else appeared and drops dropped).
+#[test]
+fn statsd_exporter_mapper_scenarios_through_the_adapter_over_udp() {
+    let dir = common::repo("tests/fixtures/statsd-mapper");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 60, "{files:?}");
+    let queue = std::sync::Mutex::new(files.clone());
+    let errs = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let Some(f) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let e = run_scenario(&dir, &f);
+                errs.lock().unwrap().extend(e);
+            });
+        }
+    });
+    let errs = errs.into_inner().unwrap();
+    assert!(
+        errs.is_empty(),
+        "{} of {} scenarios failed:\n{}",
+        errs.len(),
+        files.len(),
+        errs.join("\n")
+    );
+}
+
+// ------------------------------------------------------------------ flags
+
+#[test]
+fn help_and_bad_flags_standalone() {
+    let out = Command::new(bin())
+        .args(["metrics-adapter", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for f in [
+        "--statsd.listen-udp",
+        "--web.listen-address",
+        "--statsd.mapping-config",
+        "--config",
+        "--max-series",
+        "--statsd.ttl",
+        "--reload-interval",
+        "KAPSEL_ADAPTER_STATSD_MAPPING_CONFIG",
+    ] {
+        assert!(help.contains(f), "{f} in {help}");
+    }
+    for (args, env, want) in [
+        (vec!["--bogus=1"], None, "--bogus"),
+        (
+            vec!["--web.listen-address=nowhere"],
+            None,
+            "--web.listen-address",
+        ),
+        (vec!["--statsd.ttl", "soon"], None, "--statsd.ttl"),
+        (
+            vec![],
+            Some(("KAPSEL_ADAPTER_MAX_SERIES", "many")),
+            "KAPSEL_ADAPTER_MAX_SERIES",
+        ),
+    ] {
+        let mut c = Command::new(bin());
+        c.arg("metrics-adapter").args(&args);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(want) && err.contains("metrics-adapter"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_and_bad_flags_in_a_pod() {
+    let k = Kapsel::start();
+    k.apply(
+        "adapter-help",
+        &common::pod_yaml(
+            "adapter-help",
+            "builtin/metrics-adapter",
+            &["--help"],
+            "Never",
+            "",
+        ),
+    );
+    k.wait_pod("adapter-help", 30, |p| {
+        common::state(p, 0)["terminated"]["exitCode"] == 0
+    })
+    .await;
+    let logs = k.logs("adapter-help", "main").await;
+    assert!(logs.contains("--statsd.mapping-config"), "{logs}");
+    k.apply(
+        "adapter-bad",
+        &common::pod_yaml(
+            "adapter-bad",
+            "builtin/metrics-adapter",
+            &["--statsd.listen-udp=:x"],
+            "Never",
+            "",
+        ),
+    );
+    let p = k
+        .wait_pod("adapter-bad", 30, |p| {
+            common::state(p, 0)["waiting"]["reason"] == "CreateContainerConfigError"
+        })
+        .await;
+    let msg = common::state(&p, 0)["waiting"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        msg.contains("--statsd.listen-udp") && msg.contains("metrics-adapter"),
+        "{msg}"
+    );
+}

@@ -857,19 +857,31 @@ async fn redis_ambassador(args: Vec<String>) -> Result<i32> {
     Ok(0)
 }
 
-/// `kapsel metrics-adapter`: the adapter on this machine's network and filesystem.
+/// `kapsel metrics-adapter`: the adapter on this machine's network and filesystem. `--help`
+/// prints to stdout (exit 0); a bad flag is one line on stderr (exit 2).
 async fn metrics_adapter(args: Vec<String>) -> Result<i32> {
-    use crate::patterns::adapter::{bind_std, Adapter, Config};
+    use crate::patterns::adapter::{bind_std, error_chain, Adapter, Config};
+    use crate::patterns::flags::FlagError;
     use std::sync::Arc;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("metrics-adapter: {e}"))?;
+    let cfg = match Config::parse(&args, &env) {
+        Ok(c) => c,
+        Err(FlagError::Help(text)) => {
+            print!("{text}");
+            return Ok(0);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
     let (udp, http) = bind_std(&cfg).map_err(|e| anyhow!("metrics-adapter: cannot listen: {e}"))?;
     let a = Adapter::new(
         cfg,
         Arc::new(|p: &str| Some(std::path::PathBuf::from(p))),
         Arc::new(|m: &str| eprint!("{m}")),
     )
-    .map_err(|e| anyhow!("metrics-adapter: {e}"))?;
+    .map_err(|e| anyhow!("metrics-adapter: {}", error_chain(&e)))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let s2 = stop.clone();
     tokio::spawn(async move {

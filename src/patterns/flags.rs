@@ -108,6 +108,23 @@ pub fn bool_flag(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Value parser for listen addresses, shared by the built-ins: `:9102` (every interface, IPv4),
+/// `127.0.0.1:9102`, `[::1]:9102`, `[::]:9102`. Only IP literals: a listen address names an
+/// interface of the pod, never a host to resolve.
+pub fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t = s.trim();
+    let hint = "use [host]:port, e.g. :9102, 127.0.0.1:9102 or [::1]:9102";
+    let full = match t.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => t.to_string(),
+    };
+    if !full.contains(':') {
+        return Err(format!("`{s}` has no port ({hint})"));
+    }
+    full.parse()
+        .map_err(|_| format!("`{s}` is not an IP address and port ({hint})"))
+}
+
 /// Value parser for durations: humantime's forms (`30s`, `1m30s`, `500ms`, `2h 5m`) and Go's
 /// fractional ones (`1.5s`, `0.25m`), as git-sync and statsd_exporter users write them. A bare
 /// `0` is zero.
@@ -237,6 +254,19 @@ mod tests {
             }
             other => panic!("expected help, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(listen_addr(":9102").unwrap().to_string(), "0.0.0.0:9102");
+        assert_eq!(
+            listen_addr("127.0.0.1:9102").unwrap().to_string(),
+            "127.0.0.1:9102"
+        );
+        assert_eq!(listen_addr("[::1]:9102").unwrap().to_string(), "[::1]:9102");
+        assert!(listen_addr("9102").unwrap_err().contains("no port"));
+        assert!(listen_addr("localhost:9102").is_err());
+        assert!(listen_addr(":99999").is_err());
     }
 
     #[test]

@@ -37,20 +37,42 @@ fn mount_map(spec: &ContainerSpec) -> adapter::PathMap {
     Arc::new(move |p: &str| gitsync::host_path(&mounts, std::path::Path::new(p)))
 }
 
-fn adapter_new(spec: &ContainerSpec) -> Result<adapter::Adapter, ExecError> {
-    let cfg = adapter::Config::parse(&spec.args, &spec.env)
-        .map_err(|e| ExecError::Config(format!("metrics-adapter: {e}")))?;
+/// The adapter of a container spec; `Ok(None)` for `--help` (nothing to run).
+fn adapter_new(spec: &ContainerSpec) -> Result<Option<adapter::Adapter>, ExecError> {
+    let cfg = match adapter::Config::parse(&spec.args, &spec.env) {
+        Ok(c) => c,
+        Err(flags::FlagError::Help(_)) => return Ok(None),
+        Err(e) => return Err(ExecError::Config(e.to_string())),
+    };
     let log = spec.log.clone();
     adapter::Adapter::new(
         cfg,
         mount_map(spec),
         Arc::new(move |m: &str| log.append(m.as_bytes())),
     )
-    .map_err(|e| ExecError::Config(format!("metrics-adapter: {e}")))
+    .map(Some)
+    .map_err(|e| ExecError::Config(format!("metrics-adapter: {}", adapter::error_chain(&e))))
 }
 
 async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
-    let a = Arc::new(adapter_new(&spec)?);
+    let id = format!(
+        "builtin://metrics-adapter/{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let Some(a) = adapter_new(&spec)? else {
+        // `--help`: the text goes to the container's log and the container exits 0.
+        if let Err(flags::FlagError::Help(text)) = adapter::Config::parse(&spec.args, &spec.env) {
+            spec.log.append(text.as_bytes());
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let _ = done_tx.send(ExitStatus::code(0));
+        return Ok(Box::new(TaskInstance::new(
+            id,
+            done_rx,
+            CancellationToken::new(),
+        )));
+    };
+    let a = Arc::new(a);
     let cfg = a.cfg.clone();
     // Sockets, scrapes and file reads all happen in the pod: it runs on the pod's runtime.
     let bound = match &spec.sandbox_rt {
@@ -65,7 +87,11 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
     adapter::node_registries()
         .lock()
         .unwrap()
-        .insert(key, Arc::downgrade(&a.reg));
+        .insert(key.clone(), Arc::downgrade(&a.reg));
+    adapter::node_adapters()
+        .lock()
+        .unwrap()
+        .insert(key, Arc::downgrade(&a));
     let stop = CancellationToken::new();
     let (done_tx, done_rx) = oneshot::channel();
     let token = stop.clone();
@@ -88,14 +114,7 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
             tokio::spawn(run);
         }
     }
-    Ok(Box::new(TaskInstance::new(
-        format!(
-            "builtin://metrics-adapter/{}",
-            uuid::Uuid::new_v4().simple()
-        ),
-        done_rx,
-        stop,
-    )))
+    Ok(Box::new(TaskInstance::new(id, done_rx, stop)))
 }
 
 fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {

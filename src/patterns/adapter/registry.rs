@@ -4,18 +4,27 @@
 //! change a family's type or label names, or add a series past `--max-series`, is dropped and
 //! counted (and logged once per family): the registry never fails a scrape. Series untouched
 //! for their TTL are removed.
+//!
+//! Summaries keep the observations of a sliding window (`max_age`, in `age_buckets` slices):
+//! each slice keeps its observations exactly up to `buf_cap` of them, then a uniform sample of
+//! that size, and the quantiles are computed over the live slices at scrape time. `_sum` and
+//! `_count` cover all time, as in client_golang.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::mapping::SummaryOpts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FamKind {
     Counter,
     Gauge,
     Histogram,
+    Summary,
     Untyped,
 }
 
@@ -25,6 +34,7 @@ impl FamKind {
             FamKind::Counter => "counter",
             FamKind::Gauge => "gauge",
             FamKind::Histogram => "histogram",
+            FamKind::Summary => "summary",
             FamKind::Untyped => "untyped",
         }
     }
@@ -46,9 +56,109 @@ struct Hist {
     count: u64,
 }
 
+/// One slice of a summary's window.
+struct AgeSlice {
+    start: Instant,
+    /// Observations kept (all of them up to `buf_cap`, then a uniform sample).
+    kept: Vec<f64>,
+    /// Observations seen in this slice.
+    seen: u64,
+}
+
+struct Summ {
+    slices: VecDeque<AgeSlice>,
+    sum: f64,
+    count: u64,
+    /// xorshift state for the sampling.
+    rng: u64,
+}
+
+impl Summ {
+    fn new() -> Self {
+        Summ {
+            slices: VecDeque::new(),
+            sum: 0.0,
+            count: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn observe(&mut self, v: f64, o: &SummaryOpts, now: Instant) {
+        let slice = o.max_age / o.age_buckets.max(1);
+        while self
+            .slices
+            .front()
+            .is_some_and(|s| now.duration_since(s.start) >= o.max_age)
+        {
+            self.slices.pop_front();
+        }
+        if self
+            .slices
+            .back()
+            .is_none_or(|s| now.duration_since(s.start) >= slice)
+        {
+            self.slices.push_back(AgeSlice {
+                start: now,
+                kept: Vec::new(),
+                seen: 0,
+            });
+        }
+        let cap = o.buf_cap.max(1) as u64;
+        let rng = &mut self.rng;
+        let s = self.slices.back_mut().expect("a slice was just pushed");
+        s.seen += 1;
+        if (s.kept.len() as u64) < cap {
+            s.kept.push(v);
+        } else {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            let j = *rng % s.seen;
+            if j < cap {
+                s.kept[j as usize] = v;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    /// The quantiles over the live window (`NaN` when it holds no observation).
+    fn quantiles(&self, o: &SummaryOpts, now: Instant) -> Vec<f64> {
+        let mut pts: Vec<(f64, f64)> = Vec::new();
+        for s in &self.slices {
+            if now.duration_since(s.start) >= o.max_age || s.kept.is_empty() {
+                continue;
+            }
+            let w = s.seen as f64 / s.kept.len() as f64;
+            pts.extend(s.kept.iter().map(|v| (*v, w)));
+        }
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total: f64 = pts.iter().map(|p| p.1).sum();
+        o.quantiles
+            .iter()
+            .map(|(q, _)| {
+                if pts.is_empty() {
+                    return f64::NAN;
+                }
+                // The smallest observation whose cumulative weight reaches q of the total.
+                let want = q * total;
+                let mut cum = 0.0;
+                for (v, w) in &pts {
+                    cum += w;
+                    if cum >= want - 1e-9 {
+                        return *v;
+                    }
+                }
+                pts[pts.len() - 1].0
+            })
+            .collect()
+    }
+}
+
 struct Series {
     value: f64,
     hist: Option<Box<Hist>>,
+    summ: Option<Box<Summ>>,
     members: Option<HashSet<String>>,
     touched: Instant,
     ttl: Option<Duration>,
@@ -59,6 +169,7 @@ struct Family {
     help: Option<String>,
     label_names: Vec<String>,
     buckets: Vec<f64>,
+    summary: Option<Arc<SummaryOpts>>,
     /// Rendered label set (`a="x",b="y"`) → series.
     series: HashMap<String, Series>,
 }
@@ -98,6 +209,8 @@ pub struct Registry {
 #[derive(Clone, Default)]
 pub struct Opts<'a> {
     pub buckets: &'a [f64],
+    /// A summary family's options (with [`FamKind::Summary`]).
+    pub summary: Option<&'a Arc<SummaryOpts>>,
     pub ttl: Option<Duration>,
     pub help: Option<&'a str>,
 }
@@ -194,7 +307,16 @@ impl Registry {
                     kind,
                     help: o.help.map(str::to_string),
                     label_names: sorted.iter().map(|(k, _)| k.clone()).collect(),
-                    buckets: o.buckets.to_vec(),
+                    buckets: if kind == FamKind::Histogram {
+                        o.buckets.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    summary: if kind == FamKind::Summary {
+                        o.summary.cloned()
+                    } else {
+                        None
+                    },
                     series: HashMap::new(),
                 })
             }
@@ -266,6 +388,7 @@ impl Registry {
                             count: 0,
                         })
                     }),
+                    summ: (kind == FamKind::Summary).then(|| Box::new(Summ::new())),
                     members: None,
                     touched: now,
                     ttl,
@@ -284,6 +407,8 @@ impl Registry {
                     }
                     h.sum += v;
                     h.count += 1;
+                } else if let (Some(sm), Some(so)) = (s.summ.as_mut(), fam.summary.as_ref()) {
+                    sm.observe(v, so, now);
                 }
             }
             Op::Member(m) => {
@@ -324,10 +449,15 @@ impl Registry {
         let mut out = Vec::new();
         for (name, f) in fams.iter() {
             for (labels, s) in &f.series {
-                match &s.hist {
-                    Some(h) => {
-                        out.push((format!("{name}_count"), labels.clone(), h.count as f64));
-                        out.push((format!("{name}_sum"), labels.clone(), h.sum));
+                let count_sum = match (&s.hist, &s.summ) {
+                    (Some(h), _) => Some((h.count, h.sum)),
+                    (_, Some(sm)) => Some((sm.count, sm.sum)),
+                    _ => None,
+                };
+                match count_sum {
+                    Some((count, sum)) => {
+                        out.push((format!("{name}_count"), labels.clone(), count as f64));
+                        out.push((format!("{name}_sum"), labels.clone(), sum));
                     }
                     None => out.push((name.clone(), labels.clone(), s.value)),
                 }
@@ -339,6 +469,7 @@ impl Registry {
     /// Exposition: Prometheus text (0.0.4), or OpenMetrics 1.0 with `openmetrics`.
     pub fn render(&self, openmetrics: bool) -> String {
         let fams = self.fams.lock().unwrap();
+        let now = Instant::now();
         let mut out =
             String::with_capacity(64 * (self.total.load(Ordering::Relaxed) as usize + 64));
         for (name, f) in fams.iter() {
@@ -366,6 +497,34 @@ impl Registry {
             keys.sort();
             for k in keys {
                 let s = &f.series[k];
+                if let (Some(sm), Some(so)) = (&s.summ, &f.summary) {
+                    for ((q, _), v) in so.quantiles.iter().zip(sm.quantiles(so, now)) {
+                        out.push_str(name);
+                        out.push('{');
+                        out.push_str(k);
+                        if !k.is_empty() {
+                            out.push(',');
+                        }
+                        out.push_str("quantile=\"");
+                        fmt_value(*q, &mut out);
+                        out.push_str("\"} ");
+                        fmt_value(v, &mut out);
+                        out.push('\n');
+                    }
+                    for (suffix, v) in [("_sum", sm.sum), ("_count", sm.count as f64)] {
+                        out.push_str(name);
+                        out.push_str(suffix);
+                        if !k.is_empty() {
+                            out.push('{');
+                            out.push_str(k);
+                            out.push('}');
+                        }
+                        out.push(' ');
+                        fmt_value(v, &mut out);
+                        out.push('\n');
+                    }
+                    continue;
+                }
                 match &s.hist {
                     Some(h) => {
                         let mut cum = 0;
@@ -632,6 +791,64 @@ mod tests {
         }
         assert_eq!(r.series_count(), 2);
         assert_eq!(r.stats.cardinality_dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn summaries_give_quantiles_over_their_window() {
+        let r = reg(10);
+        let so = Arc::new(SummaryOpts {
+            quantiles: vec![(0.5, 0.05), (0.9, 0.01), (0.99, 0.001)],
+            max_age: Duration::from_secs(600),
+            age_buckets: 5,
+            buf_cap: 50,
+        });
+        let o = Opts {
+            summary: Some(&so),
+            ..Default::default()
+        };
+        let l = vec![("route".to_string(), "/a".to_string())];
+        for v in 1..=100 {
+            r.update("lat", FamKind::Summary, &l, Op::Observe(v as f64), &o);
+        }
+        let t = r.render(false);
+        assert!(t.contains("# TYPE lat summary\n"), "{t}");
+        let q = |q: &str| -> f64 {
+            let p = format!("lat{{route=\"/a\",quantile=\"{q}\"}} ");
+            t.lines()
+                .find_map(|l| l.strip_prefix(&p))
+                .unwrap_or_else(|| panic!("{p} in {t}"))
+                .parse()
+                .unwrap()
+        };
+        // 100 observations, 50 kept (a uniform sample): within a few ranks.
+        assert!((40.0..=60.0).contains(&q("0.5")), "{t}");
+        assert!((80.0..=100.0).contains(&q("0.9")), "{t}");
+        assert!(
+            t.contains("lat_sum{route=\"/a\"} 5050\nlat_count{route=\"/a\"} 100\n"),
+            "{t}"
+        );
+        // Exact below buf_cap, and an empty window is NaN.
+        let r = reg(10);
+        let so = Arc::new(SummaryOpts {
+            quantiles: vec![(0.5, 0.05)],
+            max_age: Duration::from_millis(30),
+            age_buckets: 3,
+            buf_cap: 500,
+        });
+        let o = Opts {
+            summary: Some(&so),
+            ..Default::default()
+        };
+        for v in [3.0, 1.0, 2.0] {
+            r.update("s", FamKind::Summary, &[], Op::Observe(v), &o);
+        }
+        assert!(r.render(false).contains("s{quantile=\"0.5\"} 2\n"));
+        std::thread::sleep(Duration::from_millis(40));
+        let t = r.render(false);
+        assert!(
+            t.contains("s{quantile=\"0.5\"} NaN\ns_sum 6\ns_count 3\n"),
+            "{t}"
+        );
     }
 
     #[test]

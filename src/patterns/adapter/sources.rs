@@ -14,7 +14,38 @@ use serde::Deserialize;
 
 use super::mapping::valid_label_name;
 use super::registry::{FamKind, Op, Opts, Registry};
-use crate::patterns::gitsync::parse_go_duration;
+use crate::patterns::flags;
+
+/// Why a `--config` file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SourcesError {
+    #[error("not a valid sources file")]
+    Yaml(#[source] serde_norway::Error),
+    #[error("{at}: {message}")]
+    Invalid { at: String, message: String },
+    #[error("{at}: invalid regex {pattern:?}")]
+    Regex {
+        at: String,
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+}
+
+fn invalid(at: &str, message: impl Into<String>) -> SourcesError {
+    SourcesError::Invalid {
+        at: at.to_string(),
+        message: message.into(),
+    }
+}
+
+fn regex(at: String, pattern: &str) -> Result<Regex, SourcesError> {
+    Regex::new(pattern).map_err(|source| SourcesError::Regex {
+        at,
+        pattern: pattern.to_string(),
+        source,
+    })
+}
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -112,21 +143,22 @@ fn default_snapshot() -> String {
     "snapshot".into()
 }
 
-fn kind_of(w: &str, k: &str) -> Result<FamKind, String> {
+fn kind_of(w: &str, k: &str) -> Result<FamKind, SourcesError> {
     match k {
         "gauge" => Ok(FamKind::Gauge),
         "counter" => Ok(FamKind::Counter),
         "untyped" => Ok(FamKind::Untyped),
-        o => Err(format!(
-            "{w}: type must be gauge, counter or untyped, got {o:?}"
+        o => Err(invalid(
+            w,
+            format!("type must be gauge, counter or untyped, got {o:?}"),
         )),
     }
 }
 
-fn interval(w: &str, s: &str) -> Result<Duration, String> {
-    let d = parse_go_duration(s).map_err(|e| format!("{w}: interval: {e}"))?;
+fn interval(w: &str, s: &str) -> Result<Duration, SourcesError> {
+    let d = flags::duration(s).map_err(|e| invalid(w, format!("interval: {e}")))?;
     if d < Duration::from_millis(100) {
-        return Err(format!("{w}: interval must be at least 100ms"));
+        return Err(invalid(w, "interval must be at least 100ms"));
     }
     Ok(d)
 }
@@ -142,8 +174,10 @@ pub struct Compiled {
 }
 
 /// Parse and check `--config` YAML; errors name the source and field.
-pub fn compile(yaml: &str) -> Result<Compiled, String> {
-    let f: SourcesFile = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+pub fn compile(yaml: &str) -> Result<Compiled, SourcesError> {
+    let f: SourcesFile = serde_norway::from_str::<Option<SourcesFile>>(yaml)
+        .map_err(SourcesError::Yaml)?
+        .unwrap_or_default();
     let mut c = Compiled {
         json: vec![],
         prom: vec![],
@@ -156,11 +190,14 @@ pub fn compile(yaml: &str) -> Result<Compiled, String> {
             let wm = format!("{w}.metrics[{j}] ({})", m.name);
             kinds.push(kind_of(&wm, &m.kind)?);
             if !m.path.starts_with('$') {
-                return Err(format!("{wm}: path must start with $, got {:?}", m.path));
+                return Err(invalid(
+                    &wm,
+                    format!("path must start with $, got {:?}", m.path),
+                ));
             }
             for k in m.labels.keys() {
                 if !valid_label_name(k) {
-                    return Err(format!("{wm}: invalid label name {k:?}"));
+                    return Err(invalid(&wm, format!("invalid label name {k:?}")));
                 }
             }
         }
@@ -170,7 +207,7 @@ pub fn compile(yaml: &str) -> Result<Compiled, String> {
         let w = format!("prometheus[{i}] ({})", s.name);
         let re = |r: &Option<String>, f: &str| {
             r.as_deref()
-                .map(|r| Regex::new(r).map_err(|e| format!("{w}: {f}: invalid regex: {e}")))
+                .map(|r| regex(format!("{w}: {f}"), r))
                 .transpose()
         };
         c.prom.push((
@@ -183,18 +220,18 @@ pub fn compile(yaml: &str) -> Result<Compiled, String> {
     for (i, s) in f.lines.iter().enumerate() {
         let w = format!("lines[{i}] ({})", s.name);
         if !["snapshot", "tail"].contains(&s.mode.as_str()) {
-            return Err(format!(
-                "{w}: mode must be snapshot or tail, got {:?}",
-                s.mode
+            return Err(invalid(
+                &w,
+                format!("mode must be snapshot or tail, got {:?}", s.mode),
             ));
         }
         let mut rules = Vec::new();
         for (j, r) in s.rules.iter().enumerate() {
             let wr = format!("{w}.rules[{j}]");
-            let re = Regex::new(&r.regex).map_err(|e| format!("{wr}: invalid regex: {e}"))?;
+            let re = regex(wr.clone(), &r.regex)?;
             let k = kind_of(&wr, &r.kind)?;
             if k != FamKind::Counter && r.value.is_none() {
-                return Err(format!("{wr}: a {} needs value: $group", r.kind));
+                return Err(invalid(&wr, format!("a {} needs value: $group", r.kind)));
             }
             rules.push((re, k));
         }
@@ -635,7 +672,10 @@ mod tests {
             ),
             ("bogus: 1\n", "bogus"),
         ] {
-            let e = compile(yaml).err().unwrap_or_default();
+            let e = compile(yaml)
+                .err()
+                .map(|e| super::super::error_chain(&e))
+                .unwrap_or_default();
             assert!(e.contains(want), "{yaml:?} → {e}");
         }
     }

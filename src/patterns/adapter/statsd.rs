@@ -147,19 +147,24 @@ fn parse_group<'a>(name: &'a str, g: &'a str) -> Result<Sample<'a>, LineError> {
     })
 }
 
-/// Escape a StatsD name into a Prometheus one as statsd_exporter does without a mapping:
-/// `a.b-c` → `a_b_c`; a leading digit gets `_`.
+/// Escape a StatsD name into a Prometheus one as statsd_exporter does: every character but
+/// `[A-Za-z0-9_]` becomes `_` (a run of `-` becomes one `_`), and a leading digit gets a `_`
+/// in front: `a.b-c` → `a_b_c`, `foo--bar` → `foo_bar`, `9lives` → `_9lives`.
 pub fn escape_name(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 1);
-    for (i, c) in name.chars().enumerate() {
-        if i == 0 && c.is_ascii_digit() {
-            out.push('_');
-        }
-        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+    if name.as_bytes().first().is_some_and(|b| b.is_ascii_digit()) {
+        out.push('_');
+    }
+    let mut prev = '\0';
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
             out.push(c);
+        } else if c == '-' && prev == '-' {
+            continue;
         } else {
             out.push('_');
         }
+        prev = c;
     }
     out
 }
@@ -211,6 +216,8 @@ mod tests {
         assert!(v.is_empty());
         assert_eq!(escape_name("a.b-c/d"), "a_b_c_d");
         assert_eq!(escape_name("9lives"), "_9lives");
+        assert_eq!(escape_name("foo--bar.c"), "foo_bar_c");
+        assert_eq!(escape_name("a.-b:c"), "a__b_c");
     }
 
     /// Property: arbitrary input never panics, and accepted lines yield finite values.
