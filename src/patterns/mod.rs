@@ -30,6 +30,9 @@ pub const REDIS_AMBASSADOR: &str = "builtin/redis-ambassador";
 pub const METRICS_ADAPTER: &str = "builtin/metrics-adapter";
 const ALL: &str = "builtin/git-sync, builtin/redis-ambassador, builtin/metrics-adapter";
 
+/// (label, value) status lines, in the order shown.
+pub type StatusLines = Vec<(String, String)>;
+
 /// A running built-in's own status, as `kapsel describe pod` shows it.
 pub trait BuiltinStatus: Send + Sync {
     /// The component: `git-sync`, `redis-ambassador`, `metrics-adapter`.
@@ -55,7 +58,7 @@ pub fn register_builtin(spec: &ContainerSpec, status: Weak<dyn BuiltinStatus>) {
 }
 
 /// The status of one pod's running built-ins: (container, kind, lines), by container name.
-pub fn pod_builtins(ns: &str, pod: &str) -> Vec<(String, &'static str, Vec<(String, String)>)> {
+pub fn pod_builtins(ns: &str, pod: &str) -> Vec<(String, &'static str, StatusLines)> {
     let prefix = format!("{ns}/{pod}/");
     let live: Vec<(String, Arc<dyn BuiltinStatus>)> = node_builtins()
         .lock()
@@ -223,10 +226,8 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
         None => adapter::bind_std(&cfg),
     }
     .map_err(|e| ExecError::StartFailed(format!("metrics-adapter: cannot listen: {e}")))?;
-    register_builtin(&spec, {
-        let w: Weak<dyn BuiltinStatus> = Arc::downgrade(&a) as Weak<adapter::Adapter>;
-        w
-    });
+    let handle: Weak<dyn BuiltinStatus> = Arc::downgrade(&a) as Weak<adapter::Adapter>;
+    register_builtin(&spec, handle);
     let key = format!("{}/{}/{}", spec.pod_namespace, spec.pod_name, spec.name);
     adapter::node_registries()
         .lock()
