@@ -86,12 +86,12 @@ async fn describe_shows_git_syncs_commit_and_the_adapters_series() {
     let cfg = tempfile::tempdir().unwrap();
     std::fs::write(
         cfg.path().join("sources.yaml"),
-        "lines:\n- name: status\n  file: /etc/adapter/status.txt\n  interval: 100ms\n  rules:\n  - {regex: '^(?P<k>\\w+) (?P<n>\\d+)$', name: 'shop_$k', value: '$n'}\n",
+        "lines:\n- name: status\n  file: /etc/adapter/status.txt\n  interval: 100ms\n  rules:\n  - {regex: '^jobs (?P<n>\\d+)$', name: shop_jobs, value: '$n'}\n  - {regex: '^worker=(?P<w>\\w+) busy=(?P<b>\\d+)$', name: shop_worker_busy, value: '$b', labels: {worker: '$w'}}\n",
     )
     .unwrap();
     std::fs::write(
         cfg.path().join("status.txt"),
-        "jobs 42\nqueued 7\nfailed 1\n",
+        "jobs 42\nworker=a busy=3\nworker=b busy=1\n",
     )
     .unwrap();
     k.apply(

@@ -38,7 +38,7 @@ pub trait BuiltinStatus: Send + Sync {
     /// The component: `git-sync`, `redis-ambassador`, `metrics-adapter`.
     fn kind(&self) -> &'static str;
     /// (label, value) lines, in the order shown.
-    fn status_lines(&self) -> Vec<(String, String)>;
+    fn status_lines(&self) -> StatusLines;
 }
 
 /// Every built-in container running on this node, by `namespace/pod/container`. Handles are
@@ -90,7 +90,7 @@ impl BuiltinStatus for gitsync::GitSync {
     fn kind(&self) -> &'static str {
         "git-sync"
     }
-    fn status_lines(&self) -> Vec<(String, String)> {
+    fn status_lines(&self) -> StatusLines {
         let last = self.stats.last.lock().unwrap().clone();
         vec![
             (
@@ -126,9 +126,9 @@ impl BuiltinStatus for redis::topology::Topology {
     fn kind(&self) -> &'static str {
         "redis-ambassador"
     }
-    fn status_lines(&self) -> Vec<(String, String)> {
+    fn status_lines(&self) -> StatusLines {
         let view = self.view();
-        let healthy: Vec<&str> = view.replicas.iter().map(|r| r.addr.as_str()).collect();
+        let healthy: Vec<String> = view.replicas.iter().map(|r| r.addr.clone()).collect();
         let unhealthy: Vec<String> = self
             .health
             .lock()
@@ -146,10 +146,7 @@ impl BuiltinStatus for redis::topology::Topology {
         };
         vec![
             ("Master".into(), view.master.addr.clone()),
-            (
-                "Healthy replicas".into(),
-                list(healthy.iter().map(|s| s.to_string()).collect()),
-            ),
+            ("Healthy replicas".into(), list(healthy)),
             ("Unhealthy replicas".into(), list(unhealthy)),
             (
                 "Failovers".into(),
@@ -163,7 +160,7 @@ impl BuiltinStatus for adapter::Adapter {
     fn kind(&self) -> &'static str {
         "metrics-adapter"
     }
-    fn status_lines(&self) -> Vec<(String, String)> {
+    fn status_lines(&self) -> StatusLines {
         vec![("Series".into(), self.reg.series_count().to_string())]
     }
 }
