@@ -115,6 +115,7 @@ async fn main() {
         mixed.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     // SIGTERM: the server stops its pods and removes their containers.
+    // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
     unsafe {
         libc::kill(srv.child.id() as i32, libc::SIGTERM);
     }

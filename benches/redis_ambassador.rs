@@ -50,6 +50,7 @@ fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
+    // SAFETY: sysconf takes an integer name and has no other preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let u: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let s: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);

@@ -399,6 +399,7 @@ async fn the_metrics_adapter_sample_runs_under_up_and_stops_cleanly() {
         },
     )
     .await;
+    // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
     unsafe {
         libc::kill(up.id() as i32, libc::SIGTERM);
     }

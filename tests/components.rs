@@ -209,6 +209,7 @@ fn up_stops_everything_on_ctrl_c_and_exits_zero() {
         }
         assert!(Instant::now() < deadline);
     }
+    // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }

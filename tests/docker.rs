@@ -425,6 +425,7 @@ async fn sigterm_stops_pods_and_removes_their_containers() {
         .await;
     assert_eq!(docker_ids(&format!("io.kapsel.node={}", k.node)).len(), 2);
     let mut child = k.child.take().unwrap();
+    // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

@@ -10,85 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A bare remote and a work clone to push from.
-struct Remote {
-    _dir: tempfile::TempDir,
-    bare: PathBuf,
-    work: PathBuf,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl Remote {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bare = dir.path().join("site.git");
-        let work = dir.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        git(
-            dir.path(),
-            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
-        );
-        git(&work, &["init", "-q", "-b", "main"]);
-        Remote {
-            _dir: dir,
-            bare,
-            work,
-        }
-    }
-
-    /// Commit `files` (name → content) and push; returns the commit hash.
-    fn commit(&self, files: &[(&str, String)]) -> String {
-        for (name, content) in files {
-            std::fs::write(self.work.join(name), content).unwrap();
-        }
-        git(&self.work, &["add", "-A"]);
-        git(&self.work, &["commit", "-q", "-m", "update"]);
-        git(
-            &self.work,
-            &[
-                "push",
-                "-q",
-                "-f",
-                self.bare.to_str().unwrap(),
-                "HEAD:refs/heads/main",
-            ],
-        );
-        git(&self.work, &["rev-parse", "HEAD"])
-    }
-
-    fn url(&self) -> String {
-        format!("file://{}", self.bare.display())
-    }
-}
-
-fn gitsync_pod(name: &str, args: &[String], app: &str) -> String {
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| serde_json::to_string(a).unwrap())
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  volumes: [{{name: git, emptyDir: {{}}}}]\n  initContainers:\n  - name: git-sync\n    image: builtin/git-sync\n    restartPolicy: Always\n    args: [{}]\n    volumeMounts: [{{name: git, mountPath: /git}}]\n  containers:\n{app}",
-        args.join(", ")
-    )
-}
-
 /// The emptyDir of a pod on the host.
 async fn volume(k: &Kapsel, pod: &str) -> PathBuf {
     let p = k.pod(pod).await.unwrap();
@@ -453,7 +374,7 @@ async fn bad_input_is_named() {
                 "--root=/git".into(),
                 "--colour=red".into(),
             ],
-            "unknown flag: --colour",
+            "unexpected argument '--colour' found",
         ),
         (
             "outside",
@@ -525,4 +446,93 @@ async fn http_basic_auth_with_a_password_file() {
     assert!(p["status"]["containerStatuses"][0]["state"]["running"].is_null());
     let _ = server.kill();
     let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn help_and_bad_flags_standalone_and_in_a_pod() {
+    // Standalone: --help on stdout, exit 0; a bad flag or variable: exit 2, one line naming it.
+    let out = Command::new(bin())
+        .args(["git-sync", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--repo") && help.contains("GITSYNC_REPO") && help.contains("--one-time"),
+        "{help}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let root_flag = format!("--root={}", root.path().display());
+    for (args, env, names) in [
+        (
+            vec!["--repo=file:///x", "--colour=red"],
+            None,
+            vec!["--colour"],
+        ),
+        (
+            vec!["--repo=file:///x", "--one-time=maybe"],
+            None,
+            vec!["--one-time"],
+        ),
+        (
+            vec!["--repo=file:///x"],
+            Some(("GITSYNC_PERIOD", "soon")),
+            vec!["--period", "GITSYNC_PERIOD"],
+        ),
+        (vec![], None, vec!["--repo", "GITSYNC_REPO"]),
+    ] {
+        let mut c = Command::new(bin());
+        c.arg("git-sync").args(&args).arg(&root_flag);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        for n in names {
+            assert!(err.contains(n), "{args:?} should name {n}: {err}");
+        }
+    }
+
+    // In a pod: --help goes to the container's log and the container exits 0; a bad variable
+    // is a config error naming the flag and the variable.
+    let k = Kapsel::start();
+    k.apply(
+        "gs-help",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: gs-help}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: git-sync\n    image: builtin/git-sync\n    args: [--help]\n",
+    );
+    let p = k
+        .wait_pod("gs-help", 30, |p| !state(p, 0)["terminated"].is_null())
+        .await;
+    assert_eq!(state(&p, 0)["terminated"]["exitCode"], 0, "{p}");
+    let log = k.logs("gs-help", "git-sync").await;
+    assert!(
+        log.contains("--repo") && log.contains("GITSYNC_REPO"),
+        "{log}"
+    );
+    let app = format!("  - name: idle\n    image: {}\n", fixture("sleep.wat"));
+    let yaml = gitsync_pod(
+        "gs-badenv",
+        &["--repo=file:///x".to_string(), "--root=/git".to_string()],
+        &app,
+    )
+    .replace(
+        "    restartPolicy: Always\n",
+        "    restartPolicy: Always\n    env: [{name: GITSYNC_PERIOD, value: soon}]\n",
+    );
+    k.apply("gs-badenv", &yaml);
+    let p = k
+        .wait_pod("gs-badenv", 20, |p| {
+            p["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"]
+                == "CreateContainerConfigError"
+        })
+        .await;
+    let msg = p["status"]["initContainerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        msg.contains("--period") && msg.contains("GITSYNC_PERIOD"),
+        "{msg}"
+    );
 }

@@ -1,5 +1,5 @@
 //! `/api/v1/.../pods`: create (defaulting + validation), get, list/watch, replace, status,
-//! graceful delete, and container logs.
+//! graceful delete, container logs, and the status of built-in pattern containers.
 
 use std::time::Duration;
 
@@ -37,6 +37,32 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/namespaces/{ns}/pods/{name}/metrics",
             get(adapter_metrics),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/builtins",
+            get(builtins),
+        )
+}
+
+/// The own status of the pod's running built-in pattern containers on this node, for
+/// `kapsel describe pod`: `{"CONTAINER": {"kind": "git-sync", "fields": [{"name", "value"}]}}`
+/// (`{}` when none runs; 404 for an unknown pod).
+async fn builtins(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    get_one(&s, Kind::Pod, &ns, &name)?;
+    let mut out = serde_json::Map::new();
+    for (container, kind, lines) in crate::patterns::pod_builtins(&ns, &name) {
+        let fields: Vec<Value> = lines
+            .into_iter()
+            .map(|(n, v)| serde_json::json!({"name": n, "value": v}))
+            .collect();
+        out.insert(
+            container,
+            serde_json::json!({"kind": kind, "fields": fields}),
+        );
+    }
+    Ok(Json(Value::Object(out)))
 }
 
 /// The latest values of the pod's `builtin/metrics-adapter` containers on this node, for

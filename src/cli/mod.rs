@@ -703,7 +703,16 @@ async fn describe(client: &Client, ns: &str, resource: &str, name: &str) -> Resu
                 .filter(|e| e.involved_object.uid == pod.uid())
                 .collect();
             events.sort_by_key(|e| e.first_timestamp);
-            print!("{}", output::describe_pod(&pod, &events));
+            // The built-ins' own status; a server without it (or a pod on no node yet) shows
+            // none.
+            let builtins = client
+                .get(&format!(
+                    "{}/builtins",
+                    path_for("pods", ns, Some(pod.name()))
+                ))
+                .await
+                .unwrap_or_default();
+            print!("{}", output::describe_pod(&pod, &events, &builtins));
         }
         "nodes" => {
             let node: Node =
@@ -897,10 +906,24 @@ async fn metrics_adapter(args: Vec<String>) -> Result<i32> {
 
 /// `kapsel git-sync`: the sidecar's sync loop on this machine's filesystem.
 async fn git_sync(args: Vec<String>) -> Result<i32> {
-    use crate::patterns::gitsync::{BeneathFile, Config, GitSync, HookRunner, Paths, Stats};
+    use crate::patterns::flags::FlagError;
+    use crate::patterns::gitsync::{
+        redact, BeneathFile, Config, ConfigError, GitSync, HookRunner, Paths, Stats,
+    };
     use std::sync::Arc;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("git-sync: {e}"))?;
+    let cfg = match Config::parse(&args, &env) {
+        Ok(cfg) => cfg,
+        Err(ConfigError::Flags(FlagError::Help(text))) => {
+            print!("{text}");
+            return Ok(0);
+        }
+        // A usage error: one line naming the flag, exit 2 (as clap and Go's flag package).
+        Err(e) => {
+            eprintln!("error: {}", redact(&e.to_string()).replace('\n', " "));
+            return Ok(2);
+        }
+    };
     // On this machine the caller's paths are trusted; git's own directory is `<root>/.git-sync`.
     let file = |p: &Option<std::path::PathBuf>| {
         p.as_ref().map(|p| {
@@ -936,7 +959,7 @@ async fn git_sync(args: Vec<String>) -> Result<i32> {
     });
     sync.run(stop, None)
         .await
-        .map_err(|e| anyhow!("git-sync: {e}"))?;
+        .map_err(|e| anyhow::Error::new(e).context("git-sync"))?;
     Ok(0)
 }
 

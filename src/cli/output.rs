@@ -230,7 +230,8 @@ fn fmt_ts(t: Option<DateTime<Utc>>) -> String {
         .unwrap_or_else(|| "<unknown>".into())
 }
 
-pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
+/// `builtins`: the pod's `/builtins` (the status of its built-in pattern containers).
+pub fn describe_pod(p: &Pod, events: &[Event], builtins: &serde_json::Value) -> String {
     let mut o = String::new();
     let st = p.status.clone().unwrap_or_default();
     o.push_str(&format!("Name:\t{}\nNamespace:\t{}\n", p.name(), p.ns()));
@@ -273,6 +274,9 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
         o.push_str(&format!("{title}:\n"));
         for c in specs.iter() {
             o.push_str(&format!("  {}:\n    Image:\t{}\n", c.name, c.image));
+            if let Some(kind) = c.image.strip_prefix("builtin/") {
+                o.push_str(&format!("    Built-in:\t{kind}\n"));
+            }
             if let Some(s) = statuses.iter().find(|s| s.name == c.name) {
                 if let Some(id) = &s.container_id {
                     o.push_str(&format!("    Container ID:\t{id}\n"));
@@ -337,6 +341,7 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
             }
         }
     }
+    pattern_components(&mut o, p, builtins);
     if !st.conditions.is_empty() {
         o.push_str("Conditions:\n  Type\tStatus\n");
         for c in &st.conditions {
@@ -358,6 +363,41 @@ pub fn describe_pod(p: &Pod, events: &[Event]) -> String {
     }
     events_section(&mut o, events);
     tabs_to_columns(&o)
+}
+
+/// `Pattern components:`: each built-in container's own status (git-sync's last synced commit,
+/// the ambassador's master, the adapter's series), or why there is none.
+fn pattern_components(o: &mut String, p: &Pod, builtins: &serde_json::Value) {
+    let names: Vec<&str> = p
+        .spec
+        .init_containers
+        .iter()
+        .chain(p.spec.containers.iter())
+        .filter(|c| c.image.starts_with("builtin/"))
+        .map(|c| c.name.as_str())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    o.push_str("Pattern components:\n");
+    for name in names {
+        let b = &builtins[name];
+        let Some(fields) = b["fields"].as_array() else {
+            o.push_str(&format!("  {name}:\t<not running on this node>\n"));
+            continue;
+        };
+        o.push_str(&format!(
+            "  {name}:\n    Built-in:\t{}\n",
+            b["kind"].as_str().unwrap_or_default()
+        ));
+        for f in fields {
+            o.push_str(&format!(
+                "    {}:\t{}\n",
+                f["name"].as_str().unwrap_or_default(),
+                f["value"].as_str().unwrap_or_default().replace('\n', " ")
+            ));
+        }
+    }
 }
 
 /// The `Events:` part of `describe`.

@@ -8,7 +8,9 @@
 //! `env`, not the process environment: clap's own `env` lookup would read the node's variables.
 //! [`parse`] therefore reads each argument's declared `env = "NAME"` from the spec's `env` and
 //! turns it into a flag placed before the explicit ones; a flag given explicitly wins over its
-//! variable (for repeatable flags, the variable is ignored once the flag appears).
+//! variable (for repeatable flags, the variable is ignored once the flag appears). clap's own
+//! lookup is switched off (the node's variables never reach a built-in, nor its `--help`,
+//! which names each variable without a value).
 //!
 //! Conventions for the config structs:
 //! - booleans are written so that `--flag`, `--flag=true` and `--flag=false` all work (and so
@@ -35,19 +37,40 @@ pub fn parse<T: clap::Parser>(
     args: &[String],
     env: &[(String, String)],
 ) -> Result<T, FlagError> {
-    let mut cmd = T::command()
+    let cmd = T::command()
         .name(component)
         .bin_name(component)
         .no_binary_name(true)
         .args_override_self(true);
+    // Each argument's variable, read from `env` below; clap read the node's own environment
+    // into the arguments when they were built, so that is cleared.
+    let vars: Vec<(String, String)> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            Some((
+                a.get_long()?.to_string(),
+                a.get_env()?.to_str()?.to_string(),
+            ))
+        })
+        .collect();
+    let mut cmd = cmd.mut_args(|a| match a.get_env().and_then(|v| v.to_str()) {
+        Some(var) => {
+            let var = var.to_string();
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let long_help = a.get_long_help().map(|h| h.to_string());
+            let a = a.env(None::<&str>).help(format!("{help} [env: {var}]"));
+            match long_help {
+                Some(l) => a.long_help(format!("{l} [env: {var}]")),
+                None => a,
+            }
+        }
+        None => a,
+    });
     let mut argv: Vec<String> = Vec::new();
     // Which variable each synthesized flag came from, to name it in errors.
     let mut from_env: Vec<(String, String)> = Vec::new();
-    for arg in cmd.get_arguments() {
-        let (Some(var), Some(long)) = (arg.get_env(), arg.get_long()) else {
-            continue;
-        };
-        let Some(var) = var.to_str() else { continue };
+    for (long, var) in &vars {
+        let (long, var) = (long.as_str(), var.as_str());
         let given = args.iter().any(|a| {
             a.strip_prefix("--")
                 .and_then(|rest| rest.strip_prefix(long))
@@ -251,6 +274,37 @@ mod tests {
                     text.contains("--listen") && text.contains("DEMO_LISTEN"),
                     "{text}"
                 )
+            }
+            other => panic!("expected help, got {other:?}"),
+        }
+    }
+
+    #[derive(Parser, Debug)]
+    struct NodeEnv {
+        #[arg(long, env = "KAPSEL_FLAGS_TEST_ONLY_ON_THE_NODE")]
+        secret: Option<String>,
+    }
+
+    #[test]
+    fn the_nodes_own_environment_stays_out() {
+        // Only this test reads or sets the variable.
+        std::env::set_var("KAPSEL_FLAGS_TEST_ONLY_ON_THE_NODE", "node-value");
+        let n: NodeEnv = parse("demo", &[], &[]).unwrap();
+        assert_eq!(n.secret, None);
+        let n: NodeEnv = parse(
+            "demo",
+            &[],
+            &e(&[("KAPSEL_FLAGS_TEST_ONLY_ON_THE_NODE", "pod-value")]),
+        )
+        .unwrap();
+        assert_eq!(n.secret.as_deref(), Some("pod-value"));
+        match parse::<NodeEnv>("demo", &s(&["--help"]), &[]) {
+            Err(FlagError::Help(text)) => {
+                assert!(
+                    text.contains("KAPSEL_FLAGS_TEST_ONLY_ON_THE_NODE"),
+                    "{text}"
+                );
+                assert!(!text.contains("node-value"), "{text}");
             }
             other => panic!("expected help, got {other:?}"),
         }

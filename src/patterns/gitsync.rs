@@ -18,15 +18,17 @@
 //! - `--exechook-command` runs where the pod runs: [`HookRunner::InPod`] execs it in an OCI
 //!   member of the pod (see `patterns::start_gitsync`), never on the node.
 
-use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use clap::ArgAction;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+use super::flags::{self, FlagError};
 
 /// A secret value: never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
@@ -72,131 +74,198 @@ pub struct Config {
     pub http_bind: Option<String>,
 }
 
-/// Flags git-sync v4 takes, with the kind of value each has.
-const FLAGS: &[(&str, bool)] = &[
-    ("repo", false),
-    ("ref", false),
-    ("root", false),
-    ("link", false),
-    ("period", false),
-    ("depth", false),
-    ("one-time", true),
-    ("max-failures", false),
-    ("sync-timeout", false),
-    ("submodules", false),
-    ("exechook-command", false),
-    ("exechook-timeout", false),
-    ("exechook-backoff", false),
-    ("webhook-url", false),
-    ("webhook-method", false),
-    ("webhook-success-status", false),
-    ("username", false),
-    ("password", false),
-    ("password-file", false),
-    ("ssh-key-file", false),
-    ("ssh-known-hosts", true),
-    ("ssh-known-hosts-file", false),
-    ("http-bind", false),
-    ("http-metrics", true),
-    ("verbose", false),
-    ("v", false),
-];
-
-/// Go-style durations: `10s`, `1m30s`, `500ms`, `2h`.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?} (examples: 10s, 1m, 500ms)");
-    let mut total = 0f64;
-    let mut num = String::new();
-    let mut chars = s.trim().chars().peekable();
-    if s.trim().is_empty() {
-        return Err(err());
-    }
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let mut unit = c.to_string();
-        if c == 'm' && chars.peek() == Some(&'s') {
-            unit.push(chars.next().unwrap());
-        }
-        let v: f64 = num.parse().map_err(|_| err())?;
-        num.clear();
-        total += v * match unit.as_str() {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 0.001,
-            _ => return Err(err()),
-        };
-    }
-    if !num.is_empty() {
-        // A bare number: seconds (git-sync v3 took seconds).
-        total += num.parse::<f64>().map_err(|_| err())?;
-    }
-    Ok(Duration::from_secs_f64(total))
+/// git-sync v4's flags and `GITSYNC_*` variables, as [`flags::parse`] reads them. Values that
+/// need checking beyond their type become a [`Config`] in [`Config::parse`].
+#[derive(clap::Parser, Debug)]
+#[command(
+    about = "Keep a directory in sync with a git repository (kubernetes/git-sync v4 flags; each flag also reads GITSYNC_<FLAG>, e.g. GITSYNC_REPO).",
+    after_help = "Durations are Go's: 10s, 1m30s, 1.5s, 500ms (a bare number is seconds, as git-sync v3 took). Booleans: --one-time, --one-time=true, --one-time=false."
+)]
+struct Flags {
+    /// The git repository to sync from (URL or path); required.
+    #[arg(long, env = "GITSYNC_REPO", value_name = "URL")]
+    repo: Option<String>,
+    /// The git revision (branch, tag or commit) to sync.
+    #[arg(long = "ref", env = "GITSYNC_REF", default_value = "HEAD")]
+    git_ref: String,
+    /// The root directory for git-sync operations (absolute, in a volume); required.
+    #[arg(long, env = "GITSYNC_ROOT", value_name = "DIR")]
+    root: Option<String>,
+    /// The name of the symlink to the current worktree, under --root (default: the repo's
+    /// name).
+    #[arg(long, env = "GITSYNC_LINK")]
+    link: Option<String>,
+    /// How long to wait between syncs (at least 10ms).
+    #[arg(long, env = "GITSYNC_PERIOD", value_parser = gitsync_duration, default_value = "10s")]
+    period: Duration,
+    /// Create a shallow clone with this many commits; 0 for the whole history.
+    #[arg(long, env = "GITSYNC_DEPTH", default_value_t = 1)]
+    depth: u32,
+    /// Sync once, then exit.
+    #[arg(long, env = "GITSYNC_ONE_TIME", value_parser = flags::bool_flag, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
+    one_time: bool,
+    /// Consecutive sync failures tolerated before exiting; -1 retries forever.
+    #[arg(
+        long,
+        env = "GITSYNC_MAX_FAILURES",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    max_failures: i64,
+    /// The total time allowed for one sync.
+    #[arg(long, env = "GITSYNC_SYNC_TIMEOUT", value_parser = gitsync_duration, default_value = "120s")]
+    sync_timeout: Duration,
+    /// Submodules: recursive, shallow or off.
+    #[arg(long, env = "GITSYNC_SUBMODULES", default_value = "recursive",
+          value_parser = ["recursive", "shallow", "off"])]
+    submodules: String,
+    /// A command run (with `sh -c`, in an OCI member of the pod) in each new worktree, with
+    /// GITSYNC_HASH set.
+    #[arg(long, env = "GITSYNC_EXECHOOK_COMMAND", value_name = "COMMAND")]
+    exechook_command: Option<String>,
+    /// The time allowed for one run of the exechook.
+    #[arg(long, env = "GITSYNC_EXECHOOK_TIMEOUT", value_parser = gitsync_duration, default_value = "30s")]
+    exechook_timeout: Duration,
+    /// The wait between attempts of a failed exechook (at least 100ms).
+    #[arg(long, env = "GITSYNC_EXECHOOK_BACKOFF", value_parser = gitsync_duration, default_value = "3s")]
+    exechook_backoff: Duration,
+    /// A URL notified (with a Gitsync-Hash header) after each new worktree.
+    #[arg(long, env = "GITSYNC_WEBHOOK_URL", value_name = "URL")]
+    webhook_url: Option<String>,
+    /// The HTTP method of the webhook.
+    #[arg(long, env = "GITSYNC_WEBHOOK_METHOD", default_value = "POST")]
+    webhook_method: String,
+    /// The HTTP status the webhook must answer.
+    #[arg(long, env = "GITSYNC_WEBHOOK_SUCCESS_STATUS", default_value_t = 200)]
+    webhook_success_status: u16,
+    /// The username for git authentication.
+    #[arg(long, env = "GITSYNC_USERNAME")]
+    username: Option<String>,
+    /// The password or personal access token for git authentication (prefer --password-file).
+    #[arg(long, env = "GITSYNC_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// A file (in a volume) holding the password.
+    #[arg(long, env = "GITSYNC_PASSWORD_FILE", value_name = "FILE")]
+    password_file: Option<String>,
+    /// The SSH private key (in a volume) for git over ssh.
+    #[arg(long, env = "GITSYNC_SSH_KEY_FILE", value_name = "FILE")]
+    ssh_key_file: Option<String>,
+    /// Check the SSH host key.
+    #[arg(long, env = "GITSYNC_SSH_KNOWN_HOSTS", value_parser = flags::bool_flag, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, default_value = "true")]
+    ssh_known_hosts: bool,
+    /// The known_hosts file (in a volume) for --ssh-known-hosts.
+    #[arg(long, env = "GITSYNC_SSH_KNOWN_HOSTS_FILE", value_name = "FILE")]
+    ssh_known_hosts_file: Option<String>,
+    /// Serve readiness (`/`) and Prometheus metrics (`/metrics`) on this address in the pod.
+    #[arg(long, env = "GITSYNC_HTTP_BIND", value_name = "ADDR")]
+    http_bind: Option<String>,
+    /// Serve metrics on --http-bind (always on here; accepted for compatibility).
+    #[arg(long, env = "GITSYNC_HTTP_METRICS", value_parser = flags::bool_flag, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, default_value = "true")]
+    http_metrics: bool,
+    /// Log verbosity (accepted for compatibility; git-sync logs each sync and failure).
+    #[arg(long, env = "GITSYNC_VERBOSE", value_name = "LEVEL")]
+    verbose: Option<String>,
+    /// Log verbosity, as `-v=N` (accepted for compatibility).
+    #[arg(
+        short = 'v',
+        long = "v",
+        env = "GITSYNC_V",
+        value_name = "LEVEL",
+        hide = true
+    )]
+    v: Option<String>,
 }
 
-fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "" | "true" | "1" | "t" | "T" | "TRUE" | "True" => Ok(true),
-        "false" | "0" | "f" | "F" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("--{flag}: invalid boolean {v:?}")),
+/// A duration as git-sync takes it: Go's forms through [`flags::duration`], and a bare number
+/// of seconds (git-sync v3's `--wait`).
+fn gitsync_duration(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}")),
+        Err(_) => flags::duration(s),
     }
+}
+
+/// Go-style durations (`10s`, `1m30s`, `1.5s`, a bare number of seconds): [`flags::duration`]
+/// plus v3's bare seconds. Kept for the ambassador's and the adapter's parsers until they move
+/// to [`flags`].
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    if s.trim().is_empty() {
+        return Err(format!("invalid duration {s:?} (examples: 10s, 1m, 500ms)"));
+    }
+    gitsync_duration(s)
+}
+
+/// Why git-sync's configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--help`, or a flag or variable the parser refused (unknown, malformed, missing value).
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    #[error("git-sync: required flag missing: --{flag} (or {var})")]
+    Missing {
+        flag: &'static str,
+        var: &'static str,
+    },
+    /// A value of the right type that git-sync does not accept.
+    #[error("git-sync: --{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+/// Go's flag package takes long flags with one dash (`-repo=URL`), and git-sync users write
+/// them so: those become `--repo=URL`. Short flags (`-v 5`, `-h`) stay as they are.
+fn go_style_long_flags(args: &[String]) -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Flags::command();
+    let longs: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+    args.iter()
+        .map(|a| match a.strip_prefix('-') {
+            Some(rest) if !rest.starts_with('-') => {
+                let name = rest.split('=').next().unwrap_or_default();
+                if name.len() > 1 && (longs.contains(&name) || name == "help") {
+                    format!("-{a}")
+                } else {
+                    a.clone()
+                }
+            }
+            _ => a.clone(),
+        })
+        .collect()
 }
 
 impl Config {
-    /// Parse args (`--flag=value` or `--flag value`) over `GITSYNC_*` env (flags win).
-    pub fn parse(args: &[String], env: &[(String, String)]) -> Result<Config, String> {
-        let mut vals: HashMap<String, String> = HashMap::new();
-        for (k, v) in env {
-            if let Some(name) = k.strip_prefix("GITSYNC_") {
-                let flag = name.to_lowercase().replace('_', "-");
-                if FLAGS.iter().any(|(f, _)| *f == flag) {
-                    vals.insert(flag, v.clone());
-                }
-            }
-        }
-        let mut i = 0;
-        while i < args.len() {
-            let a = &args[i];
-            let Some(body) = a.strip_prefix("--").or_else(|| a.strip_prefix('-')) else {
-                return Err(format!(
-                    "unexpected argument {a:?}: git-sync takes only flags (--repo=URL ...)"
-                ));
-            };
-            let (name, inline) = match body.split_once('=') {
-                Some((n, v)) => (n.to_string(), Some(v.to_string())),
-                None => (body.to_string(), None),
-            };
-            let Some((_, is_bool)) = FLAGS.iter().find(|(f, _)| *f == name) else {
-                return Err(format!("unknown flag: --{name}"));
-            };
-            let value = match (inline, is_bool) {
-                (Some(v), _) => v,
-                (None, true) => "true".to_string(),
-                (None, false) => {
-                    i += 1;
-                    args.get(i)
-                        .cloned()
-                        .ok_or_else(|| format!("flag needs an argument: --{name}"))?
-                }
-            };
-            vals.insert(name, value);
-            i += 1;
-        }
-        let get = |k: &str| vals.get(k).cloned().filter(|v| !v.is_empty());
-        let repo = get("repo").ok_or("required flag missing: --repo (or GITSYNC_REPO)")?;
+    /// Parse args (`--flag=value`, `--flag value`, Go's `-flag=value`) over `GITSYNC_*`
+    /// variables (flags win; an empty variable counts as unset, as in git-sync).
+    pub fn parse(args: &[String], env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .filter(|(k, v)| k.starts_with("GITSYNC_") && !v.is_empty())
+            .cloned()
+            .collect();
+        let f: Flags = flags::parse("git-sync", &go_style_long_flags(args), &env)?;
+        let given = |v: Option<String>| v.filter(|s| !s.is_empty());
+        let invalid = |flag: &'static str, reason: String| ConfigError::Invalid { flag, reason };
+        let repo = given(f.repo).ok_or(ConfigError::Missing {
+            flag: "repo",
+            var: "GITSYNC_REPO",
+        })?;
         if repo.starts_with('-') {
-            return Err("--repo must be a URL or a path, not start with '-'".into());
+            return Err(invalid(
+                "repo",
+                "must be a URL or a path, not start with '-'".into(),
+            ));
         }
         let (repo, url_user, url_password) = split_credentials(&repo);
-        let root =
-            PathBuf::from(get("root").ok_or("required flag missing: --root (or GITSYNC_ROOT)")?);
+        let root = PathBuf::from(given(f.root).ok_or(ConfigError::Missing {
+            flag: "root",
+            var: "GITSYNC_ROOT",
+        })?);
         if !root.is_absolute() {
-            return Err(format!(
-                "--root must be an absolute path, got {:?}",
-                root.display()
+            return Err(invalid(
+                "root",
+                format!("must be an absolute path, got {:?}", root.display()),
             ));
         }
         let default_link = repo
@@ -206,85 +275,66 @@ impl Config {
             .unwrap_or("repo")
             .trim_end_matches(".git")
             .to_string();
-        let link = get("link").unwrap_or(default_link);
+        let link = given(f.link).unwrap_or(default_link);
         if link.split('/').any(|p| p == "..")
             || link.starts_with('/') && !Path::new(&link).starts_with(&root)
         {
-            return Err(format!("--link {link:?} must stay inside --root"));
+            return Err(invalid("link", format!("{link:?} must stay inside --root")));
         }
-        let num = |k: &str, d: i64| -> Result<i64, String> {
-            get(k)
-                .map(|v| {
-                    v.parse::<i64>()
-                        .map_err(|_| format!("--{k}: invalid number {v:?}"))
-                })
-                .unwrap_or(Ok(d))
-        };
-        let dur = |k: &str, d: Duration| -> Result<Duration, String> {
-            get(k)
-                .map(|v| parse_go_duration(&v).map_err(|e| format!("--{k}: {e}")))
-                .unwrap_or(Ok(d))
-        };
-        let period = dur("period", Duration::from_secs(10))?;
-        if period < Duration::from_millis(10) {
-            return Err("--period must be at least 10ms".into());
+        if f.period < Duration::from_millis(10) {
+            return Err(invalid("period", "must be at least 10ms".into()));
         }
-        let git_ref = get("ref").unwrap_or_else(|| "HEAD".into());
+        let git_ref = Some(f.git_ref)
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "HEAD".into());
         if git_ref.starts_with('-') {
-            return Err(format!("--ref {git_ref:?} must not start with '-'"));
-        }
-        let username = get("username").or(url_user);
-        let password = get("password").or(url_password).map(Secret);
-        if password.is_some() && get("password-file").is_some() {
-            return Err(
-                "only one of --password (or credentials in --repo) and --password-file may be set"
-                    .into(),
-            );
-        }
-        if (password.is_some() || get("password-file").is_some()) && username.is_none() {
-            return Err("--password and --password-file need --username".into());
-        }
-        let submodules = get("submodules").unwrap_or_else(|| "recursive".into());
-        if !["recursive", "shallow", "off"].contains(&submodules.as_str()) {
-            return Err(format!(
-                "--submodules must be recursive, shallow or off, got {submodules:?}"
+            return Err(invalid(
+                "ref",
+                format!("{git_ref:?} must not start with '-'"),
             ));
         }
-        let depth = num("depth", 1)?;
-        if depth < 0 {
-            return Err("--depth must be >= 0".into());
+        let username = given(f.username).or(url_user);
+        let password = given(f.password).or(url_password).map(Secret);
+        let password_file = given(f.password_file).map(PathBuf::from);
+        if password.is_some() && password_file.is_some() {
+            return Err(invalid(
+                "password-file",
+                "only one of --password (or credentials in --repo) and --password-file may be set"
+                    .into(),
+            ));
+        }
+        if (password.is_some() || password_file.is_some()) && username.is_none() {
+            return Err(invalid(
+                "username",
+                "--password and --password-file need --username".into(),
+            ));
         }
         Ok(Config {
             repo,
             git_ref,
             root,
             link,
-            period,
-            depth: depth as u32,
-            one_time: get("one-time")
-                .map(|v| parse_bool("one-time", &v))
-                .transpose()?
-                .unwrap_or(false),
-            max_failures: num("max-failures", 0)?,
-            sync_timeout: dur("sync-timeout", Duration::from_secs(120))?,
-            submodules,
-            exechook_command: get("exechook-command"),
-            exechook_timeout: dur("exechook-timeout", Duration::from_secs(30))?,
-            exechook_backoff: dur("exechook-backoff", Duration::from_secs(3))?
-                .max(Duration::from_millis(100)),
-            webhook_url: get("webhook-url"),
-            webhook_method: get("webhook-method").unwrap_or_else(|| "POST".into()),
-            webhook_success_status: num("webhook-success-status", 200)? as u16,
+            period: f.period,
+            depth: f.depth,
+            one_time: f.one_time,
+            max_failures: f.max_failures,
+            sync_timeout: f.sync_timeout,
+            submodules: f.submodules,
+            exechook_command: given(f.exechook_command),
+            exechook_timeout: f.exechook_timeout,
+            exechook_backoff: f.exechook_backoff.max(Duration::from_millis(100)),
+            webhook_url: given(f.webhook_url),
+            webhook_method: Some(f.webhook_method)
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "POST".into()),
+            webhook_success_status: f.webhook_success_status,
             username,
             password,
-            password_file: get("password-file").map(PathBuf::from),
-            ssh_key_file: get("ssh-key-file").map(PathBuf::from),
-            ssh_known_hosts: get("ssh-known-hosts")
-                .map(|v| parse_bool("ssh-known-hosts", &v))
-                .transpose()?
-                .unwrap_or(true),
-            ssh_known_hosts_file: get("ssh-known-hosts-file").map(PathBuf::from),
-            http_bind: get("http-bind"),
+            password_file,
+            ssh_key_file: given(f.ssh_key_file).map(PathBuf::from),
+            ssh_known_hosts: f.ssh_known_hosts,
+            ssh_known_hosts_file: given(f.ssh_known_hosts_file).map(PathBuf::from),
+            http_bind: given(f.http_bind),
         })
     }
 
@@ -437,13 +487,27 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// What git-sync reports (its `/metrics` and readiness).
+/// What git-sync reports (its `/metrics`, readiness, and `kapsel describe pod`).
 #[derive(Default)]
 pub struct Stats {
     pub success: AtomicU64,
     pub errors: AtomicU64,
     pub last_duration_ms: AtomicU64,
     pub synced_once: std::sync::atomic::AtomicBool,
+    pub last: std::sync::Mutex<LastSync>,
+}
+
+/// The latest outcomes of git-sync's syncs.
+#[derive(Debug, Default, Clone)]
+pub struct LastSync {
+    /// The commit the link points to.
+    pub commit: Option<String>,
+    /// When the link last moved (to `commit`).
+    pub synced_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the last successful sync ended (whether or not the link moved).
+    pub checked_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last failure: when, and why (redacted).
+    pub error: Option<(chrono::DateTime<chrono::Utc>, String)>,
 }
 
 /// What an exechook printed and how it ended.
@@ -456,10 +520,12 @@ pub struct HookOutput {
 }
 
 /// Why an exechook did not run to success.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HookError {
     /// Nothing can run it yet (no pod member up): tried again later, not reported as a failure.
+    #[error("{0}")]
     NotYet(String),
+    #[error("{0}")]
     Failed(String),
 }
 
@@ -533,8 +599,41 @@ pub struct GitSync {
     initialised: std::sync::atomic::AtomicBool,
 }
 
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |e| format!("{what}: {e}")
+/// Why a sync (or git-sync as a whole) failed. Every message is free of credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A file operation on the node (git-sync's private directory, the volume).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A git command failed; its stderr, redacted.
+    #[error("git {args}: {stderr}")]
+    Git { args: String, stderr: String },
+    #[error("git {command} timed out after {timeout:?}")]
+    GitTimeout { command: String, timeout: Duration },
+    #[error("git rev-parse gave {0:?}, not a commit hash")]
+    NotACommit(String),
+    #[error("--link {0:?} names no file")]
+    LinkNamesNoFile(String),
+    /// `--max-failures` consecutive failures: git-sync gives up.
+    #[error("too many failures ({failures} > --max-failures={max}): {last}")]
+    TooManyFailures {
+        failures: i64,
+        max: i64,
+        #[source]
+        last: Arc<SyncError>,
+    },
+}
+
+/// Wraps an io error with what was being done.
+fn err(what: &str) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+    move |source| SyncError::Io {
+        what: what.to_string(),
+        source,
+    }
 }
 
 fn io_kind(e: &std::io::Error, errno: i32) -> bool {
@@ -659,7 +758,7 @@ impl GitSync {
     }
 
     /// A handle on `--root` in the volume, every directory on the way made real.
-    fn root_dir(&self) -> Result<cap_std::fs::Dir, String> {
+    fn root_dir(&self) -> Result<cap_std::fs::Dir, SyncError> {
         let vol =
             cap_std::fs::Dir::open_ambient_dir(&self.paths.volume, cap_std::ambient_authority())
                 .map_err(err("opening the volume"))?;
@@ -736,26 +835,22 @@ impl GitSync {
         creds: Option<&(String, String)>,
         work: Option<&Path>,
         timeout: Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, SyncError> {
         let mut cmd = self.git(creds, work);
         cmd.args(args);
         let out = tokio::time::timeout(timeout, cmd.output())
             .await
-            .map_err(|_| {
-                format!(
-                    "git {} timed out after {:?}",
-                    args.first().unwrap_or(&""),
-                    timeout
-                )
+            .map_err(|_| SyncError::GitTimeout {
+                command: args.first().unwrap_or(&"").to_string(),
+                timeout,
             })?
             .map_err(err("running git"))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(redact(&format!(
-                "git {}: {}",
-                args.join(" "),
-                stderr.trim()
-            )));
+            return Err(SyncError::Git {
+                args: redact(&args.join(" ")),
+                stderr: redact(stderr.trim()),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
@@ -768,7 +863,7 @@ impl GitSync {
     }
 
     /// Write `data` to `name` in the private directory (0600), by create-then-rename.
-    fn write_private(&self, name: &str, data: &[u8], mode: u32) -> Result<(), String> {
+    fn write_private(&self, name: &str, data: &[u8], mode: u32) -> Result<(), SyncError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.paths.private.join(format!(".{name}.tmp"));
@@ -787,22 +882,23 @@ impl GitSync {
     }
 
     /// The credentials of this sync (the password file is read again each time).
-    fn credentials(&self) -> Result<Option<(String, String)>, String> {
+    fn credentials(&self) -> Result<Option<(String, String)>, SyncError> {
         let Some(user) = &self.cfg.username else {
             return Ok(None);
         };
         let pass = match (&self.cfg.password, &self.paths.password_file) {
             (Some(p), _) => p.0.clone(),
             (None, Some(f)) => {
-                let raw = f.read().map_err(|e| {
-                    format!(
-                        "--password-file {}: {e}",
+                let raw = f.read().map_err(|source| SyncError::Io {
+                    what: format!(
+                        "--password-file {}",
                         self.cfg
                             .password_file
                             .as_deref()
                             .unwrap_or(Path::new(""))
                             .display()
-                    )
+                    ),
+                    source,
                 })?;
                 String::from_utf8_lossy(&raw)
                     .trim_end_matches(['\n', '\r'])
@@ -813,7 +909,7 @@ impl GitSync {
         Ok(Some((user.clone(), pass)))
     }
 
-    async fn init(&self) -> Result<(), String> {
+    async fn init(&self) -> Result<(), SyncError> {
         create_private_dir(&self.paths.private)
             .map_err(err("creating git-sync's private directory"))?;
         create_private_dir(&self.paths.private.join("home"))
@@ -856,7 +952,7 @@ impl GitSync {
         &self,
         hash: &str,
         creds: Option<&(String, String)>,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, SyncError> {
         let deadline = self.cfg.sync_timeout;
         let stage = self.paths.private.join("stage");
         let _ = std::fs::remove_dir_all(&stage);
@@ -892,7 +988,7 @@ impl GitSync {
     }
 
     /// One sync. Ok(Some(hash)) when the link moved, Ok(None) when already current.
-    pub async fn sync_once(&self) -> Result<Option<String>, String> {
+    pub async fn sync_once(&self) -> Result<Option<String>, SyncError> {
         let deadline = self.cfg.sync_timeout;
         self.init().await?;
         let creds = self.credentials()?;
@@ -909,7 +1005,7 @@ impl GitSync {
             .run_git(&["rev-parse", "FETCH_HEAD^{commit}"], None, None, deadline)
             .await?;
         if hash.len() < 40 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("git rev-parse gave {hash:?}, not a commit hash"));
+            return Err(SyncError::NotACommit(hash));
         }
         let root = self.root_dir()?;
         let wts = real_dir(&root, std::ffi::OsStr::new(".worktrees"))
@@ -942,13 +1038,13 @@ impl GitSync {
                     .map_err(err("publishing the worktree"))?;
                 let _ = std::fs::remove_dir_all(&staged);
             }
-            Err(e) => return Err(format!("publishing the worktree: {e}")),
+            Err(e) => return Err(err("publishing the worktree")(e)),
         }
         // Flip the link atomically: a new symlink renamed over the old one.
         let link = self.link_rel();
         let name = link
             .file_name()
-            .ok_or_else(|| format!("--link {:?} names no file", self.cfg.link))?
+            .ok_or_else(|| SyncError::LinkNamesNoFile(self.cfg.link.clone()))?
             .to_os_string();
         let parent_rel = link.parent().unwrap_or(Path::new(""));
         let parent = real_dirs(&root, parent_rel).map_err(err("creating the link's directory"))?;
@@ -977,7 +1073,7 @@ impl GitSync {
                     .map_err(err("flipping the link"))?;
             } else {
                 let _ = parent.remove_file(&tmp);
-                return Err(format!("flipping the link: {e}"));
+                return Err(err("flipping the link")(e));
             }
         }
         // Old worktrees go, except the one just replaced: a reader that resolved the link a
@@ -1132,8 +1228,8 @@ impl GitSync {
     pub async fn run(
         &self,
         stop: CancellationToken,
-        first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    ) -> Result<(), String> {
+        first: Option<tokio::sync::oneshot::Sender<Result<(), SyncError>>>,
+    ) -> Result<(), SyncError> {
         let (tx, rx) = tokio::sync::watch::channel::<Option<String>>(None);
         let syncs = async {
             let tx = tx;
@@ -1146,9 +1242,9 @@ impl GitSync {
     async fn sync_loop(
         &self,
         stop: &CancellationToken,
-        mut first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        mut first: Option<tokio::sync::oneshot::Sender<Result<(), SyncError>>>,
         hooks: &tokio::sync::watch::Sender<Option<String>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SyncError> {
         let mut failures: i64 = 0;
         let mut backoff = Duration::ZERO;
         loop {
@@ -1166,6 +1262,20 @@ impl GitSync {
                     backoff = Duration::ZERO;
                     self.stats.success.fetch_add(1, Ordering::Relaxed);
                     self.stats.synced_once.store(true, Ordering::Relaxed);
+                    {
+                        let now = chrono::Utc::now();
+                        let mut last = self.stats.last.lock().unwrap();
+                        last.checked_at = Some(now);
+                        match &moved {
+                            Some(hash) => {
+                                last.commit = Some(hash.clone());
+                                last.synced_at = Some(now);
+                            }
+                            // Already current (e.g. synced before a restart).
+                            None if last.commit.is_none() => last.commit = self.current(),
+                            None => {}
+                        }
+                    }
                     if let Some(hash) = &moved {
                         self.say(&format!(
                             "synced {} @ {} to {}\n",
@@ -1180,10 +1290,11 @@ impl GitSync {
                         return Ok(());
                     }
                 }
-                Err(e) => {
-                    let e = redact(&e);
+                Err(err) => {
+                    let e = redact(&err.to_string());
                     failures += 1;
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.last.lock().unwrap().error = Some((chrono::Utc::now(), e.clone()));
                     let kept = match self.current() {
                         Some(h) => format!("; keeping {h}"),
                         None => String::new(),
@@ -1191,14 +1302,16 @@ impl GitSync {
                     self.say(&format!("sync failed ({failures} in a row){kept}: {e}\n"));
                     self.alarm(&format!("sync failed ({failures} in a row){kept}: {e}"));
                     if self.cfg.max_failures >= 0 && failures > self.cfg.max_failures {
-                        let msg = format!(
-                            "too many failures ({failures} > --max-failures={}): {e}",
-                            self.cfg.max_failures
-                        );
+                        let last = Arc::new(err);
+                        let give_up = || SyncError::TooManyFailures {
+                            failures,
+                            max: self.cfg.max_failures,
+                            last: last.clone(),
+                        };
                         if let Some(tx) = first.take() {
-                            let _ = tx.send(Err(msg.clone()));
+                            let _ = tx.send(Err(give_up()));
                         }
-                        return Err(msg);
+                        return Err(give_up());
                     }
                     backoff = (backoff * 2)
                         .max(Duration::from_millis(500))
@@ -1249,14 +1362,107 @@ mod tests {
         assert!(c.one_time);
         assert_eq!(c.git_ref, "HEAD");
         assert_eq!(
-            Config::parse(&s(&["--root=/g"]), &[]).unwrap_err(),
-            "required flag missing: --repo (or GITSYNC_REPO)"
+            Config::parse(&s(&["--root=/g"]), &[])
+                .unwrap_err()
+                .to_string(),
+            "git-sync: required flag missing: --repo (or GITSYNC_REPO)"
         );
-        assert_eq!(
-            Config::parse(&s(&["--repo=x", "--root=/g", "--colour"]), &[]).unwrap_err(),
-            "unknown flag: --colour"
+        let e = Config::parse(&s(&["--repo=x", "--root=/g", "--colour"]), &[]).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Flags(FlagError::Invalid { .. }))
+                && e.to_string() == "git-sync: unexpected argument '--colour' found",
+            "{e}"
         );
-        assert!(Config::parse(&s(&["--repo=x", "--root=/g", "--period=soon"]), &[]).is_err());
+        let e = Config::parse(&s(&["--repo=x", "--root=/g", "--period=soon"]), &[]).unwrap_err();
+        assert!(e.to_string().contains("--period"), "{e}");
+        let e = Config::parse(&s(&["--repo=x", "--root=g"]), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("--root: must be an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_spelling_of_today_still_works() {
+        let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        // Go's one-dash long flags, bare-seconds durations, `-v N`, boolean forms.
+        let c = Config::parse(
+            &s(&[
+                "-repo=file:///r",
+                "-root",
+                "/git",
+                "-period=5",
+                "-v",
+                "5",
+                "--one-time=false",
+                "--ssh-known-hosts=false",
+                "--max-failures",
+                "-1",
+                "--http-metrics",
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.repo, "file:///r");
+        assert_eq!(c.period, Duration::from_secs(5));
+        assert!(!c.one_time && !c.ssh_known_hosts);
+        assert_eq!(c.max_failures, -1);
+        // Every value from GITSYNC_* variables; empty ones count as unset.
+        let c = Config::parse(
+            &[],
+            &env(&[
+                ("GITSYNC_REPO", "https://example.com/a/b.git"),
+                ("GITSYNC_ROOT", "/git"),
+                ("GITSYNC_REF", "v1"),
+                ("GITSYNC_LINK", ""),
+                ("GITSYNC_PERIOD", "1m30s"),
+                ("GITSYNC_SYNC_TIMEOUT", "1.5s"),
+                ("GITSYNC_ONE_TIME", "true"),
+                ("GITSYNC_DEPTH", "0"),
+                ("GITSYNC_SUBMODULES", "off"),
+                ("GITSYNC_USERNAME", "u"),
+                ("GITSYNC_PASSWORD", "p"),
+                ("GITSYNC_WEBHOOK_SUCCESS_STATUS", "204"),
+                ("GITSYNC_EXECHOOK_BACKOFF", "10ms"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.link, "b");
+        assert_eq!(c.git_ref, "v1");
+        assert_eq!(c.period, Duration::from_secs(90));
+        assert_eq!(c.sync_timeout, Duration::from_millis(1500));
+        assert!(c.one_time);
+        assert_eq!((c.depth, c.submodules.as_str()), (0, "off"));
+        assert_eq!(c.password, Some(Secret("p".into())));
+        assert_eq!(c.webhook_success_status, 204);
+        // Raised to the floor.
+        assert_eq!(c.exechook_backoff, Duration::from_millis(100));
+        // A variable that does not parse is named with its flag.
+        let e = Config::parse(
+            &s(&["--repo=x", "--root=/g"]),
+            &env(&[("GITSYNC_ONE_TIME", "maybe")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--one-time") && e.contains("GITSYNC_ONE_TIME"),
+            "{e}"
+        );
+        // --help, one dash or two.
+        for h in ["--help", "-h", "-help"] {
+            assert!(
+                matches!(
+                    Config::parse(&s(&[h]), &[]),
+                    Err(ConfigError::Flags(FlagError::Help(t))) if t.contains("GITSYNC_REPO")
+                ),
+                "{h}"
+            );
+        }
     }
 
     #[test]
@@ -1266,8 +1472,13 @@ mod tests {
             parse_go_duration("500ms").unwrap(),
             Duration::from_millis(500)
         );
+        assert_eq!(
+            parse_go_duration("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_go_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_go_duration("5x").is_err());
+        assert!(parse_go_duration("").is_err());
     }
 
     #[test]

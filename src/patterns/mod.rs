@@ -1,16 +1,19 @@
 //! Built-in pattern components, run natively inside Kapsel in the pod's sandbox:
-//! `builtin/git-sync` (the sidecar, [`gitsync`]) and `builtin/redis-ambassador` (the
-//! ambassador, [`redis`]). [`BuiltinExecutor`] puts them behind the same executor trait as WASM
-//! and Docker.
+//! `builtin/git-sync` (the sidecar, [`gitsync`]), `builtin/redis-ambassador` (the
+//! ambassador, [`redis`]) and `builtin/metrics-adapter` (the adapter, [`adapter`]).
+//! [`BuiltinExecutor`] puts them behind the same executor trait as WASM and Docker, and keeps a
+//! [`BuiltinStatus`] handle on each running one in [`node_builtins`], which the API serves as
+//! `GET /api/v1/namespaces/{ns}/pods/{name}/builtins` for `kapsel describe pod`.
 
 pub mod adapter;
 pub mod flags;
 pub mod gitsync;
 pub mod redis;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +29,165 @@ pub const GIT_SYNC: &str = "builtin/git-sync";
 pub const REDIS_AMBASSADOR: &str = "builtin/redis-ambassador";
 pub const METRICS_ADAPTER: &str = "builtin/metrics-adapter";
 const ALL: &str = "builtin/git-sync, builtin/redis-ambassador, builtin/metrics-adapter";
+
+/// (label, value) status lines, in the order shown.
+pub type StatusLines = Vec<(String, String)>;
+
+/// A running built-in's own status, as `kapsel describe pod` shows it.
+pub trait BuiltinStatus: Send + Sync {
+    /// The component: `git-sync`, `redis-ambassador`, `metrics-adapter`.
+    fn kind(&self) -> &'static str;
+    /// (label, value) lines, in the order shown.
+    fn status_lines(&self) -> StatusLines;
+}
+
+/// Every built-in container running on this node, by `namespace/pod/container`. Handles are
+/// weak: a component that stopped drops out by itself.
+pub fn node_builtins() -> &'static Mutex<BTreeMap<String, Weak<dyn BuiltinStatus>>> {
+    static M: LazyLock<Mutex<BTreeMap<String, Weak<dyn BuiltinStatus>>>> =
+        LazyLock::new(Default::default);
+    &M
+}
+
+/// Record a running built-in container's status handle (replacing an earlier one's).
+pub fn register_builtin(spec: &ContainerSpec, status: Weak<dyn BuiltinStatus>) {
+    let key = format!("{}/{}/{}", spec.pod_namespace, spec.pod_name, spec.name);
+    let mut m = node_builtins().lock().unwrap();
+    m.retain(|_, w| w.strong_count() > 0);
+    m.insert(key, status);
+}
+
+/// The status of one pod's running built-ins: (container, kind, lines), by container name.
+pub fn pod_builtins(ns: &str, pod: &str) -> Vec<(String, &'static str, StatusLines)> {
+    let prefix = format!("{ns}/{pod}/");
+    let live: Vec<(String, Arc<dyn BuiltinStatus>)> = node_builtins()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, w)| Some((k.strip_prefix(&prefix)?.to_string(), w.upgrade()?)))
+        .collect();
+    // Status lines are gathered outside the registry's lock.
+    live.into_iter()
+        .map(|(c, s)| (c, s.kind(), s.status_lines()))
+        .collect()
+}
+
+fn when(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    match t {
+        Some(t) => {
+            let ago = (chrono::Utc::now() - t).to_std().unwrap_or_default();
+            format!(
+                "{} ({} ago)",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                humantime::format_duration(Duration::from_secs(ago.as_secs()))
+            )
+        }
+        None => "<never>".into(),
+    }
+}
+
+impl BuiltinStatus for gitsync::GitSync {
+    fn kind(&self) -> &'static str {
+        "git-sync"
+    }
+    fn status_lines(&self) -> StatusLines {
+        let last = self.stats.last.lock().unwrap().clone();
+        vec![
+            (
+                "Repository".into(),
+                format!("{} @ {}", gitsync::redact(&self.cfg.repo), self.cfg.git_ref),
+            ),
+            (
+                "Last synced commit".into(),
+                last.commit.unwrap_or_else(|| "<none>".into()),
+            ),
+            ("Last synced".into(), when(last.synced_at)),
+            ("Last checked".into(), when(last.checked_at)),
+            (
+                "Syncs".into(),
+                format!(
+                    "{} ok, {} failed",
+                    self.stats.success.load(Ordering::Relaxed),
+                    self.stats.errors.load(Ordering::Relaxed)
+                ),
+            ),
+            (
+                "Last error".into(),
+                match last.error {
+                    Some((t, e)) => format!("{}: {e}", when(Some(t))),
+                    None => "<none>".into(),
+                },
+            ),
+        ]
+    }
+}
+
+impl BuiltinStatus for redis::topology::Topology {
+    fn kind(&self) -> &'static str {
+        "redis-ambassador"
+    }
+    fn status_lines(&self) -> StatusLines {
+        let view = self.view();
+        let healthy: Vec<String> = view.replicas.iter().map(|r| r.addr.clone()).collect();
+        let unhealthy: Vec<String> = self
+            .health
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| !h.healthy)
+            .map(|h| format!("{} ({})", h.addr, h.why))
+            .collect();
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "<none>".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        vec![
+            ("Master".into(), view.master.addr.clone()),
+            ("Healthy replicas".into(), list(healthy)),
+            ("Unhealthy replicas".into(), list(unhealthy)),
+            (
+                "Failovers".into(),
+                self.failovers.load(Ordering::Relaxed).to_string(),
+            ),
+        ]
+    }
+}
+
+impl BuiltinStatus for adapter::Adapter {
+    fn kind(&self) -> &'static str {
+        "metrics-adapter"
+    }
+    fn status_lines(&self) -> StatusLines {
+        vec![("Series".into(), self.reg.series_count().to_string())]
+    }
+}
+
+/// A built-in asked for `--help`: the text goes to the container's log and the container
+/// exits 0 without starting.
+fn help_instance(spec: &ContainerSpec, component: &str, text: &str) -> Box<dyn Instance> {
+    spec.log.append(text.as_bytes());
+    if !text.ends_with('\n') {
+        spec.log.append(b"\n");
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    let _ = done_tx.send(ExitStatus::code(0));
+    Box::new(TaskInstance::new(
+        format!("builtin://{component}/{}", uuid::Uuid::new_v4().simple()),
+        done_rx,
+        CancellationToken::new(),
+    ))
+}
+
+/// git-sync's `--help` text, when its args ask for it.
+fn gitsync_help(spec: &ContainerSpec) -> Option<String> {
+    match gitsync::Config::parse(&spec.args, &spec.env) {
+        Err(gitsync::ConfigError::Flags(flags::FlagError::Help(text))) => Some(text),
+        _ => None,
+    }
+}
 
 /// The adapter's view of paths: its volume mounts.
 fn mount_map(spec: &ContainerSpec) -> adapter::PathMap {
@@ -83,6 +245,8 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
         None => adapter::bind_std(&cfg),
     }
     .map_err(|e| ExecError::StartFailed(format!("metrics-adapter: cannot listen: {e}")))?;
+    let handle: Weak<dyn BuiltinStatus> = Arc::downgrade(&a) as Weak<adapter::Adapter>;
+    register_builtin(&spec, handle);
     let key = format!("{}/{}/{}", spec.pod_namespace, spec.pod_name, spec.name);
     adapter::node_registries()
         .lock()
@@ -144,7 +308,7 @@ fn gitsync_config(
     docker: Option<&Arc<DockerExecutor>>,
 ) -> Result<(gitsync::Config, gitsync::Paths, Vec<String>), ExecError> {
     let cfg = gitsync::Config::parse(&spec.args, &spec.env)
-        .map_err(|e| ExecError::Config(format!("git-sync: {}", gitsync::redact(&e))))?;
+        .map_err(|e| ExecError::Config(gitsync::redact(&e.to_string())))?;
     let mounts: Vec<(PathBuf, String)> = spec
         .mounts
         .iter()
@@ -334,6 +498,7 @@ impl Executor for Arc<BuiltinExecutor> {
         _progress: ExecutorProgress,
     ) -> Result<(), ExecError> {
         match spec.image.as_str() {
+            GIT_SYNC if gitsync_help(spec).is_some() => Ok(()),
             GIT_SYNC => gitsync_config(spec, self.docker.as_ref()).map(|_| ()),
             REDIS_AMBASSADOR => ambassador_config(spec).map(|_| ()),
             METRICS_ADAPTER => adapter_new(spec).map(|_| ()),
@@ -347,7 +512,10 @@ impl Executor for Arc<BuiltinExecutor> {
         match spec.image.as_str() {
             REDIS_AMBASSADOR => start_ambassador(spec).await,
             METRICS_ADAPTER => start_adapter(spec).await,
-            _ => start_gitsync(spec, self.docker.clone()).await,
+            _ => match gitsync_help(&spec) {
+                Some(text) => Ok(help_instance(&spec, "git-sync", &text)),
+                None => start_gitsync(spec, self.docker.clone()).await,
+            },
         }
     }
 }
@@ -377,6 +545,10 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
     let log = spec.log.clone();
     let amb = redis::Ambassador::new(cfg, Arc::new(move |m: &str| log.append(m.as_bytes())))
         .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))?;
+    // The ambassador's thread holds the topology while it serves.
+    let topology: Weak<dyn BuiltinStatus> =
+        Arc::downgrade(&amb.topology()) as Weak<redis::topology::Topology>;
+    register_builtin(&spec, topology);
     let stop = CancellationToken::new();
     let (done_tx, done_rx) = oneshot::channel();
     // Served from a node thread: upstream connections leave from the node's network.
@@ -434,6 +606,8 @@ async fn start_gitsync(
             stats.clone(),
             hooks,
         ));
+        let handle: Weak<dyn BuiltinStatus> = Arc::downgrade(&sync) as Weak<gitsync::GitSync>;
+        register_builtin(&spec, handle);
         let stop = CancellationToken::new();
         if let Some(bind) = &cfg.http_bind {
             let app = status_router(stats.clone());
@@ -466,10 +640,10 @@ async fn start_gitsync(
             let r = sync.run(token, Some(first_tx)).await;
             let _ = done_tx.send(match r {
                 Ok(()) => ExitStatus::code(0),
-                Err(m) => ExitStatus {
+                Err(e) => ExitStatus {
                     exit_code: 1,
                     reason: "Error".into(),
-                    message: Some(gitsync::redact(&m)),
+                    message: Some(gitsync::redact(&e.to_string())),
                 },
             });
         });
@@ -481,7 +655,7 @@ async fn start_gitsync(
             stop.cancel();
             return Err(ExecError::StartFailed(format!(
                 "git-sync: first sync failed: {}",
-                gitsync::redact(&msg)
+                gitsync::redact(&msg.to_string())
             )));
         }
         Ok(Box::new(TaskInstance::new(

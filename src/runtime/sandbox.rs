@@ -183,6 +183,8 @@ fn enter_netns(enter: &Enter) -> Result<(), String> {
     match enter {
         Enter::Path(p) => setns(p),
         Enter::Unshare => {
+            // SAFETY: unshare takes flags only; it moves this (dedicated sandbox) thread into a new
+            // network namespace, which is what the thread is for.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(format!(
                     "unshare(CLONE_NEWNET): {}",
@@ -197,6 +199,7 @@ fn enter_netns(enter: &Enter) -> Result<(), String> {
 fn setns(path: &Path) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: `f` is open for the call; the calling thread is the pod's own network thread.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(format!(
             "setns {}: {}",
@@ -216,6 +219,8 @@ struct IfReqFlags {
 
 /// A new network namespace has `lo` down; bring it up.
 fn loopback_up() -> Result<(), String> {
+    // SAFETY: a socket and ioctls on it with a repr(C) ifreq the kernel reads and writes;
+    // the descriptor is closed on every path below.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {

@@ -191,6 +191,8 @@ fn mount_subpath(
     prepare_target(target, is_dir)?;
     let src = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
     let dst = cstr(target.as_os_str())?;
+    // SAFETY: both paths are NUL-terminated CStrings alive for the call; null fstype and data
+    // are allowed for MS_BIND.
     let r = unsafe {
         libc::mount(
             src.as_ptr(),
@@ -220,6 +222,7 @@ fn mount_subpath(
     // Runtimes enforce `readOnly` themselves (Docker `:ro`, read-only pre-opens); the mount is
     // made read-only as well where the kernel allows it.
     if read_only {
+        // SAFETY: `dst` is a live CString; null source, fstype and data are allowed for a remount.
         let r = unsafe {
             libc::mount(
                 std::ptr::null(),
@@ -275,10 +278,12 @@ fn cstr(s: &OsStr) -> Result<CString, SubPathError> {
 fn open_path(path: &Path, extra: i32) -> io::Result<OwnedFd> {
     let p = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `p` is a NUL-terminated CString alive for the call.
     let fd = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | extra) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just returned by open (>= 0) and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -304,6 +309,8 @@ fn open_component(dir: RawFd, name: &CString) -> io::Result<OwnedFd> {
                 | libc::RESOLVE_NO_SYMLINKS
                 | libc::RESOLVE_NO_MAGICLINKS,
         };
+        // SAFETY: `name` is a live CString and `how` a repr(C) open_how whose size is passed with it;
+        // the kernel only reads them.
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
@@ -314,6 +321,7 @@ fn open_component(dir: RawFd, name: &CString) -> io::Result<OwnedFd> {
             )
         };
         if fd >= 0 {
+            // SAFETY: openat2 returned a new descriptor (>= 0) owned by nothing else.
             return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         }
         let e = io::Error::last_os_error();
@@ -322,15 +330,19 @@ fn open_component(dir: RawFd, name: &CString) -> io::Result<OwnedFd> {
         }
         NO_OPENAT2.store(true, Ordering::Relaxed);
     }
+    // SAFETY: `dir` is an open descriptor of the caller and `name` a live CString.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just returned by openat (>= 0) and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: `stat` is a plain C struct of integers, valid when all zero.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the call and `st` a writable stat the kernel fills.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -366,6 +378,7 @@ fn open_beneath(root: &OwnedFd, sub: &str) -> Result<(OwnedFd, bool), SubPathErr
                     Some(libc::EXDEV) => return Err(SubPathError::Escapes(shown)),
                     Some(libc::ENOTDIR) => return Err(SubPathError::NotDirectory(shown)),
                     Some(libc::ENOENT) if tries < 4 => {
+                        // SAFETY: `cur` is an open directory descriptor and `name` a live CString.
                         let r = unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) };
                         if r != 0 {
                             let e = io::Error::last_os_error();
@@ -442,6 +455,7 @@ fn unmount_all_at(target: &Path) {
         return;
     };
     for _ in 0..64 {
+        // SAFETY: `t` is a NUL-terminated CString alive for the call.
         if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
             break;
         }

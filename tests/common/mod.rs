@@ -74,6 +74,7 @@ impl Kapsel {
     /// `kill -9` the server (pods die with it).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGKILL);
             }
@@ -225,6 +226,7 @@ impl Drop for Kapsel {
     /// containers), then make sure no container of this node is left either way.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
@@ -565,4 +567,89 @@ impl Drop for Up {
                 .output();
         }
     }
+/// `git` in `dir` with a fixed author; panics with git's stderr when it fails.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare git remote (branch `main`) in a temporary directory and a work clone to push from.
+pub struct Remote {
+    _dir: tempfile::TempDir,
+    pub bare: PathBuf,
+    pub work: PathBuf,
+}
+
+impl Remote {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("site.git");
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+        );
+        git(&work, &["init", "-q", "-b", "main"]);
+        Remote {
+            _dir: dir,
+            bare,
+            work,
+        }
+    }
+
+    /// Commit `files` (name → content) and push to `main`; returns the commit hash.
+    pub fn commit(&self, files: &[(&str, String)]) -> String {
+        for (name, content) in files {
+            std::fs::write(self.work.join(name), content).unwrap();
+        }
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", "update"]);
+        git(
+            &self.work,
+            &[
+                "push",
+                "-q",
+                "-f",
+                self.bare.to_str().unwrap(),
+                "HEAD:refs/heads/main",
+            ],
+        );
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Commit `content` as `v.txt` and push; returns the commit hash.
+    pub fn commit_text(&self, content: &str) -> String {
+        self.commit(&[("v.txt", content.to_string())])
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+}
+
+/// A pod with `builtin/git-sync` (volume `git` at /git, a native sidecar) beside `app` (YAML
+/// list items under `containers:`).
+pub fn gitsync_pod(name: &str, args: &[String], app: &str) -> String {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  volumes: [{{name: git, emptyDir: {{}}}}]\n  initContainers:\n  - name: git-sync\n    image: builtin/git-sync\n    restartPolicy: Always\n    args: [{}]\n    volumeMounts: [{{name: git, mountPath: /git}}]\n  containers:\n{app}",
+        args.join(", ")
+    )
 }

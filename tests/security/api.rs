@@ -419,6 +419,7 @@ async fn watches_outlive_the_header_timeout_and_shutdown_drains() {
     // Shutdown with a watch and held connections open: the server drains and exits.
     let _more = half_sent(&k, 20).await;
     let mut child = k.child.take().unwrap();
+    // SAFETY: kill(2) takes plain integers; the pid is our own child, not yet reaped (so not reused).
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

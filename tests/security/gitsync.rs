@@ -8,71 +8,6 @@ use std::time::{Duration, Instant};
 
 use super::common::*;
 
-/// A bare remote and a work clone to push from.
-struct Remote {
-    _dir: tempfile::TempDir,
-    bare: PathBuf,
-    work: PathBuf,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl Remote {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let bare = dir.path().join("site.git");
-        let work = dir.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        git(
-            dir.path(),
-            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
-        );
-        git(&work, &["init", "-q", "-b", "main"]);
-        Remote {
-            _dir: dir,
-            bare,
-            work,
-        }
-    }
-
-    fn commit(&self, content: &str) -> String {
-        std::fs::write(self.work.join("v.txt"), content).unwrap();
-        git(&self.work, &["add", "-A"]);
-        git(&self.work, &["commit", "-q", "-m", "update"]);
-        git(
-            &self.work,
-            &[
-                "push",
-                "-q",
-                "-f",
-                self.bare.to_str().unwrap(),
-                "HEAD:refs/heads/main",
-            ],
-        );
-        git(&self.work, &["rev-parse", "HEAD"])
-    }
-
-    fn url(&self) -> String {
-        format!("file://{}", self.bare.display())
-    }
-}
-
 fn yaml_list(args: &[String]) -> String {
     args.iter()
         .map(|a| serde_json::to_string(a).unwrap())
@@ -137,7 +72,7 @@ impl Drop for Cleanup {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_member_rewriting_git_config_runs_nothing_on_the_node() {
     let remote = Remote::new();
-    remote.commit("v1\n");
+    remote.commit_text("v1\n");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let marker = PathBuf::from(format!("/tmp/pwned-{id}"));
     let _cleanup = Cleanup(vec![
@@ -180,7 +115,7 @@ async fn a_pod_member_rewriting_git_config_runs_nothing_on_the_node() {
     wait_file(&k, "cfg", &root.join(".attacked"), 60).await;
     // The next syncs: nothing runs on the node, and the new commits land.
     for v in ["v2\n", "v3\n"] {
-        remote.commit(v);
+        remote.commit_text(v);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             assert!(
@@ -210,7 +145,7 @@ async fn a_pod_member_rewriting_git_config_runs_nothing_on_the_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn guest_planted_symlinks_at_the_link_and_worktrees_stay_in_the_volume() {
     let remote = Remote::new();
-    remote.commit("v1\n");
+    remote.commit_text("v1\n");
     // Two directories of the node, outside any volume: where the guest's symlinks point.
     let outside_link = tempfile::tempdir().unwrap();
     let outside_wts = tempfile::tempdir().unwrap();
@@ -240,7 +175,7 @@ async fn guest_planted_symlinks_at_the_link_and_worktrees_stay_in_the_volume() {
     k.apply("links", &pod("links", &args, &vols, &members));
     let root = volume(&k, "links").await;
     wait_file(&k, "links", &root.join(".attacked"), 60).await;
-    remote.commit("v2\n");
+    remote.commit_text("v2\n");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for d in [outside_link.path(), outside_wts.path()] {
@@ -281,7 +216,7 @@ async fn guest_planted_symlinks_at_the_link_and_worktrees_stay_in_the_volume() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_exechook_runs_inside_the_pods_container_not_on_the_node() {
     let remote = Remote::new();
-    let hash = remote.commit("v1\n");
+    let hash = remote.commit_text("v1\n");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let marker = PathBuf::from(format!("/tmp/hook-marker-{id}"));
     let _cleanup = Cleanup(vec![marker.clone()]);
@@ -355,7 +290,7 @@ async fn the_exechook_runs_inside_the_pods_container_not_on_the_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exechook_in_a_pod_without_an_oci_member_is_refused() {
     let remote = Remote::new();
-    remote.commit("v1\n");
+    remote.commit_text("v1\n");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let marker = PathBuf::from(format!("/tmp/hook-marker-{id}"));
     let _cleanup = Cleanup(vec![marker.clone()]);
@@ -403,30 +338,14 @@ fn cmdlines() -> Vec<(u32, String)> {
 }
 
 fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use ::base64::Engine;
+    ::base64::engine::general_purpose::STANDARD.encode(input)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_password_reaches_no_command_line_status_event_or_log() {
     let remote = Remote::new();
-    remote.commit("secret\n");
+    remote.commit_text("secret\n");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let password = format!("pw{}", &id[..16]);
     let wrong = format!("wrong{}", &id[16..]);

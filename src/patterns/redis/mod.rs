@@ -71,6 +71,11 @@ impl Ambassador {
         &self.shared.topo.cfg
     }
 
+    /// The master and healthy replicas as the ambassador sees them (for `describe pod`).
+    pub fn topology(&self) -> Arc<topology::Topology> {
+        self.shared.topo.clone()
+    }
+
     /// The metrics page, as `/metrics` serves it.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.render(&self.shared.topo)

@@ -447,6 +447,10 @@ impl WasmExecutor {
             EngineKind::OnDemand => (self.ondemand.0.clone(), &self.ondemand.1),
         };
         if is_component {
+            // SAFETY: the file is one Kapsel wrote with `serialize` after its own compile, named by
+            // the binary's hash, in Kapsel's module cache directory (no pod can write there);
+            // wasmtime checks the engine and version header first, and a file that does not match
+            // fails here and is compiled afresh.
             let component = match unsafe { Component::deserialize_file(&engine, cache_file) } {
                 Ok(c) => c,
                 Err(_) => {
@@ -469,6 +473,7 @@ impl WasmExecutor {
             })?;
             Ok(Prepared::Component { engine, pre })
         } else {
+            // SAFETY: as for components above: a file this node serialized itself, header-checked.
             let module = match unsafe { Module::deserialize_file(&engine, cache_file) } {
                 Ok(m) => m,
                 Err(_) => {
