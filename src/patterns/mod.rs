@@ -98,9 +98,16 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
     )))
 }
 
-fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {
-    redis::Config::parse(&spec.args, &spec.env)
-        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))
+/// The ambassador's configuration, or `Ok(Err(help))` when its args ask for `--help` (the
+/// container then prints it to its log and exits 0). A bad flag is a config error naming it.
+fn ambassador_config(spec: &ContainerSpec) -> Result<Result<redis::Config, String>, ExecError> {
+    match redis::Config::parse(&spec.args, &spec.env) {
+        Ok(cfg) => Ok(Ok(cfg)),
+        Err(e) => match e.help_text() {
+            Some(help) => Ok(Err(help.to_string())),
+            None => Err(ExecError::Config(e.to_string())),
+        },
+    }
 }
 
 /// Runs `builtin/*` images.
@@ -349,7 +356,23 @@ async fn bind_in_pod(spec: &ContainerSpec, addr: &str) -> Result<std::net::TcpLi
 }
 
 async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
-    let cfg = ambassador_config(&spec)?;
+    let id = format!(
+        "builtin://redis-ambassador/{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let cfg = match ambassador_config(&spec)? {
+        Ok(cfg) => cfg,
+        Err(help) => {
+            spec.log.append(help.as_bytes());
+            let (done_tx, done_rx) = oneshot::channel();
+            let _ = done_tx.send(ExitStatus::code(0));
+            return Ok(Box::new(TaskInstance::new(
+                id,
+                done_rx,
+                CancellationToken::new(),
+            )));
+        }
+    };
     let listener = bind_in_pod(&spec, &cfg.listen).await?;
     let metrics = match &cfg.metrics_listen {
         Some(a) => Some(bind_in_pod(&spec, a).await?),
@@ -357,7 +380,7 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
     };
     let log = spec.log.clone();
     let amb = redis::Ambassador::new(cfg, Arc::new(move |m: &str| log.append(m.as_bytes())))
-        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))?;
+        .map_err(|e| ExecError::Config(format!("redis-ambassador: {}", redis::error::chain(&e))))?;
     let stop = CancellationToken::new();
     let (done_tx, done_rx) = oneshot::channel();
     // Served from a node thread: upstream connections leave from the node's network.
@@ -368,14 +391,7 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
         let _ = finished.await;
         let _ = done_tx.send(ExitStatus::code(0));
     });
-    Ok(Box::new(TaskInstance::new(
-        format!(
-            "builtin://redis-ambassador/{}",
-            uuid::Uuid::new_v4().simple()
-        ),
-        done_rx,
-        stop,
-    )))
+    Ok(Box::new(TaskInstance::new(id, done_rx, stop)))
 }
 
 async fn start_gitsync(
