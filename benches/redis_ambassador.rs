@@ -130,17 +130,21 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     // A CA and one certificate (127.0.0.1, localhost) for the TLS servers.
     let (ca_pem, cert_pem, key_pem) = {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf named like its issuer looks self-signed to OpenSSL.
+        ca.distinguished_name
+            .push(DnType::CommonName, "kapsel bench CA");
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca, ca_key);
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+        let mut leaf =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        leaf.distinguished_name
+            .push(DnType::CommonName, "redis.bench");
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
         let w = |name: &str, text: String| {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();

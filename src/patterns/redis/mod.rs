@@ -90,66 +90,15 @@ impl Ambassador {
         &self.shared.topo.cfg
     }
 
-    /// The ambassador's state for `kapsel describe pod`, as (label, value) rows in display
-    /// order: `Master` (address, and its last error if it failed its check), `Replicas`
-    /// (healthy ones serving reads, with the lag the master reports), one `Replica ADDR` row
-    /// per replica skipped and why, `Clients` (open now, accepted in all), `Failovers`, and
-    /// `Upstream TLS` when TLS is on. Cheap: reads counters and the last health check only.
+    /// A handle on the ambassador's live state that outlives moving the ambassador into
+    /// [`Ambassador::spawn_thread`]: keep it with the container to answer `kapsel describe pod`.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(self.shared.clone())
+    }
+
+    /// See [`StatusHandle::status_lines`].
     pub fn status_lines(&self) -> Vec<(String, String)> {
-        let st = self.shared.topo.status();
-        let cfg = &self.shared.topo.cfg;
-        let m = &self.shared.metrics;
-        let mut rows = Vec::new();
-        rows.push((
-            "Master".to_string(),
-            match &st.master_error {
-                Some(e) => format!("{} ({e})", st.master),
-                None => st.master.clone(),
-            },
-        ));
-        let healthy: Vec<String> = st
-            .replicas
-            .iter()
-            .filter(|r| r.1)
-            .map(|(addr, _, lag, _)| match lag {
-                Some(l) => format!("{addr} (lag {l}s)"),
-                None => addr.clone(),
-            })
-            .collect();
-        rows.push((
-            "Replicas".to_string(),
-            if healthy.is_empty() {
-                "none healthy: reads go to the master".to_string()
-            } else {
-                healthy.join(", ")
-            },
-        ));
-        for (addr, ok, _, why) in &st.replicas {
-            if !ok {
-                rows.push((format!("Replica {addr}"), format!("skipped: {why}")));
-            }
-        }
-        rows.push((
-            "Clients".to_string(),
-            format!(
-                "{} open, {} accepted",
-                m.clients_active.load(Ordering::Relaxed),
-                m.clients_total.load(Ordering::Relaxed)
-            ),
-        ));
-        rows.push(("Failovers".to_string(), st.failovers.to_string()));
-        if cfg.server_tls || cfg.sentinel_tls {
-            rows.push((
-                "Upstream TLS".to_string(),
-                match (cfg.server_tls, cfg.sentinel_tls) {
-                    (true, true) => "servers and Sentinels",
-                    (true, false) => "servers",
-                    _ => "Sentinels",
-                }
-                .to_string(),
-            ));
-        }
-        rows
+        self.status_handle().status_lines()
     }
 
     /// The metrics page, as `/metrics` serves it.
@@ -276,6 +225,75 @@ impl Ambassador {
                 let _ = done_tx.send(());
             })?;
         Ok(done_rx)
+    }
+}
+
+/// A cheap, cloneable view of a running ambassador's state (see
+/// [`Ambassador::status_handle`]).
+#[derive(Clone)]
+pub struct StatusHandle(Arc<session::Shared>);
+
+impl StatusHandle {
+    /// The ambassador's state for `kapsel describe pod`, as (label, value) rows in display
+    /// order: `Master` (address, and its last error if it failed its check), `Replicas`
+    /// (healthy ones serving reads, with the lag the master reports), one `Replica ADDR` row
+    /// per replica skipped and why, `Clients` (open now, accepted in all), `Failovers`, and
+    /// `Upstream TLS` when TLS is on. Cheap: reads counters and the last health check only.
+    pub fn status_lines(&self) -> Vec<(String, String)> {
+        let st = self.0.topo.status();
+        let cfg = &self.0.topo.cfg;
+        let m = &self.0.metrics;
+        let mut rows = Vec::new();
+        rows.push((
+            "Master".to_string(),
+            match &st.master_error {
+                Some(e) => format!("{} ({e})", st.master),
+                None => st.master.clone(),
+            },
+        ));
+        let healthy: Vec<String> = st
+            .replicas
+            .iter()
+            .filter(|r| r.1)
+            .map(|(addr, _, lag, _)| match lag {
+                Some(l) => format!("{addr} (lag {l}s)"),
+                None => addr.clone(),
+            })
+            .collect();
+        rows.push((
+            "Replicas".to_string(),
+            if healthy.is_empty() {
+                "none healthy: reads go to the master".to_string()
+            } else {
+                healthy.join(", ")
+            },
+        ));
+        for (addr, ok, _, why) in &st.replicas {
+            if !ok {
+                rows.push((format!("Replica {addr}"), format!("skipped: {why}")));
+            }
+        }
+        rows.push((
+            "Clients".to_string(),
+            format!(
+                "{} open, {} accepted",
+                m.clients_active.load(Ordering::Relaxed),
+                m.clients_total.load(Ordering::Relaxed)
+            ),
+        ));
+        rows.push(("Failovers".to_string(), st.failovers.to_string()));
+        if cfg.server_tls || cfg.sentinel_tls {
+            rows.push((
+                "Upstream TLS".to_string(),
+                match (cfg.server_tls, cfg.sentinel_tls) {
+                    (true, true) => "servers and Sentinels",
+                    (true, false) => "servers",
+                    _ => "Sentinels",
+                }
+                .to_string(),
+            ));
+        }
+        rows
     }
 }
 
