@@ -1,10 +1,12 @@
 //! Redis ambassador vs twemproxy vs direct Redis, side by side in one run.
 //!
 //! Starts a redis-server master and two replicas, nutcracker (twemproxy) in front of the master,
-//! and `kapsel redis-ambassador` in front of all three, all on 127.0.0.1. Then runs
-//! `redis-benchmark -t get,set -c 50` at `-P 1` and `-P 16` against each target, interleaved,
-//! `REPS` times (default 5), and prints medians of requests/s, p50 and p99 latency, and the CPU
-//! seconds each process used per million commands (from /proc/PID/stat).
+//! and `kapsel redis-ambassador` in front of all three, all on 127.0.0.1. A second set of three
+//! redis-servers listens on TLS ports only (certificates from a CA the bench makes), with a
+//! second ambassador in front using `--tls`. Then runs `redis-benchmark -t get,set -c 50` at
+//! `-P 1` and `-P 16` against each target (the TLS master directly with `redis-benchmark
+//! --tls`), interleaved, `REPS` times (default 5), and prints medians of requests/s, p50 and p99
+//! latency, and the CPU seconds each process used per million commands (from /proc/PID/stat).
 //!
 //! `cargo bench --bench redis_ambassador` (env: REPS, REQUESTS)
 
@@ -50,7 +52,7 @@ fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    // SAFETY: sysconf takes an integer name and has no other preconditions.
+    // SAFETY: sysconf only reads a system constant; no memory is passed.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let u: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let s: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -73,8 +75,9 @@ struct Sample {
 }
 
 /// One redis-benchmark run: per test (SET, GET) its numbers.
-fn bench(port: u16, pipeline: u32, n: u32) -> Vec<(String, Sample)> {
+fn bench(port: u16, pipeline: u32, n: u32, extra: &[String]) -> Vec<(String, Sample)> {
     let out = Command::new("redis-benchmark")
+        .args(extra)
         .args([
             "-p",
             &port.to_string(),
@@ -125,20 +128,60 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
-    let redis = |port: u16, replica_of: Option<u16>| -> Proc {
+    // A CA and one certificate (127.0.0.1, localhost) for the TLS servers.
+    let (ca_pem, cert_pem, key_pem) = {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf named like its issuer looks self-signed to OpenSSL.
+        ca.distinguished_name
+            .push(DnType::CommonName, "kapsel bench CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        leaf.distinguished_name
+            .push(DnType::CommonName, "redis.bench");
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let w = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        (
+            w("ca.pem", ca_cert.pem()),
+            w("cert.pem", cert.pem()),
+            w("key.pem", key.serialize_pem()),
+        )
+    };
+    let tls_server_args: Vec<String> = [
+        "--tls-cert-file",
+        &cert_pem,
+        "--tls-key-file",
+        &key_pem,
+        "--tls-ca-cert-file",
+        &ca_pem,
+        "--tls-auth-clients",
+        "no",
+        "--tls-replication",
+        "yes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let redis_on = |port: u16, replica_of: Option<u16>, tls: bool| -> Proc {
         let mut c = Command::new("redis-server");
-        c.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path());
+        if tls {
+            c.args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(&tls_server_args);
+        } else {
+            c.args(["--port", &port.to_string()]);
+        }
+        c.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path());
         if let Some(m) = replica_of {
             c.args(["--replicaof", "127.0.0.1", &m.to_string()]);
         }
@@ -151,6 +194,7 @@ fn main() {
         wait_port(port);
         p
     };
+    let redis = |port: u16, replica_of: Option<u16>| redis_on(port, replica_of, false);
     let (mp, r1p, r2p, np, ap) = (
         free_port(),
         free_port(),
@@ -201,15 +245,92 @@ fn main() {
             .unwrap(),
     );
     wait_port(ap);
+    // The same over TLS: a master and two replicas on TLS ports, an ambassador with --tls.
+    let (tmp, t1p, t2p, tap) = (free_port(), free_port(), free_port(), free_port());
+    let tls_master = redis_on(tmp, None, true);
+    let _t1 = redis_on(t1p, Some(tmp), true);
+    let _t2 = redis_on(t2p, Some(tmp), true);
+    let tls_cli: Vec<String> = ["--tls", "--cacert", &ca_pem]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for p in [t1p, t2p] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(&tls_cli)
+                .args(["-p", &p.to_string(), "INFO", "replication"])
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&out.stdout).contains("master_link_status:up") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "TLS replica {p} never synced");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let tls_amb = Proc(
+        Command::new(env!("CARGO_BIN_EXE_kapsel"))
+            .arg("redis-ambassador")
+            .arg(format!("--listen=127.0.0.1:{tap}"))
+            .arg(format!("--master=127.0.0.1:{tmp}"))
+            .arg(format!("--replica=127.0.0.1:{t1p}"))
+            .arg(format!("--replica=127.0.0.1:{t2p}"))
+            .arg("--tls")
+            .arg(format!("--tls-ca-file={ca_pem}"))
+            .arg("--metrics-listen=off")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(tap);
     // Both replicas serving reads before measuring.
     std::thread::sleep(Duration::from_millis(1500));
 
-    let targets: [(&str, u16, Option<u32>); 3] = [
-        ("direct redis (master)", mp, None),
-        ("twemproxy (nutcracker)", np, Some(nut.0.id())),
-        ("kapsel ambassador", ap, Some(amb.0.id())),
+    struct Target {
+        name: &'static str,
+        port: u16,
+        proxy: Option<u32>,
+        master: u32,
+        extra: Vec<String>,
+    }
+    let targets = [
+        Target {
+            name: "direct redis (master)",
+            port: mp,
+            proxy: None,
+            master: master.0.id(),
+            extra: vec![],
+        },
+        Target {
+            name: "twemproxy (nutcracker)",
+            port: np,
+            proxy: Some(nut.0.id()),
+            master: master.0.id(),
+            extra: vec![],
+        },
+        Target {
+            name: "kapsel ambassador",
+            port: ap,
+            proxy: Some(amb.0.id()),
+            master: master.0.id(),
+            extra: vec![],
+        },
+        Target {
+            name: "direct redis over TLS (master)",
+            port: tmp,
+            proxy: None,
+            master: tls_master.0.id(),
+            extra: tls_cli.clone(),
+        },
+        Target {
+            name: "kapsel ambassador, TLS upstreams",
+            port: tap,
+            proxy: Some(tls_amb.0.id()),
+            master: tls_master.0.id(),
+            extra: vec![],
+        },
     ];
-    let master_pid = master.0.id();
     println!(
         "redis-benchmark -t set,get -c 50 -n {n}, {reps} interleaved reps, medians; {} cores",
         std::thread::available_parallelism()
@@ -222,12 +343,12 @@ fn main() {
         let mut proxy_cpu = vec![Vec::new(); targets.len()];
         let mut server_cpu = vec![Vec::new(); targets.len()];
         for _ in 0..reps {
-            for (ti, (_, port, proxy)) in targets.iter().enumerate() {
-                let p0 = proxy.map(cpu_secs).unwrap_or(0.0);
-                let s0 = cpu_secs(master_pid);
-                let res = bench(*port, pipeline, n);
-                let p1 = proxy.map(cpu_secs).unwrap_or(0.0);
-                let s1 = cpu_secs(master_pid);
+            for (ti, t) in targets.iter().enumerate() {
+                let p0 = t.proxy.map(cpu_secs).unwrap_or(0.0);
+                let s0 = cpu_secs(t.master);
+                let res = bench(t.port, pipeline, n, &t.extra);
+                let p1 = t.proxy.map(cpu_secs).unwrap_or(0.0);
+                let s1 = cpu_secs(t.master);
                 let cmds = 2.0 * n as f64 / 1e6;
                 proxy_cpu[ti].push((p1 - p0) / cmds);
                 server_cpu[ti].push((s1 - s0) / cmds);
@@ -245,7 +366,7 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|---|");
         let mut rps = vec![[0.0f64; 2]; targets.len()];
-        for (ti, (name, _, proxy)) in targets.iter().enumerate() {
+        for (ti, Target { name, proxy, .. }) in targets.iter().enumerate() {
             let get = |test: &str| -> Sample {
                 samples[ti]
                     .iter()
@@ -285,7 +406,15 @@ fn main() {
             ratio(2, 1, 0),
             ratio(2, 1, 1)
         );
+        println!(
+            "TLS: ambassador(TLS upstreams)/direct-TLS SET {:.2}× GET {:.2}×; ambassador TLS/plaintext SET {:.2}× GET {:.2}×",
+            ratio(4, 3, 0),
+            ratio(4, 3, 1),
+            ratio(4, 2, 0),
+            ratio(4, 2, 1)
+        );
     }
+    drop(tls_amb);
     drop(amb);
     drop(nut);
 }

@@ -1,13 +1,17 @@
 //! The Redis ambassador against real redis-server processes (a master, two replicas, and a
 //! Sentinel, all on 127.0.0.1), real clients (redis-cli, redis-benchmark, raw RESP) and, in the
 //! pod test, a busybox container using it on the pod's localhost. Routing is proven from each
-//! server's own `INFO commandstats`.
+//! server's own `INFO commandstats`. TLS upstreams use a CA and certificates made by the test
+//! (rcgen) and redis-server's own TLS port; a slower replica is a delaying TCP proxy.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{bin, free_port, Kapsel};
@@ -116,10 +120,12 @@ fn sentinel(master: u16) -> Proc {
 }
 
 /// `kapsel redis-ambassador` with a fast health check; waits until `healthy` replicas serve.
+/// Its log (stderr) goes to a file, read with [`amb_log`].
 fn ambassador(args: &[String], healthy: usize) -> (Proc, u16) {
     let port = free_port();
     let metrics = free_port();
     let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr")).unwrap();
     let child = Command::new(bin())
         .arg("redis-ambassador")
         .arg(format!("--listen=127.0.0.1:{port}"))
@@ -127,7 +133,7 @@ fn ambassador(args: &[String], healthy: usize) -> (Proc, u16) {
         .arg("--health-interval=200ms")
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .unwrap();
     let p = Proc {
@@ -147,6 +153,18 @@ fn ambassador(args: &[String], healthy: usize) -> (Proc, u16) {
             .then_some(())
     });
     (p, metrics)
+}
+
+fn amb_log(p: &Proc) -> String {
+    std::fs::read_to_string(p._dir.path().join("stderr")).unwrap_or_default()
+}
+
+/// A metric's value from the metrics page (0 if absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
 }
 
 fn metrics_text(port: u16) -> Option<String> {
@@ -760,17 +778,6 @@ fn bad_input_gets_an_error_and_other_clients_are_unharmed() {
         );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
-    // Bad flags are named.
-    let out = Command::new(bin())
-        .args(["redis-ambassador", "--master=127.0.0.1:1", "--bogus=1"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("unknown flag: --bogus"),
-        "{}",
-        text(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -930,4 +937,481 @@ fn a_client_that_stops_reading_cannot_grow_the_ambassador_without_bound() {
         peak < before + 200 * 1024,
         "RSS grew from {before} KiB to {peak} KiB"
     );
+}
+
+// ------------------------------------------------------------------ issue 14: reads, TLS, MULTI
+
+/// One GET per TCP connection, as PHP/CGI apps and health checks do.
+fn connect_per_request_get(port: u16, key: &str) -> Vec<u8> {
+    let mut c = Conn::open(port);
+    let r = c.cmd(&["GET", key]);
+    drop(c);
+    r
+}
+
+#[test]
+fn reads_from_short_lived_clients_spread_over_both_replicas() {
+    let m = redis(None);
+    let r1 = redis(Some(m.port));
+    let r2 = redis(Some(m.port));
+    assert_eq!(Conn::open(m.port).cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    assert_eq!(Conn::open(m.port).cmd(&["WAIT", "2", "5000"]), b":2\r\n");
+    let (amb, metrics) = ambassador(&static_args(&m, &[&r1, &r2]), 2);
+    resetstat(&[m.port, r1.port, r2.port]);
+    for _ in 0..200 {
+        assert_eq!(connect_per_request_get(amb.port, "k"), b"$1\r\nv\r\n");
+    }
+    // And the same with the real client, one process (and connection) per read.
+    for _ in 0..10 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &amb.port.to_string(), "GET", "k"])
+            .output()
+            .unwrap();
+        assert_eq!(text(&out.stdout), "v\n");
+    }
+    let (g1, g2) = (calls(r1.port, "get"), calls(r2.port, "get"));
+    assert_eq!(calls(m.port, "get"), 0);
+    assert_eq!(g1 + g2, 210, "every read reached a replica: {g1} + {g2}");
+    assert!(
+        g1 >= 63 && g2 >= 63,
+        "each replica served at least 30 %: {g1} / {g2}"
+    );
+    // The split shows in the ambassador's metrics, per upstream and role.
+    let mt = metrics_text(metrics).unwrap();
+    let series = |p: u16| {
+        format!("kapsel_ambassador_upstream_requests_total{{upstream=\"127.0.0.1:{p}\",role=\"replica\"}}")
+    };
+    assert_eq!(metric(&mt, &series(r1.port)), g1, "{mt}");
+    assert_eq!(metric(&mt, &series(r2.port)), g2, "{mt}");
+}
+
+/// A TCP proxy in front of `target` that holds every chunk the server sends for `delay`:
+/// a replica on a slower network. Stops accepting when dropped.
+struct DelayProxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn delay_proxy(target: u16, delay: Duration) -> DelayProxy {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            if st.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(c) = c else { continue };
+            let Ok(s) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let _ = (c.set_nodelay(true), s.set_nodelay(true));
+            let (mut c_in, mut s_out) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (s, c);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s_in.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            std::thread::sleep(delay);
+                            if c_out.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    DelayProxy { port, stop }
+}
+
+#[test]
+fn a_slower_replica_gets_fewer_reads_under_concurrent_load() {
+    let m = redis(None);
+    let fast = redis(Some(m.port));
+    let slow_server = redis(Some(m.port));
+    let slow = delay_proxy(slow_server.port, Duration::from_millis(4));
+    assert_eq!(Conn::open(m.port).cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    assert_eq!(Conn::open(m.port).cmd(&["WAIT", "2", "5000"]), b":2\r\n");
+    let args = vec![
+        format!("--master=127.0.0.1:{}", m.port),
+        format!("--replica=127.0.0.1:{}", fast.port),
+        format!("--replica=127.0.0.1:{}", slow.port),
+    ];
+    let (amb, _) = ambassador(&args, 2);
+    resetstat(&[fast.port, slow_server.port]);
+    // 8 clients reading at once, each on its own connection, plus short-lived ones.
+    let port = amb.port;
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Conn::open(port);
+                for _ in 0..150 {
+                    assert_eq!(c.cmd(&["GET", "k"]), b"$1\r\nv\r\n");
+                }
+                for _ in 0..10 {
+                    assert_eq!(connect_per_request_get(port, "k"), b"$1\r\nv\r\n");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let (f, s) = (calls(fast.port, "get"), calls(slow_server.port, "get"));
+    eprintln!("fast replica {f} reads, slow replica (+4 ms) {s}");
+    assert_eq!(f + s, 8 * 160);
+    assert!(
+        s * 2 < f,
+        "the slower replica got fewer reads: fast {f}, slow {s}"
+    );
+    assert!(s > 0, "the slower replica still served some reads");
+}
+
+/// A test CA, and server and client certificates it signs, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("kapsel test CA {name}"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    // One certificate for the servers (127.0.0.1, localhost) that also serves as the client
+    // certificate (the replicas' replication link and the ambassador).
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "redis.test");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let p = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&p.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&p.cert, cert.pem()).unwrap();
+    std::fs::write(&p.key, key.serialize_pem()).unwrap();
+    p
+}
+
+/// redis-server on a TLS port only, requiring client certificates; replicas replicate over TLS.
+fn redis_tls(pki: &Pki, replica_of: Option<u16>) -> Proc {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--tls-cert-file")
+        .arg(&pki.cert)
+        .arg("--tls-key-file")
+        .arg(&pki.key)
+        .arg("--tls-ca-cert-file")
+        .arg(&pki.ca)
+        .args(["--tls-auth-clients", "yes", "--tls-replication", "yes"])
+        .args(["--repl-ping-replica-period", "1"]);
+    if let Some(m) = replica_of {
+        cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let p = Proc {
+        child,
+        port,
+        _dir: dir,
+    };
+    let cli = |args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "-p", &port.to_string()])
+            .arg("--cacert")
+            .arg(&pki.ca)
+            .arg("--cert")
+            .arg(&pki.cert)
+            .arg("--key")
+            .arg(&pki.key)
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        text(&out.stdout)
+    };
+    poll("redis-server to answer PING over TLS", 10, || {
+        (cli(&["PING"]).trim() == "PONG").then_some(())
+    });
+    if replica_of.is_some() {
+        poll("the TLS replica to finish its sync", 20, || {
+            let info = cli(&["INFO", "replication"]);
+            (info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0"))
+                .then_some(())
+        });
+    }
+    p
+}
+
+#[test]
+fn tls_upstreams_with_a_test_ca_and_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let good = pki(certs.path(), "good");
+    let other = pki(certs.path(), "other");
+    let m = redis_tls(&good, None);
+    let r1 = redis_tls(&good, Some(m.port));
+    let tls_args = |p: &Pki, client_cert: bool| {
+        let mut a = vec![
+            format!("--master=127.0.0.1:{}", m.port),
+            format!("--replica=127.0.0.1:{}", r1.port),
+            "--tls".to_string(),
+            format!("--tls-ca-file={}", p.ca.display()),
+            "--tls-server-name=localhost".to_string(),
+        ];
+        if client_cert {
+            a.push(format!("--tls-cert-file={}", p.cert.display()));
+            a.push(format!("--tls-key-file={}", p.key.display()));
+        }
+        a
+    };
+    // The right CA and a client certificate: writes, reads, and the replica's health check.
+    let (amb, metrics) = ambassador(&tls_args(&good, true), 1);
+    let mut c = Conn::open(amb.port);
+    assert_eq!(c.cmd(&["SET", "t", "secure"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["WAIT", "1", "5000"]), b":1\r\n");
+    for _ in 0..20 {
+        assert_eq!(connect_per_request_get(amb.port, "t"), b"$6\r\nsecure\r\n");
+    }
+    let mt = metrics_text(metrics).unwrap();
+    let reads = format!(
+        "kapsel_ambassador_upstream_requests_total{{upstream=\"127.0.0.1:{}\",role=\"replica\"}}",
+        r1.port
+    );
+    assert_eq!(
+        metric(&mt, &reads),
+        20,
+        "reads went to the TLS replica: {mt}"
+    );
+    // A transaction and a dedicated connection (pooled, TLS) work too.
+    assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["INCR", "n"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["EXEC"]), b"*1\r\n:1\r\n");
+    drop(c);
+    drop(amb);
+
+    // A CA that did not sign the servers' certificates: refused, clearly, to the client, in
+    // the log and in the metrics.
+    let (amb, metrics) = ambassador(&tls_args(&other, true), 0);
+    let r = text(&Conn::open(amb.port).cmd(&["SET", "t", "x"]));
+    assert!(
+        r.starts_with(&format!(
+            "-ERR kapsel ambassador: master 127.0.0.1:{} TLS handshake failed: invalid peer certificate",
+            m.port
+        )),
+        "{r}"
+    );
+    poll("the TLS failure in the log and metrics", 10, || {
+        let mt = metrics_text(metrics)?;
+        let log = amb_log(&amb);
+        (log.contains("TLS handshake failed: invalid peer certificate")
+            && metric(
+                &mt,
+                &format!(
+                    "kapsel_ambassador_upstream_tls_errors_total{{upstream=\"127.0.0.1:{}\"}}",
+                    m.port
+                ),
+            ) > 0)
+            .then_some(())
+    });
+    drop(amb);
+
+    // No client certificate where the servers require one: an error, not a hang.
+    let (amb, _) = ambassador(&tls_args(&good, false), 0);
+    let r = text(&Conn::open(amb.port).cmd(&["SET", "t", "x"]));
+    assert!(
+        r.starts_with(&format!(
+            "-ERR kapsel ambassador: master 127.0.0.1:{}",
+            m.port
+        )),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_failover_inside_multi_or_watch_aborts_that_transaction_and_the_next_runs_on_the_new_master() {
+    let m = redis(None);
+    let _r1 = redis(Some(m.port));
+    let _r2 = redis(Some(m.port));
+    let s = sentinel(m.port);
+    poll("sentinel to know both replicas", 20, || {
+        match Conn::open(s.port).value(&["SENTINEL", "replicas", "mymaster"]) {
+            Value::Array(a) if a.len() == 2 => Some(()),
+            _ => None,
+        }
+    });
+    let (amb, metrics) = ambassador(
+        &[
+            format!("--sentinel=127.0.0.1:{}", s.port),
+            "--master-name=mymaster".to_string(),
+        ],
+        2,
+    );
+    // One client inside MULTI, another holding a WATCH, when the master changes.
+    let mut tx = Conn::open(amb.port);
+    assert_eq!(tx.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(tx.cmd(&["SET", "tx", "1"]), b"+QUEUED\r\n");
+    let mut watcher = Conn::open(amb.port);
+    assert_eq!(watcher.cmd(&["WATCH", "w"]), b"+OK\r\n");
+
+    poll("Sentinel to start a failover", 20, || {
+        (Conn::open(s.port).cmd(&["SENTINEL", "FAILOVER", "mymaster"]) == b"+OK\r\n").then_some(())
+    });
+    poll("the ambassador to follow the new master", 30, || {
+        metrics_text(metrics).filter(|t| t.contains("kapsel_ambassador_failovers_total 1"))
+    });
+    let new_master =
+        match Conn::open(s.port).value(&["SENTINEL", "get-master-addr-by-name", "mymaster"]) {
+            Value::Array(a) => a[1].as_text().unwrap().parse::<u16>().unwrap(),
+            other => panic!("{other:?}"),
+        };
+    assert_ne!(new_master, m.port);
+
+    // The open transaction: a clear error for its remaining commands and its EXEC.
+    let r = text(&tx.cmd(&["SET", "tx", "2"]));
+    assert!(
+        r.starts_with("-ERR kapsel ambassador: the Redis master changed during this transaction"),
+        "{r}"
+    );
+    let r = text(&tx.cmd(&["EXEC"]));
+    assert!(
+        r.starts_with("-EXECABORT Transaction discarded: the Redis master changed during it (failover from 127.0.0.1:")
+            && r.contains("retry it"),
+        "{r}"
+    );
+    // Its next transaction runs on the new master: no READONLY from the old one.
+    let mut direct = Conn::open(new_master);
+    assert_eq!(tx.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(tx.cmd(&["SET", "tx", "3"]), b"+QUEUED\r\n");
+    assert_eq!(tx.cmd(&["EXEC"]), b"*1\r\n+OK\r\n");
+    assert_eq!(direct.cmd(&["GET", "tx"]), b"$1\r\n3\r\n");
+
+    // The WATCHed transaction cannot be guaranteed on the new master: aborted, then retried.
+    assert_eq!(watcher.cmd(&["MULTI"]), b"+OK\r\n");
+    assert!(text(&watcher.cmd(&["SET", "w", "1"]))
+        .starts_with("-ERR kapsel ambassador: the Redis master changed"));
+    assert!(text(&watcher.cmd(&["EXEC"])).starts_with("-EXECABORT"));
+    assert_eq!(watcher.cmd(&["WATCH", "w"]), b"+OK\r\n");
+    assert_eq!(watcher.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(watcher.cmd(&["SET", "w", "2"]), b"+QUEUED\r\n");
+    assert_eq!(watcher.cmd(&["EXEC"]), b"*1\r\n+OK\r\n");
+    assert_eq!(direct.cmd(&["GET", "w"]), b"$1\r\n2\r\n");
+    let mt = metrics_text(metrics).unwrap();
+    assert!(
+        mt.contains("kapsel_ambassador_transactions_broken_total 2"),
+        "{mt}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_and_bad_flags_standalone_and_in_a_pod() {
+    // Standalone: --help on stdout, exit 0; a bad flag named on one line, exit 2.
+    let out = Command::new(bin())
+        .args(["redis-ambassador", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let help = text(&out.stdout);
+    for want in [
+        "--master",
+        "--replica",
+        "--tls-ca-file",
+        "KAPSEL_AMBASSADOR_MASTER",
+    ] {
+        assert!(help.contains(want), "{want} in {help}");
+    }
+    let out = Command::new(bin())
+        .args(["redis-ambassador", "--master=127.0.0.1:1", "--bogus=1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--bogus") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let out = Command::new(bin())
+        .args([
+            "redis-ambassador",
+            "--master=127.0.0.1:1",
+            "--health-interval=soon",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--health-interval"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // In a pod: --help goes to the container's log and it exits 0; a bad flag is a
+    // CreateContainerConfigError naming it.
+    let k = Kapsel::start();
+    let yaml = |name: &str, args: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: ambassador\n    image: builtin/redis-ambassador\n    args: [{args}]\n"
+        )
+    };
+    k.apply("amb-help", &yaml("amb-help", "\"--help\""));
+    let pod = k
+        .wait_pod("amb-help", 60, |p| {
+            !common::state(p, 0)["terminated"].is_null()
+        })
+        .await;
+    assert_eq!(
+        common::state(&pod, 0)["terminated"]["exitCode"],
+        0,
+        "{pod:#}"
+    );
+    let logs = k.logs("amb-help", "ambassador").await;
+    assert!(
+        logs.contains("--master") && logs.contains("KAPSEL_AMBASSADOR_"),
+        "{logs}"
+    );
+    k.apply(
+        "amb-bad",
+        &yaml("amb-bad", "\"--master=127.0.0.1:1\", \"--colour=red\""),
+    );
+    let pod = k
+        .wait_pod("amb-bad", 30, |p| {
+            common::state(p, 0)["waiting"]["reason"] == "CreateContainerConfigError"
+        })
+        .await;
+    let msg = common::state(&pod, 0)["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("--colour"), "{msg}");
 }

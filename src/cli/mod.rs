@@ -848,14 +848,27 @@ async fn redis_ambassador(args: Vec<String>) -> Result<i32> {
     use crate::patterns::redis::{bind_std, Ambassador, Config};
     use std::sync::Arc;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let cfg = Config::parse(&args, &env).map_err(|e| anyhow!("redis-ambassador: {e}"))?;
+    let cfg = match Config::parse(&args, &env) {
+        Ok(cfg) => cfg,
+        // `--help`: the flags on stdout, success; a bad flag: clap's line naming it, usage (2).
+        Err(e) => match e.help_text() {
+            Some(help) => {
+                print!("{help}");
+                return Ok(0);
+            }
+            None => {
+                eprintln!("error: {e}");
+                return Ok(2);
+            }
+        },
+    };
     let bind = |a: &str| -> Result<std::net::TcpListener> {
         bind_std(a).map_err(|e| anyhow!("redis-ambassador: cannot listen on {a}: {e}"))
     };
     let listener = bind(&cfg.listen)?;
     let metrics = cfg.metrics_listen.as_deref().map(bind).transpose()?;
-    let amb = Ambassador::new(cfg, Arc::new(|m: &str| eprint!("{m}")))
-        .map_err(|e| anyhow!("redis-ambassador: {e}"))?;
+    let amb =
+        Ambassador::new(cfg, Arc::new(|m: &str| eprint!("{m}"))).context("redis-ambassador")?;
     let stop = tokio_util::sync::CancellationToken::new();
     let s2 = stop.clone();
     tokio::spawn(async move {

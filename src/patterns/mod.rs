@@ -122,37 +122,12 @@ impl BuiltinStatus for gitsync::GitSync {
     }
 }
 
-impl BuiltinStatus for redis::topology::Topology {
+impl BuiltinStatus for redis::StatusHandle {
     fn kind(&self) -> &'static str {
         "redis-ambassador"
     }
     fn status_lines(&self) -> StatusLines {
-        let view = self.view();
-        let healthy: Vec<String> = view.replicas.iter().map(|r| r.addr.clone()).collect();
-        let unhealthy: Vec<String> = self
-            .health
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| !h.healthy)
-            .map(|h| format!("{} ({})", h.addr, h.why))
-            .collect();
-        let list = |v: Vec<String>| {
-            if v.is_empty() {
-                "<none>".to_string()
-            } else {
-                v.join(", ")
-            }
-        };
-        vec![
-            ("Master".into(), view.master.addr.clone()),
-            ("Healthy replicas".into(), list(healthy)),
-            ("Unhealthy replicas".into(), list(unhealthy)),
-            (
-                "Failovers".into(),
-                self.failovers.load(Ordering::Relaxed).to_string(),
-            ),
-        ]
+        redis::StatusHandle::status_lines(self)
     }
 }
 
@@ -281,9 +256,16 @@ async fn start_adapter(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecErr
     Ok(Box::new(TaskInstance::new(id, done_rx, stop)))
 }
 
-fn ambassador_config(spec: &ContainerSpec) -> Result<redis::Config, ExecError> {
-    redis::Config::parse(&spec.args, &spec.env)
-        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))
+/// The ambassador's configuration, or `Ok(Err(help))` when its args ask for `--help` (the
+/// container then prints it to its log and exits 0). A bad flag is a config error naming it.
+fn ambassador_config(spec: &ContainerSpec) -> Result<Result<redis::Config, String>, ExecError> {
+    match redis::Config::parse(&spec.args, &spec.env) {
+        Ok(cfg) => Ok(Ok(cfg)),
+        Err(e) => match e.help_text() {
+            Some(help) => Ok(Err(help.to_string())),
+            None => Err(ExecError::Config(e.to_string())),
+        },
+    }
 }
 
 /// Runs `builtin/*` images.
@@ -536,7 +518,23 @@ async fn bind_in_pod(spec: &ContainerSpec, addr: &str) -> Result<std::net::TcpLi
 }
 
 async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, ExecError> {
-    let cfg = ambassador_config(&spec)?;
+    let id = format!(
+        "builtin://redis-ambassador/{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let cfg = match ambassador_config(&spec)? {
+        Ok(cfg) => cfg,
+        Err(help) => {
+            spec.log.append(help.as_bytes());
+            let (done_tx, done_rx) = oneshot::channel();
+            let _ = done_tx.send(ExitStatus::code(0));
+            return Ok(Box::new(TaskInstance::new(
+                id,
+                done_rx,
+                CancellationToken::new(),
+            )));
+        }
+    };
     let listener = bind_in_pod(&spec, &cfg.listen).await?;
     let metrics = match &cfg.metrics_listen {
         Some(a) => Some(bind_in_pod(&spec, a).await?),
@@ -544,11 +542,10 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
     };
     let log = spec.log.clone();
     let amb = redis::Ambassador::new(cfg, Arc::new(move |m: &str| log.append(m.as_bytes())))
-        .map_err(|e| ExecError::Config(format!("redis-ambassador: {e}")))?;
-    // The ambassador's thread holds the topology while it serves.
-    let topology: Weak<dyn BuiltinStatus> =
-        Arc::downgrade(&amb.topology()) as Weak<redis::topology::Topology>;
-    register_builtin(&spec, topology);
+        .map_err(|e| ExecError::Config(format!("redis-ambassador: {}", redis::error::chain(&e))))?;
+    // Held by the task below while the ambassador serves; the registry keeps a weak handle.
+    let status = Arc::new(amb.status_handle());
+    register_builtin(&spec, Arc::downgrade(&status) as Weak<redis::StatusHandle>);
     let stop = CancellationToken::new();
     let (done_tx, done_rx) = oneshot::channel();
     // Served from a node thread: upstream connections leave from the node's network.
@@ -557,16 +554,10 @@ async fn start_ambassador(spec: ContainerSpec) -> Result<Box<dyn Instance>, Exec
         .map_err(|e| ExecError::StartFailed(format!("redis-ambassador thread: {e}")))?;
     tokio::spawn(async move {
         let _ = finished.await;
+        drop(status);
         let _ = done_tx.send(ExitStatus::code(0));
     });
-    Ok(Box::new(TaskInstance::new(
-        format!(
-            "builtin://redis-ambassador/{}",
-            uuid::Uuid::new_v4().simple()
-        ),
-        done_rx,
-        stop,
-    )))
+    Ok(Box::new(TaskInstance::new(id, done_rx, stop)))
 }
 
 async fn start_gitsync(

@@ -567,6 +567,8 @@ impl Drop for Up {
                 .output();
         }
     }
+}
+
 /// `git` in `dir` with a fixed author; panics with git's stderr when it fails.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

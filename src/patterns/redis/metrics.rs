@@ -35,6 +35,10 @@ impl Histogram {
 #[derive(Default)]
 pub struct UpStats {
     pub commands: AtomicU64,
+    /// Of `commands`, the reads this server answered as a replica.
+    pub replica_reads: AtomicU64,
+    /// Failed TLS handshakes (certificate not trusted, wrong name, client certificate refused).
+    pub tls_errors: AtomicU64,
     /// Error replies the upstream sent (passed through verbatim).
     pub error_replies: AtomicU64,
     /// Errors the ambassador answered for it (unreachable, connection lost).
@@ -56,6 +60,8 @@ pub struct Metrics {
     pub refused_commands: AtomicU64,
     pub reads_on_master: AtomicU64,
     pub clients_output_limit: AtomicU64,
+    /// Transactions (`MULTI`/`WATCH`) the master changed under, answered with `EXECABORT`.
+    pub transactions_broken: AtomicU64,
 }
 
 impl Metrics {
@@ -111,6 +117,13 @@ impl Metrics {
         );
         g(
             &mut o,
+            "kapsel_ambassador_transactions_broken_total",
+            "Transactions (MULTI/WATCH) the master changed under; their EXEC got -EXECABORT.",
+            "counter",
+            self.transactions_broken.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
             "kapsel_ambassador_failovers_total",
             "Master changes followed.",
             "counter",
@@ -148,7 +161,12 @@ impl Metrics {
             );
         }
         type Field = fn(&UpStats) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 6] = [
+        let counters: [(&str, &str, Field); 7] = [
+            (
+                "kapsel_ambassador_upstream_tls_errors_total",
+                "Failed TLS handshakes with each upstream (untrusted certificate, wrong name, client certificate refused).",
+                |s| &s.tls_errors,
+            ),
             (
                 "kapsel_ambassador_commands_total",
                 "Commands routed to each upstream.",
@@ -191,6 +209,37 @@ impl Metrics {
                     "{name}{{upstream=\"{}\"}} {}",
                     u.addr,
                     f(&u.stats).load(Ordering::Relaxed)
+                );
+            }
+        }
+        let name = "kapsel_ambassador_upstream_requests_total";
+        let _ = writeln!(o, "# HELP {name} Commands each upstream served, by the role it served them in (reads spread over replicas show here).\n# TYPE {name} counter");
+        for u in &ups {
+            if u.addr.is_empty() {
+                continue;
+            }
+            let reads = u.stats.replica_reads.load(Ordering::Relaxed);
+            let all = u.stats.commands.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "{name}{{upstream=\"{}\",role=\"master\"}} {}\n{name}{{upstream=\"{}\",role=\"replica\"}} {reads}",
+                u.addr,
+                all.saturating_sub(reads),
+                u.addr
+            );
+        }
+        let name = "kapsel_ambassador_upstream_outstanding";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Reads sent to each upstream and not yet answered.\n# TYPE {name} gauge"
+        );
+        for u in &ups {
+            if !u.addr.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "{name}{{upstream=\"{}\"}} {}",
+                    u.addr,
+                    u.outstanding.load(Ordering::Relaxed)
                 );
             }
         }

@@ -1,7 +1,9 @@
 //! `builtin/redis-ambassador`: a Redis proxy on the pod's localhost that sends reads to healthy
 //! replicas and everything else to the master, so an app talks to "a Redis on localhost".
 //!
-//! - [`config`]: flags and `KAPSEL_AMBASSADOR_*` variables.
+//! - [`config`]: flags and `KAPSEL_AMBASSADOR_*` variables (the shared clap-based parser).
+//! - [`conn`]: upstream connections, plain TCP or TLS (`--tls`, rustls).
+//! - [`error`]: the error types, one per layer.
 //! - [`resp`]: RESP2/RESP3 framing and the small value parser.
 //! - [`commands`]: the command table (read-only, session state, pub/sub, refused).
 //! - [`topology`]: the master and healthy replicas (static or Sentinel), health checks, pools.
@@ -15,6 +17,8 @@
 
 pub mod commands;
 pub mod config;
+pub mod conn;
+pub mod error;
 pub mod metrics;
 pub mod mux;
 pub mod resp;
@@ -30,7 +34,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
+pub use error::AmbassadorError;
 
 /// Log sink: the container's log in a pod, stderr standalone.
 pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
@@ -42,9 +47,22 @@ pub struct Ambassador {
 }
 
 impl Ambassador {
-    pub fn new(cfg: Config, log: LogFn) -> Result<Self, String> {
+    pub fn new(cfg: Config, log: LogFn) -> Result<Self, AmbassadorError> {
         let cfg = Arc::new(cfg);
-        let topo = topology::Topology::new(cfg.clone(), log.clone());
+        let tls = match &cfg.tls {
+            Some(t) => Some(conn::Connector::tls(t)?),
+            None => None,
+        };
+        let pick = |on: bool| match (&tls, on) {
+            (Some(c), true) => c.clone(),
+            _ => conn::Connector::plain(),
+        };
+        let topo = topology::Topology::new(
+            cfg.clone(),
+            log.clone(),
+            pick(cfg.server_tls),
+            pick(cfg.sentinel_tls),
+        );
         let auth = topo.auth_prelude()?.map(Bytes::from);
         let limits = resp::Limits {
             max_bulk: cfg.max_bulk_bytes,
@@ -52,7 +70,7 @@ impl Ambassador {
         };
         Ok(Ambassador {
             shared: Arc::new(session::Shared {
-                topo,
+                topo: topo.clone(),
                 metrics: Arc::new(metrics::Metrics::default()),
                 limits,
                 auth: auth.clone(),
@@ -61,6 +79,7 @@ impl Ambassador {
                     connect_timeout: cfg.connect_timeout,
                     epoch: std::time::Instant::now(),
                     stop: CancellationToken::new(),
+                    refresh: topo.refresh.clone(),
                 },
             }),
             log,
@@ -74,6 +93,17 @@ impl Ambassador {
     /// The master and healthy replicas as the ambassador sees them (for `describe pod`).
     pub fn topology(&self) -> Arc<topology::Topology> {
         self.shared.topo.clone()
+    }
+
+    /// A handle on the ambassador's live state that outlives moving the ambassador into
+    /// [`Ambassador::spawn_thread`]: keep it with the container to answer `kapsel describe pod`.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(self.shared.clone())
+    }
+
+    /// See [`StatusHandle::status_lines`].
+    pub fn status_lines(&self) -> Vec<(String, String)> {
+        self.status_handle().status_lines()
     }
 
     /// The metrics page, as `/metrics` serves it.
@@ -203,10 +233,101 @@ impl Ambassador {
     }
 }
 
+/// A cheap, cloneable view of a running ambassador's state (see
+/// [`Ambassador::status_handle`]).
+#[derive(Clone)]
+pub struct StatusHandle(Arc<session::Shared>);
+
+impl StatusHandle {
+    /// The ambassador's state for `kapsel describe pod`, as (label, value) rows in display
+    /// order: `Master` (address, and its last error if it failed its check), `Replicas`
+    /// (healthy ones serving reads, with the lag the master reports), one `Replica ADDR` row
+    /// per replica skipped and why, `Clients` (open now, accepted in all), `Failovers`, and
+    /// `Upstream TLS` when TLS is on. Cheap: reads counters and the last health check only.
+    pub fn status_lines(&self) -> Vec<(String, String)> {
+        let st = self.0.topo.status();
+        let cfg = &self.0.topo.cfg;
+        let m = &self.0.metrics;
+        let mut rows = Vec::new();
+        rows.push((
+            "Master".to_string(),
+            match &st.master_error {
+                Some(e) => format!("{} ({e})", st.master),
+                None => st.master.clone(),
+            },
+        ));
+        let healthy: Vec<String> = st
+            .replicas
+            .iter()
+            .filter(|r| r.1)
+            .map(|(addr, _, lag, _)| match lag {
+                Some(l) => format!("{addr} (lag {l}s)"),
+                None => addr.clone(),
+            })
+            .collect();
+        rows.push((
+            "Replicas".to_string(),
+            if healthy.is_empty() {
+                "none healthy: reads go to the master".to_string()
+            } else {
+                healthy.join(", ")
+            },
+        ));
+        for (addr, ok, _, why) in &st.replicas {
+            if !ok {
+                rows.push((format!("Replica {addr}"), format!("skipped: {why}")));
+            }
+        }
+        rows.push((
+            "Clients".to_string(),
+            format!(
+                "{} open, {} accepted",
+                m.clients_active.load(Ordering::Relaxed),
+                m.clients_total.load(Ordering::Relaxed)
+            ),
+        ));
+        rows.push(("Failovers".to_string(), st.failovers.to_string()));
+        if cfg.server_tls || cfg.sentinel_tls {
+            rows.push((
+                "Upstream TLS".to_string(),
+                match (cfg.server_tls, cfg.sentinel_tls) {
+                    (true, true) => "servers and Sentinels",
+                    (true, false) => "servers",
+                    _ => "Sentinels",
+                }
+                .to_string(),
+            ));
+        }
+        rows
+    }
+}
+
 /// Bind a listening socket from the current thread (and so in its network namespace),
 /// non-blocking, ready for [`TcpListener::from_std`] on any runtime.
 pub fn bind_std(addr: &str) -> std::io::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_show_the_master_replicas_and_clients() {
+        let args: Vec<String> = ["--master=127.0.0.1:6390", "--replica=127.0.0.1:6391"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let a =
+            Ambassador::new(Config::parse(&args, &[]).unwrap(), Arc::new(|_: &str| {})).unwrap();
+        let rows = a.status_lines();
+        let get = |k: &str| rows.iter().find(|(l, _)| l == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("Master"), Some("127.0.0.1:6390"));
+        assert_eq!(get("Replicas"), Some("127.0.0.1:6391"));
+        assert_eq!(get("Clients"), Some("0 open, 0 accepted"));
+        assert_eq!(get("Failovers"), Some("0"));
+        assert_eq!(get("Upstream TLS"), None);
+    }
 }

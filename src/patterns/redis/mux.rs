@@ -7,20 +7,24 @@
 //! arrival order, and Redis answers a connection in order, so a FIFO of pending requests is all
 //! the bookkeeping there is. If the connection breaks, every pending request gets the error and
 //! the next request reconnects (failing fast while the server is known to be down).
+//!
+//! A `READONLY` reply means the server this ambassador takes for the master was demoted: the
+//! topology is asked to refresh at once instead of at the next health check.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::conn::{UpRead, UpWrite};
+use super::error::UpstreamError;
 use super::resp;
 use super::topology::Upstream;
 
-pub type Reply = Result<Bytes, String>;
+pub type Reply = Result<Bytes, UpstreamError>;
 
 pub struct MuxReq {
     pub cmds: Bytes,
@@ -49,6 +53,8 @@ pub struct MuxCtx {
     pub connect_timeout: std::time::Duration,
     pub epoch: std::time::Instant,
     pub stop: CancellationToken,
+    /// Wakes the topology for an early refresh.
+    pub refresh: Arc<Notify>,
 }
 
 /// Serve requests for `up` until `stop` or until every sender is gone.
@@ -88,7 +94,7 @@ pub async fn run(up: Arc<Upstream>, mut rx: mpsc::UnboundedReceiver<MuxReq>, ctx
                 Some(e) => e,
                 None => return,
             },
-            e = read_loop(&up, r, buf, pending.clone()) => e,
+            e = read_loop(&up, r, buf, pending.clone(), &ctx.refresh) => e,
         };
         let mut q = pending.0.lock().unwrap();
         for (_, tx, _) in q.drain(..) {
@@ -100,25 +106,24 @@ pub async fn run(up: Arc<Upstream>, mut rx: mpsc::UnboundedReceiver<MuxReq>, ctx
 }
 
 async fn authenticate(
-    r: &mut OwnedReadHalf,
-    w: &mut OwnedWriteHalf,
+    r: &mut UpRead,
+    w: &mut UpWrite,
     buf: &mut BytesMut,
     auth: &[u8],
-) -> Result<(), String> {
-    w.write_all(auth).await.map_err(|e| e.to_string())?;
+) -> Result<(), UpstreamError> {
+    w.write_all(auth).await.map_err(UpstreamError::lost)?;
     loop {
-        if let Some(len) = resp::scan_frame(buf).map_err(|e| e.to_string())? {
+        if let Some(len) = resp::scan_frame(buf).map_err(UpstreamError::Malformed)? {
             let f = buf.split_to(len);
             if resp::is_error(&f) {
-                return Err(format!(
-                    "AUTH refused: {}",
-                    String::from_utf8_lossy(&f[1..]).trim_end()
+                return Err(UpstreamError::AuthRefused(
+                    String::from_utf8_lossy(&f[1..]).trim_end().to_string(),
                 ));
             }
             return Ok(());
         }
-        if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed the connection during AUTH".into());
+        if r.read_buf(buf).await.map_err(UpstreamError::lost)? == 0 {
+            return Err(UpstreamError::Closed);
         }
     }
 }
@@ -127,9 +132,9 @@ async fn authenticate(
 async fn write_loop(
     first: MuxReq,
     rx: &mut mpsc::UnboundedReceiver<MuxReq>,
-    mut w: OwnedWriteHalf,
+    mut w: UpWrite,
     pending: Pending,
-) -> Option<String> {
+) -> Option<UpstreamError> {
     let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut batch: Vec<MuxReq> = vec![first];
     loop {
@@ -148,7 +153,7 @@ async fn write_loop(
         }
         pending.1.notify_one();
         if let Err(e) = w.write_all(&wbuf).await {
-            return Some(format!("connection lost: {e}"));
+            return Some(UpstreamError::lost(e));
         }
         wbuf.clear();
         match rx.recv().await {
@@ -161,10 +166,11 @@ async fn write_loop(
 /// Hand each pending request its replies, in order.
 async fn read_loop(
     up: &Upstream,
-    mut r: OwnedReadHalf,
+    mut r: UpRead,
     mut buf: BytesMut,
     pending: Pending,
-) -> String {
+    refresh: &Notify,
+) -> UpstreamError {
     loop {
         let head = loop {
             let notified = pending.1.notified();
@@ -183,6 +189,9 @@ async fn read_loop(
                         up.stats
                             .error_replies
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if buf[total..].starts_with(b"-READONLY") {
+                            refresh.notify_one();
+                        }
                     }
                     total += len;
                     got += 1;
@@ -192,15 +201,15 @@ async fn read_loop(
                         buf.reserve(64 * 1024);
                     }
                     let why = match r.read_buf(&mut buf).await {
-                        Ok(0) => "closed the connection".to_string(),
-                        Err(e) => format!("connection lost: {e}"),
+                        Ok(0) => UpstreamError::Closed,
+                        Err(e) => UpstreamError::lost(e),
                         Ok(_) => continue,
                     };
                     let _ = tx.send(Err(why.clone()));
                     return why;
                 }
                 Err(e) => {
-                    let why = format!("sent a malformed reply ({e})");
+                    let why = UpstreamError::Malformed(e);
                     let _ = tx.send(Err(why.clone()));
                     return why;
                 }

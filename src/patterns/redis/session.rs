@@ -16,6 +16,17 @@
 //! `SUBSCRIBE`, `MONITOR` and `CLIENT TRACKING ON` turn the session into a raw pipe to the
 //! master. A replica connection that breaks has its unanswered reads retried on the master.
 //!
+//! Each client read picks one replica for its reads ([`Topology::pick_replica`]: fewest reads
+//! in flight, ties by a shared cursor), so a pipelined batch is one write and one-command
+//! clients still spread. If the master changes while a session is inside `MULTI` or holds a
+//! `WATCH`, the rest of that transaction is answered by the ambassador (`EXEC` with
+//! `-EXECABORT ... the Redis master changed during it ...; retry it`) and the next one runs on
+//! the new master.
+//!
+//! The reader's work per client read is split by command class: [`Reader::shared_command`]
+//! for stateless sessions, and [`Reader::dispatch`] into `read`, `write`, `session_state`,
+//! `transaction`, `reset`, `refuse` and `pipe` for sessions with their own connections.
+//!
 //! Memory per client is bounded: at most `--max-inflight-batches` client reads are queued
 //! before the reader stops reading, and a slow client stops the writer, which stops reading the
 //! upstreams (TCP back-pressure).
@@ -32,10 +43,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::commands::{classify, Class};
+use super::conn::{UpRead, UpWrite};
+use super::error::UpstreamError;
 use super::metrics::Metrics;
 use super::mux::{MuxCtx, MuxReq, Owed, Reply};
 use super::resp::{self, Limits};
-use super::topology::{Topology, Upstream, View};
+use super::topology::{InFlight, Topology, Upstream, View};
 
 /// What every session shares.
 pub struct Shared {
@@ -64,6 +77,8 @@ struct MuxSlot {
     n: u32,
     retry: Option<Bytes>,
     data: Option<Bytes>,
+    /// Counts a replica slot's reads as in flight until their replies arrive.
+    inflight: Option<InFlight>,
 }
 
 const SLOT_MASTER: usize = 0;
@@ -85,7 +100,7 @@ struct WConn {
     id: ConnId,
     up: Arc<Upstream>,
     replica: bool,
-    w: OwnedWriteHalf,
+    w: UpWrite,
     sh: Arc<ConnShared>,
     out: BytesMut,
     cmds: u64,
@@ -98,21 +113,23 @@ struct RConn {
     id: ConnId,
     up: Arc<Upstream>,
     replica: bool,
-    r: OwnedReadHalf,
+    r: UpRead,
     buf: BytesMut,
     sh: Arc<ConnShared>,
     /// Session-state commands this connection accepted, replayed on a fallback connection.
     state_cmds: Vec<Bytes>,
-    failed: Option<String>,
+    failed: Option<UpstreamError>,
 }
 
 enum Entry {
     Open(Box<RConn>),
-    /// Forward `n` replies; `retry`: where these (read) commands sit in the batch's replica chunk.
+    /// Forward `n` replies; `retry`: where these (read) commands sit in the batch's replica
+    /// chunk; `inflight`: replica reads counted in flight until answered.
     Replies {
         conn: ConnId,
         n: u32,
         retry: Option<Range<usize>>,
+        inflight: Option<InFlight>,
     },
     /// Consume `n` replies the client never asked for (credentials, mirrored state).
     Mirror {
@@ -195,7 +212,7 @@ pub async fn run(
             if let Some(pos) = writer.conns.iter().position(|c| c.id == wc.id) {
                 let rc = writer.conns.swap_remove(pos);
                 if rc.failed.is_none() && rc.buf.is_empty() {
-                    if let Ok(s) = rc.r.reunite(wc.w) {
+                    if let Some(s) = rc.r.reunite(wc.w) {
                         rc.up.put_idle(s);
                     }
                 }
@@ -213,10 +230,13 @@ struct Reader {
     view: Arc<View>,
     in_multi: bool,
     watching: bool,
+    /// Set when the master changed while this session was inside `MULTI` or held a `WATCH`:
+    /// the transaction cannot complete on the new master, so it is answered with an error and
+    /// `EXEC` with `-EXECABORT`; the next transaction goes to the new master.
+    tx_broken: Option<String>,
     last_write: Option<Instant>,
     /// SELECT / AUTH / HELLO as sent, keyed by command name, replayed on new connections.
     state_cmds: Vec<(String, Bytes)>,
-    rr: usize,
     /// Connections no longer used for new commands. They stay open (a half-close could make
     /// the server drop replies still owed) until the session ends.
     retired: Vec<WConn>,
@@ -225,11 +245,44 @@ struct Reader {
     submitted: u64,
     sync: Arc<SessionSync>,
     mux_bufs: [BytesMut; 2],
+    /// Argument positions of the command being parsed (kept to reuse its allocation).
+    args: Vec<Range<usize>>,
 }
 
 enum Target {
     Conn(usize),
     Error(String),
+}
+
+/// What one client read turns into, built up command by command.
+struct Turn {
+    sent: Instant,
+    entries: Vec<Entry>,
+    /// The replica for this read's reads: chosen at its first read, then kept, so a pipelined
+    /// batch stays one write.
+    replica: Option<Option<Arc<Upstream>>>,
+    /// The dedicated replica connection this turn's reads went on.
+    replica_conn: Option<ConnId>,
+    mux_n: [u32; 2],
+    end: Option<EndKind>,
+    /// Stopped at a command that needs connection state: leave the shared connections first.
+    switch: bool,
+}
+
+/// Whether to go on with the next command of a client read.
+enum Step {
+    Next,
+    Stop,
+}
+
+/// What the shared-connection path did with a command.
+enum SharedStep {
+    /// Queued on a shared connection.
+    Queued,
+    /// Needs connection state: leave the shared connections, then handle it.
+    Leave,
+    /// Answered by the ambassador itself (`QUIT`, refused commands): the normal handlers.
+    Local,
 }
 
 impl Reader {
@@ -242,15 +295,526 @@ impl Reader {
             view,
             in_multi: false,
             watching: false,
+            tx_broken: None,
             last_write: None,
             state_cmds: Vec::new(),
-            rr: 0,
             retired: Vec::new(),
             dedicated: false,
             submitted: 0,
             sync,
             mux_bufs: [BytesMut::new(), BytesMut::new()],
+            args: Vec::with_capacity(8),
         }
+    }
+
+    /// Read the client until it closes. Returns whether the session ended cleanly (EOF with
+    /// nothing pending), which lets its connections go back to the pool.
+    async fn run(&mut self, mut client: OwnedReadHalf, tx: mpsc::Sender<Batch>) -> bool {
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let mut skip_read = false;
+        loop {
+            if rbuf.capacity() - rbuf.len() < 4096 {
+                rbuf.reserve(16 * 1024);
+            }
+            if !std::mem::take(&mut skip_read) {
+                match client.read_buf(&mut rbuf).await {
+                    Ok(0) | Err(_) => return rbuf.is_empty(),
+                    Ok(_) => {}
+                }
+            }
+            let mut t = Turn {
+                sent: Instant::now(),
+                entries: Vec::with_capacity(4),
+                replica: None,
+                replica_conn: None,
+                mux_n: [0; 2],
+                end: None,
+                switch: false,
+            };
+            self.follow_view(&mut t.entries);
+            let (pos, more) = self.take_commands(&rbuf, &mut t).await;
+            skip_read = more;
+            let replica_chunk = self.write_upstreams(t.replica_conn).await;
+            let mux = self.submit_shared(&mut t);
+            rbuf.advance(pos);
+            let batch = Batch {
+                sent: t.sent,
+                entries: t.entries,
+                replica_chunk,
+                mux,
+            };
+            if tx.send(batch).await.is_err() {
+                return false;
+            }
+            if t.switch {
+                self.leave_shared().await;
+                skip_read = true;
+                continue;
+            }
+            match t.end {
+                None => {}
+                Some(EndKind::Close) => return false,
+                Some(EndKind::Pipe(i)) => {
+                    // From here on the client and the master talk directly.
+                    let c = &mut self.conns[i];
+                    if !rbuf.is_empty() && c.w.write_all(&rbuf).await.is_err() {
+                        return false;
+                    }
+                    let _ = tokio::io::copy(&mut client, &mut c.w).await;
+                    let _ = c.w.shutdown().await;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Parse and route the complete commands at the front of `rbuf` (at most
+    /// [`MAX_BATCH_COMMANDS`]). Returns how many bytes were used, and whether more complete
+    /// commands may be waiting (so the next turn starts without reading).
+    async fn take_commands(&mut self, rbuf: &[u8], t: &mut Turn) -> (usize, bool) {
+        let limits = self.shared.limits;
+        let mut args = std::mem::take(&mut self.args);
+        let mut pos = 0;
+        let mut parsed = 0usize;
+        let mut more = false;
+        while pos < rbuf.len() {
+            // Bounded batches: a client that sends a huge pipeline has it worked through (and
+            // its replies owed) a slice at a time.
+            if parsed >= MAX_BATCH_COMMANDS {
+                more = true;
+                break;
+            }
+            let req = match resp::parse_request(&rbuf[pos..], &limits, &mut args) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    t.entries
+                        .push(Entry::Local(Bytes::from(resp::error_reply(&format!(
+                            "ERR {e}"
+                        )))));
+                    t.entries.push(Entry::Close);
+                    t.end = Some(EndKind::Close);
+                    break;
+                }
+            };
+            let start = pos;
+            pos += req.consumed;
+            if args.is_empty() {
+                continue;
+            }
+            parsed += 1;
+            let raw = &rbuf[start..pos];
+            let arg = |i: usize| &raw[args[i].start..args[i].end];
+            // The bytes to forward: verbatim, or re-encoded from an inline command.
+            let encoded;
+            let cmd: &[u8] = if req.inline {
+                let a: Vec<&[u8]> = (0..args.len()).map(arg).collect();
+                let mut v = Vec::new();
+                resp::encode_command(&mut v, &a);
+                encoded = v;
+                &encoded
+            } else {
+                raw
+            };
+            let name = arg(0);
+            let rest: Vec<&[u8]> = if args.len() > 1 && needs_rest(name) {
+                (1..args.len()).map(arg).collect()
+            } else {
+                Vec::new()
+            };
+            let class = classify(name, &rest);
+            if !self.dedicated {
+                match self.shared_command(t, class, name, cmd) {
+                    SharedStep::Queued => continue,
+                    SharedStep::Leave => {
+                        // Connection state from here on: leave the shared connections once
+                        // everything sent on them is answered, then carry on from this command.
+                        pos = start;
+                        t.switch = true;
+                        break;
+                    }
+                    SharedStep::Local => {}
+                }
+            }
+            if let Step::Stop = self.dispatch(t, class, name, cmd).await {
+                break;
+            }
+        }
+        self.args = args;
+        (pos, more)
+    }
+
+    fn recent_write(&self, now: Instant) -> bool {
+        let ryw = self.shared.topo.cfg.read_your_writes;
+        !ryw.is_zero() && self.last_write.is_some_and(|w| now.duration_since(w) < ryw)
+    }
+
+    fn note_write(&mut self, now: Instant) {
+        if !self.shared.topo.cfg.read_your_writes.is_zero() {
+            self.last_write = Some(now);
+        }
+    }
+
+    /// The replica for this turn's reads (fewest reads in flight, shared tie-breaking cursor).
+    fn replica_for<'t>(&self, t: &'t mut Turn) -> Option<&'t Arc<Upstream>> {
+        t.replica
+            .get_or_insert_with(|| self.shared.topo.pick_replica(&self.view))
+            .as_ref()
+    }
+
+    /// A stateless session's command: onto a shared connection if it can go there.
+    fn shared_command(
+        &mut self,
+        t: &mut Turn,
+        class: Class,
+        name: &[u8],
+        cmd: &[u8],
+    ) -> SharedStep {
+        let shared_ok = match class {
+            Class::Read => true,
+            Class::Write => !own_connection(name),
+            Class::Quit | Class::Refused => return SharedStep::Local,
+            _ => false,
+        };
+        if !shared_ok {
+            return SharedStep::Leave;
+        }
+        let slot = if class == Class::Read
+            && !self.recent_write(t.sent)
+            && self.replica_for(t).is_some()
+        {
+            SLOT_REPLICA
+        } else {
+            if class == Class::Read {
+                self.shared
+                    .metrics
+                    .reads_on_master
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.note_write(t.sent);
+            }
+            SLOT_MASTER
+        };
+        self.mux_bufs[slot].extend_from_slice(cmd);
+        t.mux_n[slot] += 1;
+        push_mux(&mut t.entries, slot);
+        SharedStep::Queued
+    }
+
+    /// A command of a session with its own upstream connections, by class.
+    async fn dispatch(&mut self, t: &mut Turn, class: Class, name: &[u8], cmd: &[u8]) -> Step {
+        if self.tx_broken.is_some() {
+            if let Some(step) = self.broken_transaction(t, class, name) {
+                return step;
+            }
+        }
+        match class {
+            Class::Read => self.read(t, cmd).await,
+            Class::Write => self.write(t, name, cmd).await,
+            Class::SessionState => self.session_state(t, name, cmd).await,
+            Class::Multi | Class::Watch | Class::EndTx | Class::Unwatch => {
+                self.transaction(t, class, cmd).await
+            }
+            Class::Reset => self.reset(t, cmd).await,
+            Class::Refused => self.refuse(t, cmd),
+            Class::Quit => {
+                t.entries.push(Entry::Local(Bytes::from_static(b"+OK\r\n")));
+                t.entries.push(Entry::Close);
+                t.end = Some(EndKind::Close);
+                return Step::Stop;
+            }
+            Class::Pipe => return self.pipe(t, cmd).await,
+        }
+        Step::Next
+    }
+
+    /// A read: the turn's replica, or the master inside a transaction, under `WATCH`, within
+    /// the read-your-writes window, or when no replica connection is ready.
+    async fn read(&mut self, t: &mut Turn, cmd: &[u8]) {
+        let to_master = self.in_multi || self.watching || self.recent_write(t.sent);
+        let mut target = None;
+        if !to_master {
+            if let Some(up) = self.replica_for(t).cloned() {
+                if let Ok(i) = self.conn_for(&up, true, &mut t.entries).await {
+                    if self.conns[i].sh.mirror.load(Ordering::Acquire) == 0 {
+                        target = Some(i);
+                    }
+                }
+            }
+        }
+        match target {
+            Some(i) => {
+                let c = &mut self.conns[i];
+                let start = c.out.len();
+                c.out.extend_from_slice(cmd);
+                c.cmds += 1;
+                let end = c.out.len();
+                t.replica_conn = Some(c.id);
+                push_replies(&mut t.entries, c.id, Some((start..end, &c.up)));
+            }
+            None => {
+                self.shared
+                    .metrics
+                    .reads_on_master
+                    .fetch_add(1, Ordering::Relaxed);
+                let tg = self.master(&mut t.entries).await;
+                self.forward(tg, &mut t.entries, cmd);
+            }
+        }
+    }
+
+    /// Anything that is not a read: the master.
+    async fn write(&mut self, t: &mut Turn, name: &[u8], cmd: &[u8]) {
+        let tg = self.master(&mut t.entries).await;
+        if let Target::Conn(i) = &tg {
+            if name.eq_ignore_ascii_case(b"CLIENT")
+                || name.eq_ignore_ascii_case(b"READONLY")
+                || name.eq_ignore_ascii_case(b"READWRITE")
+            {
+                self.conns[*i].stateful = true;
+            }
+        }
+        self.forward(tg, &mut t.entries, cmd);
+        self.note_write(t.sent);
+    }
+
+    /// `SELECT`, `AUTH`, `HELLO`: the master, mirrored on every replica connection, and
+    /// remembered to replay on connections opened later.
+    async fn session_state(&mut self, t: &mut Turn, name: &[u8], cmd: &[u8]) {
+        let cmd = Bytes::copy_from_slice(cmd);
+        let tg = self.master(&mut t.entries).await;
+        if let Target::Conn(i) = &tg {
+            self.conns[*i].stateful = true;
+        }
+        self.forward(tg, &mut t.entries, &cmd);
+        for c in self.conns.iter_mut().filter(|c| c.replica) {
+            if c.sh.dead.load(Ordering::Relaxed) {
+                continue;
+            }
+            c.out.extend_from_slice(&cmd);
+            c.stateful = true;
+            c.sh.mirror.fetch_add(1, Ordering::AcqRel);
+            t.entries.push(Entry::Mirror {
+                conn: c.id,
+                n: 1,
+                cmds: vec![cmd.clone()],
+            });
+        }
+        let key = String::from_utf8_lossy(name).to_ascii_uppercase();
+        self.state_cmds.retain(|(k, _)| *k != key);
+        self.state_cmds.push((key, cmd));
+    }
+
+    /// `MULTI`, `WATCH`, `EXEC`/`DISCARD`, `UNWATCH`: the master, tracking the transaction.
+    async fn transaction(&mut self, t: &mut Turn, class: Class, cmd: &[u8]) {
+        let tg = self.master(&mut t.entries).await;
+        if let (Target::Conn(i), Class::Multi | Class::Watch) = (&tg, class) {
+            self.conns[*i].stateful = true;
+        }
+        self.forward(tg, &mut t.entries, cmd);
+        match class {
+            Class::Multi => self.in_multi = true,
+            Class::Watch => self.watching = true,
+            Class::EndTx => {
+                self.in_multi = false;
+                self.watching = false;
+            }
+            _ => self.watching = false,
+        }
+    }
+
+    /// The master changed under an open transaction or `WATCH` (see [`Reader::tx_broken`]).
+    /// Answers the commands that belong to the broken transaction; `None` lets a command
+    /// through to its normal handler (on the new master).
+    fn broken_transaction(&mut self, t: &mut Turn, class: Class, name: &[u8]) -> Option<Step> {
+        let why = self.tx_broken.clone().unwrap_or_default();
+        let reply: Vec<u8> = match class {
+            Class::Multi if self.in_multi => resp::error_reply("ERR MULTI calls can not be nested"),
+            Class::Multi => {
+                self.in_multi = true;
+                b"+OK\r\n".to_vec()
+            }
+            Class::EndTx => {
+                let exec = name.eq_ignore_ascii_case(b"EXEC");
+                let r = match (exec, self.in_multi) {
+                    (true, true) => resp::error_reply(&format!(
+                        "EXECABORT Transaction discarded: the Redis master changed during it ({why}); retry it"
+                    )),
+                    (true, false) => resp::error_reply("ERR EXEC without MULTI"),
+                    (false, true) => b"+OK\r\n".to_vec(),
+                    (false, false) => resp::error_reply("ERR DISCARD without MULTI"),
+                };
+                if self.in_multi {
+                    self.in_multi = false;
+                    self.watching = false;
+                    self.tx_broken = None;
+                }
+                r
+            }
+            Class::Unwatch if !self.in_multi => {
+                self.watching = false;
+                self.tx_broken = None;
+                b"+OK\r\n".to_vec()
+            }
+            Class::Reset | Class::Quit => return None,
+            _ if self.in_multi => resp::error_reply(&format!(
+                "ERR kapsel ambassador: the Redis master changed during this transaction ({why}); EXEC will discard it"
+            )),
+            _ => return None,
+        };
+        t.entries.push(Entry::Local(Bytes::from(reply)));
+        Some(Step::Next)
+    }
+
+    /// `RESET`: the master; the session's mirrored state and replica connections are dropped.
+    async fn reset(&mut self, t: &mut Turn, cmd: &[u8]) {
+        let tg = self.master(&mut t.entries).await;
+        self.forward(tg, &mut t.entries, cmd);
+        self.in_multi = false;
+        self.watching = false;
+        self.tx_broken = None;
+        self.state_cmds.clear();
+        let mut i = 0;
+        while i < self.conns.len() {
+            if self.conns[i].replica {
+                let mut c = self.conns.swap_remove(i);
+                // Reads of this turn it still carries are sent first.
+                if t.replica_conn == Some(c.id) {
+                    t.replica_conn = None;
+                }
+                if write_conn(&mut c).await.is_err() {
+                    c.sh.dead.store(true, Ordering::Relaxed);
+                }
+                self.retire(c, &mut t.entries);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// `CLIENT REPLY`: refused, since every reply must match its command.
+    fn refuse(&mut self, t: &mut Turn, cmd: &[u8]) {
+        self.shared
+            .metrics
+            .refused_commands
+            .fetch_add(1, Ordering::Relaxed);
+        let shown = String::from_utf8_lossy(cmd)
+            .split("\r\n")
+            .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+            .collect::<Vec<_>>()
+            .join(" ");
+        t.entries.push(Entry::Local(Bytes::from(resp::error_reply(&format!(
+            "ERR kapsel ambassador: '{shown}' is not supported here: the ambassador matches every reply to its command"
+        )))));
+    }
+
+    /// `SUBSCRIBE`, `MONITOR`, `CLIENT TRACKING ON`: the session becomes a raw pipe to the
+    /// master after this command.
+    async fn pipe(&mut self, t: &mut Turn, cmd: &[u8]) -> Step {
+        match self.master(&mut t.entries).await {
+            Target::Conn(i) => {
+                let c = &mut self.conns[i];
+                c.out.extend_from_slice(cmd);
+                c.cmds += 1;
+                t.entries.push(Entry::Pipe { conn: c.id });
+                t.end = Some(EndKind::Pipe(i));
+                Step::Stop
+            }
+            Target::Error(e) => {
+                t.entries
+                    .push(Entry::Local(Bytes::from(resp::error_reply(&e))));
+                Step::Next
+            }
+        }
+    }
+
+    /// Write every dedicated upstream connection once for this client read. Returns the bytes
+    /// sent on the turn's replica connection, to retry its reads on the master if it breaks.
+    async fn write_upstreams(&mut self, replica_conn: Option<ConnId>) -> Option<Bytes> {
+        let mut replica_chunk = None;
+        for c in self.conns.iter_mut() {
+            if c.out.is_empty() {
+                continue;
+            }
+            count_commands(c);
+            let chunk = c.out.split().freeze();
+            if c.w.write_all(&chunk).await.is_err() {
+                c.sh.dead.store(true, Ordering::Relaxed);
+            }
+            if Some(c.id) == replica_conn {
+                replica_chunk = Some(chunk);
+            }
+        }
+        replica_chunk
+    }
+
+    /// Hand the shared connections their part of this client read.
+    fn submit_shared(&mut self, t: &mut Turn) -> [Option<MuxSlot>; 2] {
+        let mut mux: [Option<MuxSlot>; 2] = [None, None];
+        for slot in [SLOT_MASTER, SLOT_REPLICA] {
+            let n = t.mux_n[slot];
+            if n == 0 {
+                continue;
+            }
+            let up = if slot == SLOT_MASTER {
+                self.view.master.clone()
+            } else {
+                match &t.replica {
+                    Some(Some(up)) => up.clone(),
+                    _ => unreachable!("reads go to the replica slot only with a replica"),
+                }
+            };
+            let cmds = self.mux_bufs[slot].split().freeze();
+            if self.mux_bufs[slot].capacity() < 4096 {
+                self.mux_bufs[slot].reserve(16 * 1024);
+            }
+            let (rtx, rrx) = oneshot::channel();
+            up.stats.commands.fetch_add(n as u64, Ordering::Relaxed);
+            let (retry, inflight) = if slot == SLOT_REPLICA {
+                up.stats
+                    .replica_reads
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                (Some(cmds.clone()), Some(InFlight::new(&up, n as u64)))
+            } else {
+                (None, None)
+            };
+            up.submit(
+                MuxReq {
+                    cmds,
+                    n,
+                    reply: rtx,
+                    owed: Some(self.sync.owed.clone()),
+                },
+                &self.shared.mux,
+            );
+            self.submitted += 1;
+            mux[slot] = Some(MuxSlot {
+                rx: rrx,
+                up,
+                n,
+                retry,
+                data: None,
+                inflight,
+            });
+        }
+        mux
+    }
+
+    /// Wait until everything this session put on the shared connections is answered, then
+    /// use connections of its own from now on.
+    async fn leave_shared(&mut self) {
+        loop {
+            let notified = self.sync.notify.notified();
+            if self.sync.answered.load(Ordering::Acquire) >= self.submitted {
+                break;
+            }
+            notified.await;
+        }
+        self.dedicated = true;
     }
 
     /// Index of a live connection to `up`, opening one if needed.
@@ -259,7 +823,7 @@ impl Reader {
         up: &Arc<Upstream>,
         replica: bool,
         entries: &mut Vec<Entry>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, UpstreamError> {
         if let Some(i) = self
             .conns
             .iter()
@@ -341,12 +905,16 @@ impl Reader {
         let up = self.view.master.clone();
         match self.conn_for(&up, false, entries).await {
             Ok(i) => Target::Conn(i),
-            Err(e) => Target::Error(format!("ERR kapsel ambassador: master {} {e}", up.shown())),
+            Err(e) => Target::Error(format!(
+                "ERR kapsel ambassador: master {} {}",
+                up.shown(),
+                e.line()
+            )),
         }
     }
 
-    /// Follow a new topology: drop connections to servers that lost their role, unless the
-    /// session's state lives on them (a transaction, a WATCH).
+    /// Follow a new topology: drop connections to servers that lost their role. A master
+    /// connection that carried an open transaction or `WATCH` marks the transaction broken.
     fn follow_view(&mut self, entries: &mut Vec<Entry>) {
         let gen = self.shared.topo.generation();
         if gen == self.view.generation {
@@ -361,398 +929,31 @@ impl Reader {
             let keep = if c.replica {
                 view.replicas.iter().any(|r| Arc::ptr_eq(r, &c.up))
             } else {
-                pinned || Arc::ptr_eq(&view.master, &c.up)
+                Arc::ptr_eq(&view.master, &c.up)
             };
             if keep {
                 i += 1;
-            } else {
-                let c = self.conns.swap_remove(i);
-                self.retire(c, entries);
+                continue;
             }
+            let c = self.conns.swap_remove(i);
+            if !c.replica && pinned && self.tx_broken.is_none() {
+                self.shared
+                    .metrics
+                    .transactions_broken
+                    .fetch_add(1, Ordering::Relaxed);
+                self.tx_broken = Some(format!(
+                    "failover from {} to {}",
+                    c.up.shown(),
+                    view.master.shown()
+                ));
+            }
+            self.retire(c, entries);
         }
     }
 
     fn retire(&mut self, c: WConn, entries: &mut Vec<Entry>) {
         entries.push(Entry::Retire { conn: c.id });
         self.retired.push(c);
-    }
-
-    /// Read the client until it closes. Returns whether the session ended cleanly (EOF with
-    /// nothing pending), which lets its connections go back to the pool.
-    async fn run(&mut self, mut client: OwnedReadHalf, tx: mpsc::Sender<Batch>) -> bool {
-        let mut rbuf = BytesMut::with_capacity(16 * 1024);
-        let mut args: Vec<Range<usize>> = Vec::with_capacity(8);
-        let limits = self.shared.limits;
-        let ryw = self.shared.topo.cfg.read_your_writes;
-        let mut skip_read = false;
-        loop {
-            if rbuf.capacity() - rbuf.len() < 4096 {
-                rbuf.reserve(16 * 1024);
-            }
-            if !std::mem::take(&mut skip_read) {
-                match client.read_buf(&mut rbuf).await {
-                    Ok(0) | Err(_) => return rbuf.is_empty(),
-                    Ok(_) => {}
-                }
-            }
-            let sent = Instant::now();
-            let mut entries: Vec<Entry> = Vec::with_capacity(4);
-            self.follow_view(&mut entries);
-            // One replica per client read: batches stay one write, load spreads over reads.
-            let replica = if self.view.replicas.is_empty() {
-                None
-            } else {
-                self.rr = self.rr.wrapping_add(1);
-                Some(self.view.replicas[self.rr % self.view.replicas.len()].clone())
-            };
-            let mut replica_conn: Option<ConnId> = None;
-            let mut pos = 0;
-            let mut end_after: Option<EndKind> = None;
-            let mut mux_n = [0u32; 2];
-            let mut switch = false;
-            let mut parsed = 0usize;
-            while pos < rbuf.len() {
-                // Bounded batches: a client that sends a huge pipeline has it worked through
-                // (and its replies owed) a slice at a time.
-                if parsed >= MAX_BATCH_COMMANDS {
-                    skip_read = true;
-                    break;
-                }
-                let req = match resp::parse_request(&rbuf[pos..], &limits, &mut args) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.shared
-                            .metrics
-                            .protocol_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        entries.push(Entry::Local(Bytes::from(resp::error_reply(&format!(
-                            "ERR {e}"
-                        )))));
-                        entries.push(Entry::Close);
-                        end_after = Some(EndKind::Close);
-                        break;
-                    }
-                };
-                let raw = pos..pos + req.consumed;
-                pos += req.consumed;
-                if args.is_empty() {
-                    continue;
-                }
-                parsed += 1;
-                let base = raw.start;
-                let arg = |i: usize| &rbuf[base + args[i].start..base + args[i].end];
-                let rest: Vec<&[u8]> = if args.len() > 1 && needs_rest(arg(0)) {
-                    (1..args.len()).map(arg).collect()
-                } else {
-                    Vec::new()
-                };
-                let class = classify(arg(0), &rest);
-                if !self.dedicated {
-                    let shared_ok = match class {
-                        Class::Read => true,
-                        Class::Write => !own_connection(arg(0)),
-                        _ => false,
-                    };
-                    if !shared_ok && !matches!(class, Class::Quit | Class::Refused) {
-                        // Connection state from here on: leave the shared connections once
-                        // everything sent on them is answered, then carry on from this command.
-                        pos = raw.start;
-                        switch = true;
-                        break;
-                    }
-                    if shared_ok {
-                        let recent_write = !ryw.is_zero()
-                            && self
-                                .last_write
-                                .is_some_and(|w| sent.duration_since(w) < ryw);
-                        let slot = if class == Class::Read && replica.is_some() && !recent_write {
-                            SLOT_REPLICA
-                        } else {
-                            if class == Class::Read {
-                                self.shared
-                                    .metrics
-                                    .reads_on_master
-                                    .fetch_add(1, Ordering::Relaxed);
-                            } else if !ryw.is_zero() {
-                                self.last_write = Some(sent);
-                            }
-                            SLOT_MASTER
-                        };
-                        if req.inline {
-                            let a: Vec<&[u8]> = (0..args.len()).map(arg).collect();
-                            let mut v = Vec::new();
-                            resp::encode_command(&mut v, &a);
-                            self.mux_bufs[slot].extend_from_slice(&v);
-                        } else {
-                            self.mux_bufs[slot].extend_from_slice(&rbuf[raw.clone()]);
-                        }
-                        mux_n[slot] += 1;
-                        push_mux(&mut entries, slot);
-                        continue;
-                    }
-                }
-                let name_upper = || String::from_utf8_lossy(arg(0)).to_ascii_uppercase();
-                // The bytes to forward: verbatim, or re-encoded from an inline command.
-                let fwd: Bytes = if req.inline {
-                    let a: Vec<&[u8]> = (0..args.len()).map(arg).collect();
-                    let mut v = Vec::new();
-                    resp::encode_command(&mut v, &a);
-                    Bytes::from(v)
-                } else {
-                    Bytes::new()
-                };
-                let cmd: &[u8] = if req.inline { &fwd } else { &rbuf[raw.clone()] };
-                match class {
-                    Class::Read => {
-                        let to_master = self.in_multi
-                            || self.watching
-                            || (!ryw.is_zero()
-                                && self
-                                    .last_write
-                                    .is_some_and(|w| sent.duration_since(w) < ryw));
-                        let mut target = None;
-                        if !to_master {
-                            if let Some(up) = &replica {
-                                if let Ok(i) = self.conn_for(up, true, &mut entries).await {
-                                    if self.conns[i].sh.mirror.load(Ordering::Acquire) == 0 {
-                                        target = Some(i);
-                                    }
-                                }
-                            }
-                        }
-                        match target {
-                            Some(i) => {
-                                let c = &mut self.conns[i];
-                                let start = c.out.len();
-                                c.out.extend_from_slice(cmd);
-                                c.cmds += 1;
-                                let end = c.out.len();
-                                replica_conn = Some(c.id);
-                                push_replies(&mut entries, c.id, Some(start..end));
-                            }
-                            None => {
-                                self.shared
-                                    .metrics
-                                    .reads_on_master
-                                    .fetch_add(1, Ordering::Relaxed);
-                                let t = self.master(&mut entries).await;
-                                self.forward(t, &mut entries, cmd);
-                            }
-                        }
-                    }
-                    Class::Write => {
-                        let t = self.master(&mut entries).await;
-                        if let Target::Conn(i) = &t {
-                            let n = arg(0);
-                            if n.eq_ignore_ascii_case(b"CLIENT")
-                                || n.eq_ignore_ascii_case(b"READONLY")
-                                || n.eq_ignore_ascii_case(b"READWRITE")
-                            {
-                                self.conns[*i].stateful = true;
-                            }
-                        }
-                        self.forward(t, &mut entries, cmd);
-                        if !ryw.is_zero() {
-                            self.last_write = Some(sent);
-                        }
-                    }
-                    Class::SessionState => {
-                        let cmd = Bytes::copy_from_slice(cmd);
-                        let t = self.master(&mut entries).await;
-                        if let Target::Conn(i) = &t {
-                            self.conns[*i].stateful = true;
-                        }
-                        self.forward(t, &mut entries, &cmd);
-                        for c in self.conns.iter_mut().filter(|c| c.replica) {
-                            if c.sh.dead.load(Ordering::Relaxed) {
-                                continue;
-                            }
-                            c.out.extend_from_slice(&cmd);
-                            c.stateful = true;
-                            c.sh.mirror.fetch_add(1, Ordering::AcqRel);
-                            entries.push(Entry::Mirror {
-                                conn: c.id,
-                                n: 1,
-                                cmds: vec![cmd.clone()],
-                            });
-                        }
-                        let key = name_upper();
-                        self.state_cmds.retain(|(k, _)| *k != key);
-                        self.state_cmds.push((key, cmd));
-                    }
-                    Class::Multi | Class::Watch => {
-                        let t = self.master(&mut entries).await;
-                        if let Target::Conn(i) = &t {
-                            self.conns[*i].stateful = true;
-                        }
-                        self.forward(t, &mut entries, cmd);
-                        if class == Class::Multi {
-                            self.in_multi = true;
-                        } else {
-                            self.watching = true;
-                        }
-                    }
-                    Class::EndTx | Class::Unwatch => {
-                        let t = self.master(&mut entries).await;
-                        self.forward(t, &mut entries, cmd);
-                        if class == Class::EndTx {
-                            self.in_multi = false;
-                        }
-                        self.watching = false;
-                    }
-                    Class::Reset => {
-                        let t = self.master(&mut entries).await;
-                        self.forward(t, &mut entries, cmd);
-                        self.in_multi = false;
-                        self.watching = false;
-                        self.state_cmds.clear();
-                        let mut i = 0;
-                        while i < self.conns.len() {
-                            if self.conns[i].replica {
-                                let mut c = self.conns.swap_remove(i);
-                                // Reads of this batch it still carries are sent first.
-                                if replica_conn == Some(c.id) {
-                                    replica_conn = None;
-                                }
-                                if write_conn(&mut c).await.is_err() {
-                                    c.sh.dead.store(true, Ordering::Relaxed);
-                                }
-                                self.retire(c, &mut entries);
-                            } else {
-                                i += 1;
-                            }
-                        }
-                    }
-                    Class::Refused => {
-                        self.shared
-                            .metrics
-                            .refused_commands
-                            .fetch_add(1, Ordering::Relaxed);
-                        entries.push(Entry::Local(Bytes::from(resp::error_reply(&format!(
-                            "ERR kapsel ambassador: '{}' is not supported here: the ambassador matches every reply to its command",
-                            String::from_utf8_lossy(cmd).split("\r\n").filter(|l| !l.is_empty() && !l.starts_with(['*', '$'])).collect::<Vec<_>>().join(" ")
-                        )))));
-                    }
-                    Class::Quit => {
-                        entries.push(Entry::Local(Bytes::from_static(b"+OK\r\n")));
-                        entries.push(Entry::Close);
-                        end_after = Some(EndKind::Close);
-                        break;
-                    }
-                    Class::Pipe => {
-                        match self.master(&mut entries).await {
-                            Target::Conn(i) => {
-                                let c = &mut self.conns[i];
-                                c.out.extend_from_slice(cmd);
-                                c.cmds += 1;
-                                entries.push(Entry::Pipe { conn: c.id });
-                                end_after = Some(EndKind::Pipe(i));
-                            }
-                            Target::Error(e) => {
-                                entries.push(Entry::Local(Bytes::from(resp::error_reply(&e))));
-                                continue;
-                            }
-                        }
-                        break;
-                    }
-                }
-            }
-            // Write every upstream once for this client read.
-            let mut replica_chunk = None;
-            for c in self.conns.iter_mut() {
-                if c.out.is_empty() {
-                    continue;
-                }
-                if c.cmds > 0 {
-                    c.up.stats.commands.fetch_add(c.cmds, Ordering::Relaxed);
-                    c.cmds = 0;
-                }
-                let chunk = c.out.split().freeze();
-                if c.w.write_all(&chunk).await.is_err() {
-                    c.sh.dead.store(true, Ordering::Relaxed);
-                }
-                if Some(c.id) == replica_conn {
-                    replica_chunk = Some(chunk);
-                }
-            }
-            // Hand the shared connections their part of this client read.
-            let mut mux: [Option<MuxSlot>; 2] = [None, None];
-            for slot in [SLOT_MASTER, SLOT_REPLICA] {
-                let n = mux_n[slot];
-                if n == 0 {
-                    continue;
-                }
-                let up = if slot == SLOT_MASTER {
-                    self.view.master.clone()
-                } else {
-                    replica.clone().expect("replica slot has a replica")
-                };
-                let cmds = self.mux_bufs[slot].split().freeze();
-                if self.mux_bufs[slot].capacity() < 4096 {
-                    self.mux_bufs[slot].reserve(16 * 1024);
-                }
-                let (rtx, rrx) = oneshot::channel();
-                up.stats.commands.fetch_add(n as u64, Ordering::Relaxed);
-                let retry = (slot == SLOT_REPLICA).then(|| cmds.clone());
-                up.submit(
-                    MuxReq {
-                        cmds,
-                        n,
-                        reply: rtx,
-                        owed: Some(self.sync.owed.clone()),
-                    },
-                    &self.shared.mux,
-                );
-                self.submitted += 1;
-                mux[slot] = Some(MuxSlot {
-                    rx: rrx,
-                    up,
-                    n,
-                    retry,
-                    data: None,
-                });
-            }
-            rbuf.advance(pos);
-            if tx
-                .send(Batch {
-                    sent,
-                    entries,
-                    replica_chunk,
-                    mux,
-                })
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            if switch {
-                loop {
-                    let notified = self.sync.notify.notified();
-                    if self.sync.answered.load(Ordering::Acquire) >= self.submitted {
-                        break;
-                    }
-                    notified.await;
-                }
-                self.dedicated = true;
-                skip_read = true;
-                continue;
-            }
-            match end_after {
-                None => {}
-                Some(EndKind::Close) => return false,
-                Some(EndKind::Pipe(i)) => {
-                    // From here on the client and the master talk directly.
-                    let c = &mut self.conns[i];
-                    if !rbuf.is_empty() && c.w.write_all(&rbuf).await.is_err() {
-                        return false;
-                    }
-                    let _ = tokio::io::copy(&mut client, &mut c.w).await;
-                    let _ = c.w.shutdown().await;
-                    return false;
-                }
-            }
-        }
     }
 
     fn forward(&mut self, t: Target, entries: &mut Vec<Entry>, bytes: &[u8]) {
@@ -780,11 +981,21 @@ enum EndKind {
     Pipe(usize),
 }
 
-async fn write_conn(c: &mut WConn) -> std::io::Result<()> {
+/// Count what a connection is about to send in the upstream's metrics.
+fn count_commands(c: &mut WConn) {
     if c.cmds > 0 {
         c.up.stats.commands.fetch_add(c.cmds, Ordering::Relaxed);
+        if c.replica {
+            c.up.stats
+                .replica_reads
+                .fetch_add(c.cmds, Ordering::Relaxed);
+        }
         c.cmds = 0;
     }
+}
+
+async fn write_conn(c: &mut WConn) -> std::io::Result<()> {
+    count_commands(c);
     if !c.out.is_empty() {
         let chunk = c.out.split();
         c.w.write_all(&chunk).await?;
@@ -831,29 +1042,48 @@ fn needs_rest(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"CLIENT") || name.eq_ignore_ascii_case(b"XREAD")
 }
 
-fn push_replies(entries: &mut Vec<Entry>, conn: ConnId, retry: Option<Range<usize>>) {
+/// Owe one more reply from `conn`; for a replica read, where its command sits in the turn's
+/// replica chunk and the replica whose in-flight count it adds to.
+fn push_replies(
+    entries: &mut Vec<Entry>,
+    conn: ConnId,
+    read: Option<(Range<usize>, &Arc<Upstream>)>,
+) {
     if let Some(Entry::Replies {
         conn: c,
         n,
         retry: r,
+        inflight,
     }) = entries.last_mut()
     {
         if *c == conn {
-            match (r.as_mut(), &retry) {
+            match (r.as_mut(), &read) {
                 (None, None) => {
                     *n += 1;
                     return;
                 }
-                (Some(prev), Some(new)) if prev.end == new.start => {
+                (Some(prev), Some((new, _))) if prev.end == new.start => {
                     prev.end = new.end;
                     *n += 1;
+                    if let Some(g) = inflight {
+                        g.add(1);
+                    }
                     return;
                 }
                 _ => {}
             }
         }
     }
-    entries.push(Entry::Replies { conn, n: 1, retry });
+    let (retry, inflight) = match read {
+        Some((range, up)) => (Some(range), Some(InFlight::new(up, 1))),
+        None => (None, None),
+    };
+    entries.push(Entry::Replies {
+        conn,
+        n: 1,
+        retry,
+        inflight,
+    });
 }
 
 // ------------------------------------------------------------------------------------ writer
@@ -919,12 +1149,11 @@ impl Writer {
                                     if !self.flush(&mut client).await {
                                         return false;
                                     }
-                                    (&mut m.rx)
-                                        .await
-                                        .unwrap_or_else(|_| Err("request dropped".into()))
+                                    (&mut m.rx).await.unwrap_or(Err(UpstreamError::Dropped))
                                 }
-                                Err(_) => Err("request dropped".into()),
+                                Err(_) => Err(UpstreamError::Dropped),
                             };
+                            m.inflight = None;
                             m.up.stats.latency.observe(batch.sent.elapsed());
                             m.data = Some(match r {
                                 Ok(b) => b,
@@ -974,7 +1203,12 @@ impl Writer {
                             }
                         }
                     }
-                    Entry::Replies { conn, n, retry } => {
+                    Entry::Replies {
+                        conn,
+                        n,
+                        retry,
+                        inflight: _inflight,
+                    } => {
                         let Some(i) = self.conns.iter().position(|c| c.id == conn) else {
                             continue;
                         };
@@ -986,6 +1220,10 @@ impl Writer {
                                     let frame = &c.buf[..len];
                                     if resp::is_error(frame) {
                                         c.up.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                                        // The master was demoted: look again now.
+                                        if !c.replica && frame.starts_with(b"-READONLY") {
+                                            self.shared.topo.refresh.notify_one();
+                                        }
                                     }
                                     self.out.extend_from_slice(frame);
                                     c.buf.advance(len);
@@ -1016,9 +1254,10 @@ impl Writer {
                                             .failures
                                             .fetch_add(left as u64, Ordering::Relaxed);
                                         let msg = resp::error_reply(&format!(
-                                            "ERR kapsel ambassador: {} {} {why}",
+                                            "ERR kapsel ambassador: {} {} {}",
                                             if c.replica { "replica" } else { "master" },
-                                            c.up.shown()
+                                            c.up.shown(),
+                                            why.line()
                                         ));
                                         for _ in 0..left {
                                             self.out.extend_from_slice(&msg);
@@ -1064,7 +1303,7 @@ impl Writer {
     /// A shared connection failed a request: reads are retried on the master; everything else
     /// gets an error per command (the commands may or may not have run, as with a dropped
     /// connection to Redis itself).
-    async fn mux_failed(&mut self, m: &MuxSlot, why: String) -> Bytes {
+    async fn mux_failed(&mut self, m: &MuxSlot, why: UpstreamError) -> Bytes {
         if let Some(cmds) = &m.retry {
             let master = self.shared.topo.view().master.clone();
             let (tx, rx) = oneshot::channel();
@@ -1089,8 +1328,9 @@ impl Writer {
             "master"
         };
         let msg = resp::error_reply(&format!(
-            "ERR kapsel ambassador: {role} {} {why}",
-            m.up.shown()
+            "ERR kapsel ambassador: {role} {} {}",
+            m.up.shown(),
+            why.line()
         ));
         let mut v = Vec::with_capacity(msg.len() * m.n as usize);
         for _ in 0..m.n {
@@ -1101,7 +1341,11 @@ impl Writer {
 
     /// Length of the next complete reply frame at the front of connection `i`'s buffer,
     /// flushing the client before waiting for it.
-    async fn next_frame(&mut self, i: usize, client: &mut OwnedWriteHalf) -> Result<usize, String> {
+    async fn next_frame(
+        &mut self,
+        i: usize,
+        client: &mut OwnedWriteHalf,
+    ) -> Result<usize, UpstreamError> {
         loop {
             let c = &mut self.conns[i];
             if let Some(why) = &c.failed {
@@ -1111,7 +1355,7 @@ impl Writer {
                 Ok(Some(len)) => return Ok(len),
                 Ok(None) => {}
                 Err(e) => {
-                    let why = format!("sent a malformed reply ({e})");
+                    let why = UpstreamError::Malformed(e);
                     c.failed = Some(why.clone());
                     c.sh.dead.store(true, Ordering::Relaxed);
                     return Err(why);
@@ -1127,8 +1371,8 @@ impl Writer {
                 c.buf.reserve(16 * 1024);
             }
             let why = match c.r.read_buf(&mut c.buf).await {
-                Ok(0) => "closed the connection".to_string(),
-                Err(e) => format!("connection lost: {e}"),
+                Ok(0) => UpstreamError::Closed,
+                Err(e) => UpstreamError::lost(e),
                 Ok(_) => continue,
             };
             c.failed = Some(why.clone());
@@ -1145,7 +1389,7 @@ impl Writer {
         skip: u32,
         count: u32,
         state: &[Bytes],
-    ) -> Result<(), String> {
+    ) -> Result<(), UpstreamError> {
         let topo = self.shared.topo.clone();
         let master = topo.view().master.clone();
         let mut s = master.connect(topo.cfg.connect_timeout, topo.epoch).await?;
@@ -1155,7 +1399,7 @@ impl Writer {
         for _ in 0..skip {
             match resp::parse_request(&cmds[off..], &self.shared.limits, &mut args) {
                 Ok(Some(r)) => off += r.consumed,
-                _ => return Err("cannot re-read owed commands".into()),
+                _ => return Err(UpstreamError::Dropped),
             }
         }
         let mut out = Vec::new();
@@ -1170,12 +1414,12 @@ impl Writer {
         }
         out.extend_from_slice(&cmds[off..]);
         let work = async {
-            s.write_all(&out).await.map_err(|e| e.to_string())?;
+            s.write_all(&out).await.map_err(UpstreamError::lost)?;
             let mut buf = BytesMut::with_capacity(16 * 1024);
             let mut replies = Vec::new();
             let mut got = 0;
             while got < silent + count {
-                match resp::scan_frame(&buf).map_err(|e| e.to_string())? {
+                match resp::scan_frame(&buf).map_err(UpstreamError::Malformed)? {
                     Some(len) => {
                         let f = buf.split_to(len);
                         if got >= silent {
@@ -1184,8 +1428,8 @@ impl Writer {
                         got += 1;
                     }
                     None => {
-                        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                            return Err("master closed the connection".to_string());
+                        if s.read_buf(&mut buf).await.map_err(UpstreamError::lost)? == 0 {
+                            return Err(UpstreamError::Closed);
                         }
                     }
                 }
@@ -1194,7 +1438,7 @@ impl Writer {
         };
         let replies = tokio::time::timeout(Duration::from_secs(5), work)
             .await
-            .map_err(|_| "master did not answer the retried reads".to_string())??;
+            .map_err(|_| UpstreamError::Timeout(Duration::from_secs(5)))??;
         self.out.extend_from_slice(&replies);
         Ok(())
     }

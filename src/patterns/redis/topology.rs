@@ -6,18 +6,23 @@
 //! for the master and replicas (and listens for `+switch-master`), and checks every replica with
 //! `INFO replication`, skipping replicas that are down, resyncing, or lagging past
 //! `--max-replica-lag`.
+//!
+//! Reads are spread by [`Topology::pick_replica`]: the healthy replica with the fewest reads in
+//! flight, ties broken by a cursor all clients share, so one-command clients alternate too and a
+//! slower replica, whose reads stay in flight longer, gets fewer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Config, Upstreams};
+use super::conn::{Connector, UpStream};
+use super::error::{chain, SentinelError, TopologyError, UpstreamError};
 use super::metrics::UpStats;
 use super::mux::{MuxCtx, MuxReq};
 use super::resp::{self, Value};
@@ -26,12 +31,16 @@ use super::resp::{self, Value};
 pub struct Upstream {
     pub addr: String,
     pub stats: UpStats,
+    /// Reads sent to this server and not yet answered (commands), for least-outstanding
+    /// replica choice.
+    pub outstanding: AtomicU64,
     /// Idle connections with no session state, ready for the next client.
-    idle: Mutex<Vec<TcpStream>>,
+    idle: Mutex<Vec<UpStream>>,
     /// After a failed connect, further connects fail fast until this instant (ms since start).
     down_until_ms: AtomicU64,
-    /// The last connect error, for the fast failures.
-    last_error: Mutex<String>,
+    /// The last connect error, for the fast failures and for status.
+    last_error: Mutex<Option<UpstreamError>>,
+    connector: Connector,
     /// The multiplexed connection's request queue (started on first use).
     mux: Mutex<Option<mpsc::UnboundedSender<MuxReq>>>,
 }
@@ -39,13 +48,15 @@ pub struct Upstream {
 const POOL_CAP: usize = 64;
 
 impl Upstream {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, connector: Connector) -> Self {
         Upstream {
             addr,
             stats: UpStats::default(),
+            outstanding: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
             down_until_ms: AtomicU64::new(0),
-            last_error: Mutex::new(String::new()),
+            last_error: Mutex::new(None),
+            connector,
             mux: Mutex::new(None),
         }
     }
@@ -68,27 +79,24 @@ impl Upstream {
                 }
             }
         }
-        let _ = req.reply.send(Err("ambassador is shutting down".into()));
+        let _ = req.reply.send(Err(UpstreamError::ShuttingDown));
     }
 
     /// Take an idle pooled connection that is still open.
-    pub fn take_idle(&self) -> Option<TcpStream> {
+    pub fn take_idle(&self) -> Option<UpStream> {
         let mut idle = self.idle.lock().unwrap();
         while let Some(s) = idle.pop() {
-            let mut b = [0u8; 1];
-            // Open and quiet: would block. Closed: Ok(0). Unexpected bytes: drop it.
-            if let Err(e) = s.try_read(&mut b) {
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    self.stats.pool_reused.fetch_add(1, Ordering::Relaxed);
-                    return Some(s);
-                }
+            // Open and quiet: reused. Closed, or unexpected bytes: dropped.
+            if s.is_idle_open() {
+                self.stats.pool_reused.fetch_add(1, Ordering::Relaxed);
+                return Some(s);
             }
         }
         None
     }
 
     /// Give back a connection that carries no session state and owes no replies.
-    pub fn put_idle(&self, s: TcpStream) {
+    pub fn put_idle(&self, s: UpStream) {
         let mut idle = self.idle.lock().unwrap();
         if idle.len() < POOL_CAP {
             idle.push(s);
@@ -108,28 +116,66 @@ impl Upstream {
         self.idle.lock().unwrap().len()
     }
 
+    /// The last connect error, if the last connect failed.
+    pub fn last_error(&self) -> Option<UpstreamError> {
+        self.last_error.lock().unwrap().clone()
+    }
+
     /// Connect (or fail fast while the server is known to be down).
-    pub async fn connect(&self, timeout: Duration, epoch: Instant) -> Result<TcpStream, String> {
+    pub async fn connect(
+        &self,
+        timeout: Duration,
+        epoch: Instant,
+    ) -> Result<UpStream, UpstreamError> {
         if self.addr.starts_with("sentinel-unresolved/") {
-            return Err("unknown: no Sentinel has answered yet".into());
+            return Err(UpstreamError::Unresolved);
         }
         let now_ms = epoch.elapsed().as_millis() as u64;
         if now_ms < self.down_until_ms.load(Ordering::Relaxed) {
-            return Err(self.last_error.lock().unwrap().clone());
+            if let Some(e) = self.last_error() {
+                return Err(e);
+            }
         }
-        let r = match tokio::time::timeout(timeout, TcpStream::connect(&self.addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
+        let e = match self.connector.connect(&self.addr, timeout).await {
+            Ok(s) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                *self.last_error.lock().unwrap() = None;
                 return Ok(s);
             }
-            Ok(Err(e)) => format!("unreachable: {e}"),
-            Err(_) => format!("unreachable: no answer within {timeout:?}"),
+            Err(e) => e,
         };
-        *self.last_error.lock().unwrap() = r.clone();
+        if e.is_tls() {
+            self.stats.tls_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.last_error.lock().unwrap() = Some(e.clone());
         self.down_until_ms
             .store(epoch.elapsed().as_millis() as u64 + 500, Ordering::Relaxed);
-        Err(r)
+        Err(e)
+    }
+}
+
+/// Reads in flight on one upstream, counted in [`Upstream::outstanding`] until dropped.
+pub struct InFlight {
+    up: Arc<Upstream>,
+    n: u64,
+}
+
+impl InFlight {
+    pub fn new(up: &Arc<Upstream>, n: u64) -> Self {
+        up.outstanding.fetch_add(n, Ordering::Relaxed);
+        InFlight { up: up.clone(), n }
+    }
+
+    /// Count one more read in the same run.
+    pub fn add(&mut self, n: u64) {
+        self.up.outstanding.fetch_add(n, Ordering::Relaxed);
+        self.n += n;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.up.outstanding.fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
@@ -157,12 +203,38 @@ pub struct Topology {
     registry: Mutex<HashMap<String, Arc<Upstream>>>,
     pub health: Mutex<Vec<ReplicaHealth>>,
     pub failovers: AtomicU64,
-    refresh: Notify,
+    /// Wakes [`Topology::run`] for an early refresh (a `+switch-master`, a `READONLY` reply).
+    pub refresh: Arc<Notify>,
     log: Arc<dyn Fn(&str) + Send + Sync>,
+    /// Shared tie-breaker of [`Topology::pick_replica`].
+    cursor: AtomicUsize,
+    servers: Connector,
+    sentinels: Connector,
+    /// The master's last health-check error, logged when it changes.
+    master_error: Mutex<Option<String>>,
+    /// Lag (seconds) the master reports per replica address, from the last check.
+    lags: Mutex<HashMap<String, f64>>,
+}
+
+/// Status of a running ambassador, for `kapsel describe pod` (see
+/// [`super::Ambassador::status_lines`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub master: String,
+    /// The master's last error, if it failed its last check.
+    pub master_error: Option<String>,
+    /// Every candidate replica: address, serving reads, lag in seconds if known, why not.
+    pub replicas: Vec<(String, bool, Option<f64>, String)>,
+    pub failovers: u64,
 }
 
 impl Topology {
-    pub fn new(cfg: Arc<Config>, log: Arc<dyn Fn(&str) + Send + Sync>) -> Arc<Self> {
+    pub fn new(
+        cfg: Arc<Config>,
+        log: Arc<dyn Fn(&str) + Send + Sync>,
+        servers: Connector,
+        sentinels: Connector,
+    ) -> Arc<Self> {
         let registry = Mutex::new(HashMap::new());
         let (master, replicas) = match &cfg.upstreams {
             // Until the first health check, replicas are trusted as configured.
@@ -177,15 +249,20 @@ impl Topology {
             epoch: Instant::now(),
             view: RwLock::new(Arc::new(View {
                 generation: 0,
-                master: Arc::new(Upstream::new(String::new())),
+                master: Arc::new(Upstream::new(String::new(), Connector::plain())),
                 replicas: vec![],
             })),
             generation: AtomicU64::new(0),
             registry,
             health: Mutex::new(Vec::new()),
             failovers: AtomicU64::new(0),
-            refresh: Notify::new(),
+            refresh: Arc::new(Notify::new()),
             log,
+            cursor: AtomicUsize::new(0),
+            servers,
+            sentinels,
+            master_error: Mutex::new(None),
+            lags: Mutex::new(HashMap::new()),
         };
         let m = t.upstream(&master);
         let r = replicas.iter().map(|a| t.upstream(a)).collect();
@@ -199,8 +276,71 @@ impl Topology {
             .lock()
             .unwrap()
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(Upstream::new(addr.to_string())))
+            .or_insert_with(|| Arc::new(Upstream::new(addr.to_string(), self.servers.clone())))
             .clone()
+    }
+
+    /// The replica of `view` for the next read: the fewest reads in flight, ties broken by a
+    /// cursor shared by all clients (so one-command clients alternate too).
+    pub fn pick_replica(&self, view: &View) -> Option<Arc<Upstream>> {
+        let n = view.replicas.len();
+        match n {
+            0 => None,
+            1 => Some(view.replicas[0].clone()),
+            _ => {
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let mut best = start % n;
+                let mut best_load = u64::MAX;
+                for k in 0..n {
+                    let i = (start + k) % n;
+                    let load = view.replicas[i].outstanding.load(Ordering::Relaxed);
+                    if load < best_load {
+                        best = i;
+                        best_load = load;
+                        if load == 0 {
+                            break;
+                        }
+                    }
+                }
+                Some(view.replicas[best].clone())
+            }
+        }
+    }
+
+    /// What the ambassador routes to now.
+    pub fn status(&self) -> Status {
+        let view = self.view();
+        let lags = self.lags.lock().unwrap().clone();
+        let mut health = self.health.lock().unwrap().clone();
+        if health.is_empty() {
+            // Before the first check: the configured replicas, trusted.
+            health = view
+                .replicas
+                .iter()
+                .map(|r| ReplicaHealth {
+                    addr: r.addr.clone(),
+                    healthy: true,
+                    why: String::new(),
+                })
+                .collect();
+        }
+        let replicas = health
+            .iter()
+            .map(|h| {
+                (
+                    h.addr.clone(),
+                    h.healthy,
+                    lags.get(&h.addr).copied(),
+                    h.why.clone(),
+                )
+            })
+            .collect();
+        Status {
+            master: view.master.shown().to_string(),
+            master_error: self.master_error.lock().unwrap().clone(),
+            replicas,
+            failovers: self.failovers.load(Ordering::Relaxed),
+        }
     }
 
     pub fn all_upstreams(&self) -> Vec<Arc<Upstream>> {
@@ -239,12 +379,15 @@ impl Topology {
     }
 
     /// Upstream credentials, as the commands that present them.
-    pub fn auth_prelude(&self) -> Result<Option<Vec<u8>>, String> {
+    pub fn auth_prelude(&self) -> Result<Option<Vec<u8>>, super::error::AmbassadorError> {
         let pass = match (&self.cfg.password, &self.cfg.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(f)) => Some(
                 std::fs::read_to_string(f)
-                    .map_err(|e| format!("--password-file {f}: {e}"))?
+                    .map_err(|source| super::error::AmbassadorError::PasswordFile {
+                        path: f.into(),
+                        source,
+                    })?
                     .trim_end_matches(['\r', '\n'])
                     .to_string(),
             ),
@@ -294,12 +437,30 @@ impl Topology {
             } => match self.ask_sentinels(sentinels, master_name).await {
                 Ok(x) => x,
                 Err(e) => {
-                    (self.log)(&format!("redis-ambassador: Sentinel: {e}\n"));
+                    (self.log)(&format!("redis-ambassador: Sentinel: {}\n", chain(&e)));
                     return;
                 }
             },
         };
-        let master_info = self.query(&master, &[&["INFO", "replication"]]).await.ok();
+        let master_info = match self.query(&master, &[&["INFO", "replication"]]).await {
+            Ok(v) => {
+                if self.master_error.lock().unwrap().take().is_some() {
+                    (self.log)(&format!(
+                        "redis-ambassador: master {master} answers again\n"
+                    ));
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let line = e.line();
+                let mut last = self.master_error.lock().unwrap();
+                if last.as_deref() != Some(line.as_str()) {
+                    (self.log)(&format!("redis-ambassador: master {master}: {line}\n"));
+                }
+                *last = Some(line);
+                None
+            }
+        };
         let master_info = master_info
             .as_ref()
             .and_then(|v| v.first())
@@ -372,7 +533,7 @@ impl Topology {
                 Some(v) => parse_info(&v.as_text().unwrap_or_default()),
                 None => return Some("no answer".into()),
             },
-            Err(e) => return Some(e),
+            Err(e) => return Some(e.line()),
         };
         let get = |k: &str| info.get(k).map(String::as_str).unwrap_or("");
         if get("role") != "slave" {
@@ -403,6 +564,7 @@ impl Topology {
                 || (host == "localhost" && f.get("ip") == Some(&"127.0.0.1"));
             if f.get("port") == Some(&port) && same_host {
                 if let Some(lag) = f.get("lag").and_then(|l| l.parse::<f64>().ok()) {
+                    self.lags.lock().unwrap().insert(addr.to_string(), lag);
                     if lag > max {
                         return Some(format!(
                             "lagging: the master reports lag={lag}s > --max-replica-lag {max}s"
@@ -418,7 +580,7 @@ impl Topology {
         &self,
         sentinels: &[String],
         name: &str,
-    ) -> Result<(String, Vec<String>), String> {
+    ) -> Result<(String, Vec<String>), TopologyError> {
         let mut errors = Vec::new();
         for s in sentinels {
             let r = self
@@ -432,8 +594,11 @@ impl Topology {
                 .await;
             let v = match r {
                 Ok(v) => v,
-                Err(e) => {
-                    errors.push(format!("{s}: {e}"));
+                Err(source) => {
+                    errors.push(SentinelError::Query {
+                        addr: s.clone(),
+                        source,
+                    });
                     continue;
                 }
             };
@@ -444,11 +609,17 @@ impl Topology {
                     a[1].as_text().unwrap_or_default()
                 ),
                 Value::Error(e) => {
-                    errors.push(format!("{s}: {e}"));
+                    errors.push(SentinelError::Refused {
+                        addr: s.clone(),
+                        message: e.clone(),
+                    });
                     continue;
                 }
                 _ => {
-                    errors.push(format!("{s}: does not monitor a master named {name:?}"));
+                    errors.push(SentinelError::UnknownMaster {
+                        addr: s.clone(),
+                        name: name.to_string(),
+                    });
                     continue;
                 }
             };
@@ -480,25 +651,26 @@ impl Topology {
             replicas.sort();
             return Ok((master, replicas));
         }
-        Err(errors.join("; "))
+        Err(TopologyError::NoSentinel(errors))
     }
 
     /// Subscribe to `+switch-master` on one Sentinel; any message triggers a refresh.
     async fn listen_sentinel(self: Arc<Self>, addr: String, name: String, stop: CancellationToken) {
         loop {
             let r = async {
-                let mut s =
-                    tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&addr))
-                        .await
-                        .map_err(|_| "timeout".to_string())?
-                        .map_err(|e| e.to_string())?;
+                let mut s = self
+                    .sentinels
+                    .connect(&addr, self.cfg.connect_timeout)
+                    .await?;
                 let mut out = Vec::new();
                 resp::encode_command(&mut out, &["SUBSCRIBE", "+switch-master"]);
-                s.write_all(&out).await.map_err(|e| e.to_string())?;
+                s.write_all(&out).await.map_err(UpstreamError::lost)?;
                 let mut buf = bytes::BytesMut::with_capacity(4096);
                 let mut first = true;
                 loop {
-                    while let Some((v, n)) = resp::parse_value(&buf).map_err(|e| e.to_string())? {
+                    while let Some((v, n)) =
+                        resp::parse_value(&buf).map_err(UpstreamError::Malformed)?
+                    {
                         bytes::Buf::advance(&mut buf, n);
                         if !first {
                             if let Value::Array(a) = &v {
@@ -510,8 +682,8 @@ impl Topology {
                         }
                         first = false;
                     }
-                    if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                        return Err::<(), String>("closed".into());
+                    if s.read_buf(&mut buf).await.map_err(UpstreamError::lost)? == 0 {
+                        return Err::<(), UpstreamError>(UpstreamError::Closed);
                     }
                 }
             };
@@ -527,45 +699,61 @@ impl Topology {
     }
 
     /// Run commands on a fresh connection to `addr`, with the upstream credentials.
-    pub async fn query(&self, addr: &str, cmds: &[&[&str]]) -> Result<Vec<Value>, String> {
-        let auth = self.auth_prelude()?;
-        let r = self.query_raw(addr, auth.as_deref(), cmds).await?;
-        Ok(if auth.is_some() { r[1..].to_vec() } else { r })
+    pub async fn query(&self, addr: &str, cmds: &[&[&str]]) -> Result<Vec<Value>, UpstreamError> {
+        // The password file was read (and checked) when the ambassador started.
+        let auth = self.auth_prelude().ok().flatten();
+        let r = self
+            .query_raw(&self.servers, addr, auth.as_deref(), cmds)
+            .await
+            .inspect_err(|e| {
+                if e.is_tls() {
+                    self.upstream(addr)
+                        .stats
+                        .tls_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
+        if auth.is_some() {
+            if let Some(Value::Error(e)) = r.first() {
+                return Err(UpstreamError::AuthRefused(e.clone()));
+            }
+            return Ok(r[1..].to_vec());
+        }
+        Ok(r)
     }
 
     /// The same, without credentials (Sentinel).
-    async fn query_plain(&self, addr: &str, cmds: &[&[&str]]) -> Result<Vec<Value>, String> {
-        self.query_raw(addr, None, cmds).await
+    async fn query_plain(&self, addr: &str, cmds: &[&[&str]]) -> Result<Vec<Value>, UpstreamError> {
+        self.query_raw(&self.sentinels, addr, None, cmds).await
     }
 
     async fn query_raw(
         &self,
+        connector: &Connector,
         addr: &str,
         prelude: Option<&[u8]>,
         cmds: &[&[&str]],
-    ) -> Result<Vec<Value>, String> {
+    ) -> Result<Vec<Value>, UpstreamError> {
         let t = self.cfg.connect_timeout;
         let work = async {
-            let mut s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("unreachable: {e}"))?;
+            let mut s = connector.connect(addr, t).await?;
             let mut out = prelude.map(|p| p.to_vec()).unwrap_or_default();
             for c in cmds {
                 resp::encode_command(&mut out, c);
             }
-            s.write_all(&out).await.map_err(|e| e.to_string())?;
+            s.write_all(&out).await.map_err(UpstreamError::lost)?;
             let want = cmds.len() + usize::from(prelude.is_some());
             let mut buf = bytes::BytesMut::with_capacity(8192);
             let mut vals = Vec::new();
             while vals.len() < want {
-                match resp::parse_value(&buf).map_err(|e| e.to_string())? {
+                match resp::parse_value(&buf).map_err(UpstreamError::Malformed)? {
                     Some((v, n)) => {
                         bytes::Buf::advance(&mut buf, n);
                         vals.push(v);
                     }
                     None => {
-                        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                            return Err("closed the connection".to_string());
+                        if s.read_buf(&mut buf).await.map_err(UpstreamError::lost)? == 0 {
+                            return Err(UpstreamError::Closed);
                         }
                     }
                 }
@@ -574,7 +762,7 @@ impl Topology {
         };
         tokio::time::timeout(t * 2, work)
             .await
-            .map_err(|_| format!("no answer within {:?}", t * 2))?
+            .map_err(|_| UpstreamError::Timeout(t * 2))?
     }
 }
 
