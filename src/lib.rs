@@ -27,8 +27,11 @@
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
 //! - [`patterns`]: built-in pattern components run natively in a pod's sandbox: git-sync
 //!   (the sidecar, `patterns::gitsync`) and the Redis ambassador (`patterns::redis`: RESP
-//!   framing, command table, topology and Sentinel, sessions, multiplexed upstreams). The
-//!   metrics adapter joins here.
+//!   framing, command table, topology and Sentinel, sessions, multiplexed upstreams, TLS
+//!   upstream connections) and the metrics adapter (`patterns::adapter`: StatsD with
+//!   statsd_exporter mapping files, JSON / Prometheus / file sources, the registry). One flag
+//!   parser for all three (`patterns::flags`, clap with the container's env), and one registry
+//!   of their live status for `kapsel describe pod`.
 
 pub mod api;
 pub mod cli;
