@@ -52,7 +52,10 @@ pub enum Rule {
     Allow,
     Deny(String),
     /// Allowed if the pod is bound to the node (or does not exist: the handler says 404).
-    PodBoundToSelf { ns: String, name: String },
+    PodBoundToSelf {
+        ns: String,
+        name: String,
+    },
     /// Allowed if the body's `metadata.name` is the node's name.
     BodyNameIsSelf,
 }
@@ -81,7 +84,9 @@ pub fn rule(node: &str, method: &Method, path: &str, query: &HashMap<String, Str
         if name == node {
             Rule::Allow
         } else {
-            Rule::Deny(format!("a node may access only its own {what}, not {what} {name:?}"))
+            Rule::Deny(format!(
+                "a node may access only its own {what}, not {what} {name:?}"
+            ))
         }
     };
     match segs.as_slice() {
@@ -138,7 +143,13 @@ pub fn rule(node: &str, method: &Method, path: &str, query: &HashMap<String, Str
     }
 }
 
-fn forbidden(metrics: Option<&ClusterMetrics>, node: &str, method: &Method, path: &str, why: &str) -> Response {
+fn forbidden(
+    metrics: Option<&ClusterMetrics>,
+    node: &str,
+    method: &Method,
+    path: &str,
+    why: &str,
+) -> Response {
     if let Some(m) = metrics {
         ClusterMetrics::inc(&m.forbidden);
     }
@@ -212,7 +223,8 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
                     ),
                 );
             }
-            next.run(Request::from_parts(parts, Body::from(bytes))).await
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
         }
     }
 }
@@ -233,18 +245,30 @@ mod tests {
         let none = q(&[]);
         let r = |m: Method, p: &str, query: &HashMap<String, String>| rule("a", &m, p, query);
         assert_eq!(
-            r(Method::GET, "/api/v1/pods", &q(&[("fieldSelector", "spec.nodeName=a")])),
+            r(
+                Method::GET,
+                "/api/v1/pods",
+                &q(&[("fieldSelector", "spec.nodeName=a")])
+            ),
             Rule::Allow
         );
         assert_eq!(
             r(
                 Method::GET,
                 "/api/v1/namespaces/x/pods",
-                &q(&[("fieldSelector", "metadata.name=p,spec.nodeName==a"), ("watch", "true")])
+                &q(&[
+                    ("fieldSelector", "metadata.name=p,spec.nodeName==a"),
+                    ("watch", "true")
+                ])
             ),
             Rule::Allow
         );
-        for sel in ["", "spec.nodeName=b", "spec.nodeName!=a", "spec.nodeName=ab"] {
+        for sel in [
+            "",
+            "spec.nodeName=b",
+            "spec.nodeName!=a",
+            "spec.nodeName=ab",
+        ] {
             assert!(
                 matches!(
                     r(Method::GET, "/api/v1/pods", &q(&[("fieldSelector", sel)])),
@@ -253,7 +277,10 @@ mod tests {
                 "{sel}"
             );
         }
-        assert!(matches!(r(Method::GET, "/api/v1/pods", &none), Rule::Deny(_)));
+        assert!(matches!(
+            r(Method::GET, "/api/v1/pods", &none),
+            Rule::Deny(_)
+        ));
         assert_eq!(
             r(Method::PUT, "/api/v1/namespaces/x/pods/p/status", &none),
             Rule::PodBoundToSelf {
@@ -275,16 +302,37 @@ mod tests {
         ));
         assert_eq!(r(Method::GET, "/api/v1/nodes/a", &none), Rule::Allow);
         assert_eq!(r(Method::PUT, "/api/v1/nodes/a/status", &none), Rule::Allow);
-        assert!(matches!(r(Method::PUT, "/api/v1/nodes/b", &none), Rule::Deny(_)));
-        assert!(matches!(r(Method::GET, "/api/v1/nodes", &none), Rule::Deny(_)));
-        assert!(matches!(r(Method::DELETE, "/api/v1/nodes/a", &none), Rule::Deny(_)));
-        assert_eq!(r(Method::POST, "/api/v1/nodes", &none), Rule::BodyNameIsSelf);
+        assert!(matches!(
+            r(Method::PUT, "/api/v1/nodes/b", &none),
+            Rule::Deny(_)
+        ));
+        assert!(matches!(
+            r(Method::GET, "/api/v1/nodes", &none),
+            Rule::Deny(_)
+        ));
+        assert!(matches!(
+            r(Method::DELETE, "/api/v1/nodes/a", &none),
+            Rule::Deny(_)
+        ));
+        assert_eq!(
+            r(Method::POST, "/api/v1/nodes", &none),
+            Rule::BodyNameIsSelf
+        );
         let lease = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
         assert_eq!(r(Method::PUT, &format!("{lease}/a"), &none), Rule::Allow);
-        assert!(matches!(r(Method::PUT, &format!("{lease}/b"), &none), Rule::Deny(_)));
+        assert!(matches!(
+            r(Method::PUT, &format!("{lease}/b"), &none),
+            Rule::Deny(_)
+        ));
         assert_eq!(r(Method::POST, lease, &none), Rule::BodyNameIsSelf);
-        assert_eq!(r(Method::POST, "/api/v1/namespaces/x/events", &none), Rule::Allow);
-        assert_eq!(r(Method::PUT, "/api/v1/namespaces/x/events/e", &none), Rule::Allow);
+        assert_eq!(
+            r(Method::POST, "/api/v1/namespaces/x/events", &none),
+            Rule::Allow
+        );
+        assert_eq!(
+            r(Method::PUT, "/api/v1/namespaces/x/events/e", &none),
+            Rule::Allow
+        );
         for (m, p) in [
             (Method::GET, "/api/v1/events"),
             (Method::GET, "/apis/apps/v1/deployments"),

@@ -32,14 +32,19 @@ pub fn routes() -> Router<AppState> {
 fn cluster(s: &AppState) -> Result<&Arc<Cluster>, ApiError> {
     s.cluster.as_ref().ok_or_else(|| {
         ApiError::BadRequest(
-            "this server has no cluster listener: start `kapsel serve` with --cluster-listen ADDR".into(),
+            "this server has no cluster listener: start `kapsel serve` with --cluster-listen ADDR"
+                .into(),
         )
     })
 }
 
 async fn cacerts(State(s): State<AppState>) -> Result<Response, ApiError> {
     let c = cluster(&s)?;
-    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], c.ca.pem().to_string()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        c.ca.pem().to_string(),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,10 +87,9 @@ async fn join(
             req.node_name
         )));
     }
-    let (cert, key_hash) = c
-        .ca
-        .sign_node(&req.node_name, &req.csr)
-        .map_err(|e| ApiError::BadRequest(format!("csr: {e}")))?;
+    let (cert, key_hash) =
+        c.ca.sign_node(&req.node_name, &req.csr)
+            .map_err(|e| ApiError::BadRequest(format!("csr: {e}")))?;
     match c
         .nodes
         .bind(&req.node_name, &key_hash)
@@ -103,7 +107,9 @@ async fn join(
     }
     ClusterMetrics::inc(&m.join_accepted);
     tracing::info!(node = %req.node_name, token = %token.id, "node joined");
-    Ok(Json(json!({"nodeName": req.node_name, "certificate": cert})))
+    Ok(Json(
+        json!({"nodeName": req.node_name, "certificate": cert}),
+    ))
 }
 
 async fn list_tokens(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -149,7 +155,8 @@ async fn create_token(
         .tokens
         .create(&req.description, ttl)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let expires = ttl.map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+    let expires =
+        ttl.map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -176,5 +183,7 @@ async fn delete_token(
             name: id,
         });
     }
-    Ok(Json(json!({"kind": "Status", "status": "Success", "details": {"name": id}})))
+    Ok(Json(
+        json!({"kind": "Status", "status": "Success", "details": {"name": id}}),
+    ))
 }

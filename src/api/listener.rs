@@ -263,7 +263,13 @@ async fn serve_with(
                 req.extensions_mut().insert(peer.clone());
                 req
             });
-            serve_conn(http, tls_stream, Router::new().fallback_service(app), cancel).await
+            serve_conn(
+                http,
+                tls_stream,
+                Router::new().fallback_service(app),
+                cancel,
+            )
+            .await
         });
     }
     drop(listener);

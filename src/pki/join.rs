@@ -59,7 +59,8 @@ impl NodeCredentials {
     /// A reqwest client that trusts only the cluster CA and presents the node certificate.
     pub fn http_client(&self) -> Result<reqwest::Client, reqwest::Error> {
         let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes())?;
-        let id = reqwest::Identity::from_pem(format!("{}{}", self.cert_pem, self.key_pem).as_bytes())?;
+        let id =
+            reqwest::Identity::from_pem(format!("{}{}", self.cert_pem, self.key_pem).as_bytes())?;
         reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)

@@ -183,9 +183,9 @@ impl TokenStore {
         let h = sha256_hex(secret.as_bytes());
         let now = Utc::now();
         let tokens = self.tokens.lock().unwrap();
-        tokens
-            .iter()
-            .any(|t| t.id == id && !t.expired(now) && ct_eq(t.secret_sha256.as_bytes(), h.as_bytes()))
+        tokens.iter().any(|t| {
+            t.id == id && !t.expired(now) && ct_eq(t.secret_sha256.as_bytes(), h.as_bytes())
+        })
     }
 }
 
