@@ -26,11 +26,18 @@ impl Drop for Proc {
 
 fn agent(server: &str, node: &str, data: &std::path::Path, token: Option<&str>) -> Proc {
     let mut c = Command::new(bin());
-    c.args(["--server", server, "agent", "--node-name", node, "--no-docker"])
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    c.args([
+        "--server",
+        server,
+        "agent",
+        "--node-name",
+        node,
+        "--no-docker",
+    ])
+    .arg("--data-dir")
+    .arg(data)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     if let Some(t) = token {
         c.args(["--token", t]);
     }
