@@ -52,7 +52,12 @@ impl NodeBindings {
             Some(_) => Ok(Binding::Taken),
             None => {
                 keys.insert(name.to_string(), key_hash.to_string());
-                let data = serde_json::to_vec_pretty(&*keys).expect("bindings serialize");
+                // Reservations are the server's of this start, not kept.
+                let kept: BTreeMap<&String, &String> = keys
+                    .iter()
+                    .filter(|(_, k)| k.as_str() != EMBEDDED)
+                    .collect();
+                let data = serde_json::to_vec_pretty(&kept).expect("bindings serialize");
                 if let Err(e) = write_private(&self.path, &data) {
                     keys.remove(name);
                     return Err(e);
@@ -86,7 +91,13 @@ mod tests {
         assert_eq!(b.bind("a", "k2").unwrap(), Binding::Taken);
         b.reserve("server");
         assert_eq!(b.bind("server", "k1").unwrap(), Binding::Taken);
+        assert_eq!(b.bind("b", "k1").unwrap(), Binding::New);
         let again = NodeBindings::open(&p).unwrap();
         assert_eq!(again.bind("a", "k2").unwrap(), Binding::Taken);
+        assert_eq!(
+            again.bind("server", "k1").unwrap(),
+            Binding::New,
+            "reservations are not kept"
+        );
     }
 }
