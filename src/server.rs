@@ -349,13 +349,25 @@ impl Agent {
     ) -> Result<Agent, ServerError> {
         let client = if server.starts_with("https://") {
             private_dir(&cfg.data_dir)?;
-            let creds = crate::pki::join::credentials(
-                server,
-                token.as_deref(),
-                &cfg.data_dir,
-                &cfg.node_name,
-            )
-            .await?;
+            // An unreachable server is waited for (it may be starting); a refusal is final.
+            let mut wait = Duration::from_millis(500);
+            let creds = loop {
+                match crate::pki::join::credentials(
+                    server,
+                    token.as_deref(),
+                    &cfg.data_dir,
+                    &cfg.node_name,
+                )
+                .await
+                {
+                    Err(e @ crate::pki::join::JoinError::Unreachable { .. }) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "joining: server unreachable");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                    r => break r?,
+                }
+            };
             crate::client::http::HttpClient::shared_tls(server, &creds)?
         } else {
             crate::client::http::HttpClient::shared(server, token)?

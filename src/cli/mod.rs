@@ -460,7 +460,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         } => {
             let mut cfg = server_config("", &node)?;
             cfg.host_ip = node_ip;
-            let agent = crate::server::Agent::start(cfg.clone(), &server, token).await?;
+            let agent = tokio::select! {
+                a = crate::server::Agent::start(cfg.clone(), &server, token) => a?,
+                _ = shutdown_signal() => return Ok(0),
+            };
             eprintln!(
                 "kapsel: node {} joined {} · data in {}",
                 cfg.node_name,
