@@ -23,6 +23,8 @@
 //!   replace-status / delete / watch with a field selector); `client::local` is the in-process
 //!   backend the embedded node uses. Nothing in [`runtime`] touches the store.
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
+//! - [`pki`]: the cluster CA, join tokens (`K10<CA sha256>::<id>.<secret>`), node-name
+//!   bindings, TLS configurations, and the agent's side of joining.
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
 //! - [`cli`]: the `kapsel` command line (client commands, manifests, tables, `up`).
 //! - [`patterns`]: built-in pattern components run natively in a pod's sandbox: git-sync
@@ -39,6 +41,7 @@ pub mod client;
 pub mod events;
 pub mod model;
 pub mod patterns;
+pub mod pki;
 pub mod runtime;
 pub mod sched;
 pub mod server;

@@ -42,6 +42,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("control plane client: {0}")]
     Client(#[from] crate::client::ClientError),
+    #[error("cluster PKI: {0}")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("joining the cluster: {0}")]
+    Join(#[from] crate::pki::join::JoinError),
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +77,11 @@ pub struct ServerConfig {
     pub module_cache_dir: Option<PathBuf>,
     /// The address this node reports as its pods' `hostIP` and its Node's InternalIP.
     pub host_ip: String,
+    /// `--cluster-listen`: the TLS listener for nodes (`None`: no such listener, no CA).
+    pub cluster_listen: Option<String>,
+    /// Names and addresses the cluster listener's certificate carries besides the listen
+    /// address and the loopback (`--cluster-advertise-address`, `--tls-san`).
+    pub cluster_sans: Vec<String>,
 }
 
 impl ServerConfig {
@@ -94,6 +103,8 @@ impl ServerConfig {
             allowed_hosts: Vec::new(),
             module_cache_dir: None,
             host_ip: "127.0.0.1".into(),
+            cluster_listen: None,
+            cluster_sans: Vec::new(),
         }
     }
 }
@@ -135,6 +146,10 @@ pub fn user_module_cache() -> Option<PathBuf> {
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
+    /// The cluster listener's bound address, with `--cluster-listen`.
+    pub cluster_addr: Option<SocketAddr>,
+    /// `<data-dir>/token`: the default join token, with `--cluster-listen`.
+    pub token_path: Option<PathBuf>,
     pub store: Arc<dyn Store>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -162,12 +177,36 @@ impl Server {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
 
+        // The cluster listener: bound first, so its address goes into its certificate.
+        let mut cluster = None;
+        if let Some(cl) = &cfg.cluster_listen {
+            let l = api::listener::bind(cl)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: cl.clone(),
+                    source,
+                })?;
+            let bound = l.local_addr()?;
+            let mut sans = cfg.cluster_sans.clone();
+            if !bound.ip().is_unspecified() {
+                sans.push(bound.ip().to_string());
+            }
+            let c = Arc::new(crate::pki::Cluster::open(&cfg.data_dir, &sans)?);
+            // The server's own node name is never a joining node's.
+            c.nodes.reserve(&cfg.node_name);
+            let token_path = c.default_token(&cfg.data_dir)?;
+            let tls = crate::pki::tls::server_config(&c.ca)?;
+            cluster = Some((l, bound, token_path, c, tls));
+        }
+
+        let state = AppState {
+            store: store.clone(),
+            logs: logs.clone(),
+            shutdown: cancel.clone(),
+            cluster: cluster.as_ref().map(|(_, _, _, c, _)| c.clone()),
+        };
         let app = api::router(
-            AppState {
-                store: store.clone(),
-                logs: logs.clone(),
-                shutdown: cancel.clone(),
-            },
+            state.clone(),
             api::guard::RequestGuard::new(addr, &cfg.allowed_hosts),
         );
         let mut lcfg = cfg.api_listener.clone();
@@ -175,7 +214,24 @@ impl Server {
             lcfg.max_connections,
             api::listener::raise_nofile_limit(),
         );
-        tracker.spawn(api::listener::serve(listener, app, lcfg, cancel.clone()));
+        tracker.spawn(api::listener::serve(
+            listener,
+            app,
+            lcfg.clone(),
+            cancel.clone(),
+        ));
+        let (mut cluster_addr, mut token_path) = (None, None);
+        if let Some((l, bound, tp, _, tls)) = cluster {
+            tracker.spawn(api::listener::serve_tls(
+                l,
+                api::cluster_router(state),
+                lcfg,
+                cancel.clone(),
+                tls,
+            ));
+            cluster_addr = Some(bound);
+            token_path = Some(tp);
+        }
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
         tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
@@ -195,6 +251,8 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
         Ok(Server {
             addr,
+            cluster_addr,
+            token_path,
             store,
             cancel,
             tracker,
@@ -281,13 +339,39 @@ pub struct Agent {
 
 impl Agent {
     /// Start the node's parts against the API at `server`; returns once it has registered
-    /// (or after 15 s, the agent retrying in the background).
+    /// (or after 15 s, the agent retrying in the background). An `https://` server is joined
+    /// securely ([`crate::pki::join`]): the token only for the first join, the node's client
+    /// certificate from then on. Over plain `http://` the token is sent as a bearer token.
     pub async fn start(
         cfg: ServerConfig,
         server: &str,
         token: Option<String>,
     ) -> Result<Agent, ServerError> {
-        let client = crate::client::http::HttpClient::shared(server, token)?;
+        let client = if server.starts_with("https://") {
+            private_dir(&cfg.data_dir)?;
+            // An unreachable server is waited for (it may be starting); a refusal is final.
+            let mut wait = Duration::from_millis(500);
+            let creds = loop {
+                match crate::pki::join::credentials(
+                    server,
+                    token.as_deref(),
+                    &cfg.data_dir,
+                    &cfg.node_name,
+                )
+                .await
+                {
+                    Err(e @ crate::pki::join::JoinError::Unreachable { .. }) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "joining: server unreachable");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                    r => break r?,
+                }
+            };
+            crate::client::http::HttpClient::shared_tls(server, &creds)?
+        } else {
+            crate::client::http::HttpClient::shared(server, token)?
+        };
         let api_addr = reqwest::Url::parse(server)
             .ok()
             .and_then(|u| u.socket_addrs(|| None).ok())

@@ -1,5 +1,5 @@
 //! The API layer's error enum and its one mapping to HTTP: a Kubernetes `Status` object with
-//! 400 / 403 / 404 / 409 / 410 / 415 / 422 / 500. Internal details are logged, not leaked.
+//! 400 / 401 / 403 / 404 / 409 / 410 / 415 / 422 / 500. Internal details are logged, not leaked.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Gone(String),
+    /// No (valid) credentials on the cluster listener, or a bad join token.
+    #[error("{0}")]
+    Unauthorized(String),
     /// Refused before routing: a browser-origin or DNS-rebinding request (see `api::guard`).
     #[error("{0}")]
     Forbidden(String),
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
             ApiError::Gone(_) => (StatusCode::GONE, "Expired"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")

@@ -11,6 +11,10 @@
 //!   connections are closed, in-flight requests finish (watches and log streams end on the
 //!   same token), and whatever is still open after the drain deadline is dropped.
 //!
+//! The cluster listener is the same loop over TLS ([`serve_tls`]): the handshake is timed like
+//! a request head, and the node named by a verified client certificate rides on each request
+//! as its [`Peer`].
+//!
 //! It also raises the soft `RLIMIT_NOFILE` to the hard limit, and keeps the cap below the
 //! descriptor limit so pods, logs and the store keep theirs.
 
@@ -18,6 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use tower::ServiceExt;
+
+use super::authz::Peer;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -131,11 +138,74 @@ pub async fn serve(
     cfg: ListenerConfig,
     cancel: CancellationToken,
 ) {
+    serve_with(listener, app, cfg, cancel, None).await
+}
+
+/// Serve `app` over TLS (the cluster listener): each connection's verified client
+/// certificate becomes the [`Peer`] of its requests (a request extension).
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    cfg: ListenerConfig,
+    cancel: CancellationToken,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    serve_with(
+        listener,
+        app,
+        cfg,
+        cancel,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+    )
+    .await
+}
+
+/// Serve one connection until it ends or `cancel` fires (then finish the request in flight).
+async fn serve_conn<I>(
+    http: hyper::server::conn::http1::Builder,
+    io: I,
+    app: Router,
+    cancel: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = cancel.cancelled() => {
+            // Finish the request in flight (streams end on the same token), close idle.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "API connection ended");
+    }
+}
+
+/// The peer of a TLS connection: the node its verified client certificate names.
+fn peer_of(conn: &rustls::ServerConnection) -> Peer {
+    conn.peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| crate::pki::ca::node_of_certificate(c))
+        .map(Peer::Node)
+        .unwrap_or(Peer::Anonymous)
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    cfg: ListenerConfig,
+    cancel: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .keep_alive(true);
+    let handshake_timeout = cfg.header_read_timeout.unwrap_or(Duration::from_secs(30));
     let mut conns: JoinSet<()> = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -167,23 +237,39 @@ pub async fn serve(
             _ = cancel.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let cancel = cancel.clone();
+        let http = http.clone();
+        let app = app.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             let _slot = slot;
-            tokio::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = cancel.cancelled() => {
-                    // Finish the request in flight (streams end on the same token), close idle.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(acceptor) = tls else {
+                return serve_conn(http, stream, app, cancel).await;
             };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "API connection ended");
-            }
+            // The handshake is timed like a request head: a silent client loses its slot.
+            let tls_stream = tokio::select! {
+                r = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = cancel.cancelled() => return,
+            };
+            let peer = peer_of(tls_stream.get_ref().1);
+            let app = app.map_request(move |mut req: axum::extract::Request| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            });
+            serve_conn(
+                http,
+                tls_stream,
+                Router::new().fallback_service(app),
+                cancel,
+            )
+            .await
         });
     }
     drop(listener);

@@ -3,8 +3,12 @@
 //! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
 //! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
-//! header-read timeout, drain on shutdown).
+//! header-read timeout, drain on shutdown; TLS for the cluster listener). [`cluster`] serves the
+//! CA, the join endpoint and join tokens; [`authz`] authenticates and authorizes nodes on the
+//! cluster listener ([`cluster_router`]).
 
+pub mod authz;
+pub mod cluster;
 pub mod deployments;
 pub mod error;
 pub mod events;
@@ -38,6 +42,8 @@ pub struct AppState {
     pub logs: Logs,
     /// Fires on shutdown: ends long-lived responses (watches, `logs -f`) so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The cluster CA, tokens and node bindings (`serve --cluster-listen`), else `None`.
+    pub cluster: Option<Arc<crate::pki::Cluster>>,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -73,6 +79,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(deployments::routes())
         .merge(nodes::routes())
         .merge(events::routes())
+        .merge(cluster::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),
@@ -84,6 +91,16 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
             guard::middleware,
         ))
         .with_state(state)
+}
+
+/// The cluster listener's router: the same API behind the node authorizer ([`authz`]); the
+/// `Host` check is off (nodes reach the server by any of its names, and are authenticated).
+pub fn cluster_router(state: AppState) -> Router {
+    let open = guard::RequestGuard::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)), &[]);
+    router(state.clone(), open).layer(axum::middleware::from_fn_with_state(
+        state,
+        authz::middleware,
+    ))
 }
 
 /// How many times a DELETE without an explicit precondition re-reads and retries when the
@@ -298,5 +315,8 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         "# HELP kapsel_build_info Build information.\n# TYPE kapsel_build_info gauge\nkapsel_build_info{{version=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION")
     ));
+    if let Some(c) = &state.cluster {
+        out.push_str(&c.metrics.render());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -6,6 +6,7 @@ pub mod client;
 pub mod manifest;
 pub mod output;
 pub mod rollout;
+pub mod token;
 pub mod up;
 
 use std::path::PathBuf;
@@ -110,6 +111,41 @@ pub struct ApiOpts {
     pub allowed_hosts: Vec<String>,
 }
 
+/// `serve`'s listener for nodes on other machines (off unless `--cluster-listen` is given).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClusterOpts {
+    /// Serve nodes (`kapsel agent`) over TLS on this address, e.g. `0.0.0.0:6443`: makes the
+    /// cluster CA in <data-dir>/pki and a join token in <data-dir>/token on first start.
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_listen: Option<String>,
+    /// The address or name nodes reach the cluster listener by (put in its certificate).
+    #[arg(long, value_name = "HOST")]
+    pub cluster_advertise_address: Option<String>,
+    /// More names or addresses for the cluster listener's certificate; repeatable or
+    /// comma-separated.
+    #[arg(long = "tls-san", value_delimiter = ',', value_name = "NAME")]
+    pub tls_sans: Vec<String>,
+}
+
+impl ClusterOpts {
+    pub fn apply(&self, cfg: &mut ServerConfig) -> Result<()> {
+        if self.cluster_listen.is_none()
+            && (self.cluster_advertise_address.is_some() || !self.tls_sans.is_empty())
+        {
+            anyhow::bail!("--cluster-advertise-address and --tls-san need --cluster-listen ADDR");
+        }
+        cfg.cluster_listen = self.cluster_listen.clone();
+        cfg.cluster_sans = self
+            .cluster_advertise_address
+            .iter()
+            .chain(&self.tls_sans)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        Ok(())
+    }
+}
+
 impl ApiOpts {
     pub fn apply(&self, cfg: &mut ServerConfig) {
         cfg.api_listener.max_connections = self.max_connections;
@@ -130,11 +166,15 @@ pub enum Command {
         node: NodeOpts,
         #[command(flatten)]
         api: ApiOpts,
+        #[command(flatten)]
+        cluster: ClusterOpts,
     },
     /// Run a node that joins the control plane at --server: it registers its Node, runs the
     /// pods bound to it and reports their status through the API (nothing else is local).
     Agent {
-        /// Bearer token presented to the API server (also KAPSEL_TOKEN).
+        /// Join token (also KAPSEL_TOKEN): with an `https://` --server, the `K10…` token from
+        /// `kapsel token create` or the server's <data-dir>/token, used once to get this node's
+        /// certificate; with `http://`, sent as a bearer token.
         #[arg(long, env = "KAPSEL_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// The address reported as this node's InternalIP and its pods' hostIP.
@@ -252,6 +292,11 @@ pub enum Command {
     Rollout {
         #[command(subcommand)]
         action: rollout::RolloutCmd,
+    },
+    /// Manage join tokens for `kapsel agent` (server started with --cluster-listen).
+    Token {
+        #[command(subcommand)]
+        action: token::TokenCmd,
     },
     /// Set a Deployment's replicas: `kapsel scale deployment NAME --replicas N` (or
     /// `deployment/NAME`).
@@ -372,9 +417,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let ns = cli.namespace.clone();
     let server = cli.server.clone();
     match cli.command {
-        Command::Serve { listen, node, api } => {
+        Command::Serve {
+            listen,
+            node,
+            api,
+            cluster,
+        } => {
             let mut cfg = server_config(&listen, &node)?;
             api.apply(&mut cfg);
+            cluster.apply(&mut cfg)?;
             let server = Server::start(cfg.clone()).await?;
             eprintln!(
                 "kapsel: API on http://{} · node {} · data in {}",
@@ -382,6 +433,20 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 cfg.node_name,
                 cfg.data_dir.display()
             );
+            if let (Some(a), Some(t)) = (server.cluster_addr, &server.token_path) {
+                let host = cluster
+                    .cluster_advertise_address
+                    .clone()
+                    .unwrap_or_else(|| match a.ip() {
+                        ip if ip.is_unspecified() => "<this-host>".into(),
+                        ip => ip.to_string(),
+                    });
+                eprintln!(
+                    "kapsel: cluster listener on https://{a} · add a node: kapsel agent --server https://{host}:{} --token $(cat {})",
+                    a.port(),
+                    t.display()
+                );
+            }
             shutdown_signal().await;
             eprintln!("kapsel: stopping pods…");
             server.shutdown();
@@ -395,7 +460,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         } => {
             let mut cfg = server_config("", &node)?;
             cfg.host_ip = node_ip;
-            let agent = crate::server::Agent::start(cfg.clone(), &server, token).await?;
+            let agent = tokio::select! {
+                a = crate::server::Agent::start(cfg.clone(), &server, token) => a?,
+                _ = shutdown_signal() => return Ok(0),
+            };
             eprintln!(
                 "kapsel: node {} joined {} · data in {}",
                 cfg.node_name,
@@ -463,6 +531,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::RedisAmbassador { args } => redis_ambassador(args).await,
         Command::MetricsAdapter { args } => metrics_adapter(args).await,
         Command::Rollout { action } => rollout::run(&client, &ns, action).await,
+        Command::Token { action } => token::run(&client, action).await,
         Command::Scale {
             target,
             name,

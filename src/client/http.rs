@@ -2,7 +2,9 @@
 //! another machine. Objects travel as the API's JSON; a watch is a list (with its
 //! `resourceVersion`) followed by the API's streamed watch from that revision, so nothing falls
 //! between them. When the stream ends or breaks, the watch yields [`WatchItem::Resync`] and
-//! ends: the caller lists again, as client-go's reflector does.
+//! ends: the caller lists again, as client-go's reflector does. Over `https://` (a cluster
+//! listener) it trusts only the cluster CA and presents the node's client certificate; plain
+//! `http://` with an optional bearer token stays for the loopback API.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,22 @@ impl HttpClient {
             base: base.trim_end_matches('/').to_string(),
             http,
             token,
+        }))
+    }
+
+    /// `base`: `https://HOST:PORT` of a cluster listener; the node's certificate and the
+    /// cluster CA from its join ([`crate::pki::join`]).
+    pub fn shared_tls(
+        base: &str,
+        creds: &crate::pki::join::NodeCredentials,
+    ) -> Result<Arc<dyn Client>, ClientError> {
+        let http = creds
+            .http_client()
+            .map_err(|e| ClientError::Unavailable(format!("TLS client: {e}")))?;
+        Ok(Arc::new(HttpClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            token: None,
         }))
     }
 

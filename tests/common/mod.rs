@@ -91,6 +91,32 @@ impl Kapsel {
         self.stderr = stderr;
     }
 
+    /// The cluster listener's `https://` URL (a server started with `--cluster-listen`).
+    pub fn cluster_url(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let buf = self.stderr.lock().unwrap().clone();
+            if let Some(i) = buf.find("cluster listener on https://") {
+                let rest = &buf[i + "cluster listener on ".len()..];
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no cluster listener line:\n{buf}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A counter or gauge from `/metrics` (the whole series name with labels).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, v) = self.get("/metrics").await;
+        let text = v.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -654,4 +680,116 @@ pub fn gitsync_pod(name: &str, args: &[String], app: &str) -> String {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  volumes: [{{name: git, emptyDir: {{}}}}]\n  initContainers:\n  - name: git-sync\n    image: builtin/git-sync\n    restartPolicy: Always\n    args: [{}]\n    volumeMounts: [{{name: git, mountPath: /git}}]\n  containers:\n{app}",
         args.join(", ")
     )
+}
+
+/// A `kapsel agent` process with its own data directory, killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+    pub data: tempfile::TempDir,
+    pub stderr: Arc<Mutex<String>>,
+    stderr_done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Read `r` line by line into a buffer on a thread; the flag turns true at end of input.
+fn collect_lines(
+    r: Box<dyn std::io::Read + Send>,
+) -> (Arc<Mutex<String>>, Arc<std::sync::atomic::AtomicBool>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b, d) = (buf.clone(), done.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut b = b.lock().unwrap();
+            b.push_str(&line);
+            b.push('\n');
+        }
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    (buf, done)
+}
+
+impl AgentProc {
+    /// An agent joining `server` (WASM-only, short back-offs).
+    pub fn start(server: &str, node: &str, node_ip: &str) -> Self {
+        Self::start_with(server, node, node_ip, &[])
+    }
+
+    pub fn start_with(server: &str, node: &str, node_ip: &str, extra: &[&str]) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("kapsel-agent-")
+            .tempdir()
+            .unwrap();
+        Self::start_in(data, server, node, node_ip, extra)
+    }
+
+    /// An agent on a given data directory (a restart keeps its certificate).
+    pub fn start_in(
+        data: tempfile::TempDir,
+        server: &str,
+        node: &str,
+        node_ip: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut child = Command::new(bin())
+            .args(["--server", server, "agent", "--node-name", node])
+            .args(["--node-ip", node_ip, "--no-docker"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
+            .args(extra)
+            .env("KAPSEL_LOG", "warn")
+            .env_remove("KAPSEL_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stderr, stderr_done) = collect_lines(Box::new(child.stderr.take().unwrap()));
+        AgentProc {
+            child,
+            data,
+            stderr,
+            stderr_done,
+        }
+    }
+
+    /// Wait for the agent to exit (it should); its status and stderr.
+    pub fn wait_exit(&mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "agent did not exit: {}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread drains the pipe to its end.
+        let t = Instant::now();
+        while !self.stderr_done.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "agent stderr never closed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (status, self.stderr.lock().unwrap().clone())
+    }
+
+    /// Stop it (SIGKILL) and hand back its data directory.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = tempfile::Builder::new().tempdir().unwrap();
+        std::mem::replace(&mut self.data, data)
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
