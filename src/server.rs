@@ -1,4 +1,5 @@
-//! `kapsel serve`: one process holding the control plane (store, API, scheduler) and a node
+//! `kapsel serve`: one process holding the control plane (store, API, scheduler, controllers,
+//! the node lifecycle controller) and a node
 //! (agent + WASM executor). Shutdown is deliberate: cancel → the API stops accepting, the
 //! scheduler stops, the node agent stops every pod, then the process exits.
 //! The data directory is the node's alone: it is made (or tightened to) 0700, as are the
@@ -23,6 +24,7 @@ use crate::runtime::logs::Logs;
 use crate::runtime::wasm::{WasmConfig, WasmExecutor};
 use crate::runtime::worker::AgentCtx;
 use crate::sched::controllers::Controllers;
+use crate::sched::nodelifecycle::{LifecycleConfig, NodeLifecycle};
 use crate::sched::scheduler::Scheduler;
 use crate::store::redb::RedbStore;
 use crate::store::{Store, StoreError};
@@ -73,6 +75,10 @@ pub struct ServerConfig {
     pub module_cache_dir: Option<PathBuf>,
     /// The address this node reports as its pods' `hostIP` and its Node's InternalIP.
     pub host_ip: String,
+    /// How often the node renews its Lease (`--node-lease-renew-interval`).
+    pub node_lease_renew_interval: Duration,
+    /// The node lifecycle controller's knobs (`serve` only).
+    pub lifecycle: LifecycleConfig,
 }
 
 impl ServerConfig {
@@ -94,6 +100,8 @@ impl ServerConfig {
             allowed_hosts: Vec::new(),
             module_cache_dir: None,
             host_ip: "127.0.0.1".into(),
+            node_lease_renew_interval: crate::runtime::agent::DEFAULT_LEASE_RENEW_INTERVAL,
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -167,6 +175,7 @@ impl Server {
                 store: store.clone(),
                 logs: logs.clone(),
                 shutdown: cancel.clone(),
+                default_toleration_seconds: cfg.lifecycle.default_toleration_seconds,
             },
             api::guard::RequestGuard::new(addr, &cfg.allowed_hosts),
         );
@@ -178,7 +187,12 @@ impl Server {
         tracker.spawn(api::listener::serve(listener, app, lcfg, cancel.clone()));
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
-        tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
+        tracker.spawn(
+            Controllers::new(store.clone())
+                .with_default_toleration_seconds(cfg.lifecycle.default_toleration_seconds)
+                .run(cancel.clone()),
+        );
+        tracker.spawn(NodeLifecycle::new(store.clone(), cfg.lifecycle.clone()).run(cancel.clone()));
         tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
 
         // The node reaches the objects through the client seam, in-process here.
@@ -267,7 +281,8 @@ pub fn start_node(
         volume_check_interval: cfg.volume_check_interval,
         pod_netns: cfg.pod_netns,
     });
-    let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
+    let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods))
+        .with_lease_renew_interval(cfg.node_lease_renew_interval);
     let (registered, node_up) = tokio::sync::oneshot::channel();
     tracker.spawn(agent.run(cancel.clone(), Some(registered)));
     Ok(node_up)

@@ -1,5 +1,5 @@
-//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments and
-//! ReplicaSets, list/watch,
+//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments,
+//! ReplicaSets and Leases, list/watch,
 //! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
 //! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod error;
 pub mod events;
 pub mod guard;
+pub mod leases;
 pub mod listener;
 pub mod nodes;
 pub mod pods;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub logs: Logs,
     /// Fires on shutdown: ends long-lived responses (watches, `logs -f`) so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// `tolerationSeconds` of the not-ready/unreachable tolerations admission adds to pods.
+    pub default_toleration_seconds: i64,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -73,6 +76,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(deployments::routes())
         .merge(nodes::routes())
         .merge(events::routes())
+        .merge(leases::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),
