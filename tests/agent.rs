@@ -5,43 +5,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct AgentProc {
-    child: Child,
-    data: tempfile::TempDir,
-}
-
-impl AgentProc {
-    fn start(server: &str, node: &str, node_ip: &str) -> Self {
-        let data = tempfile::Builder::new()
-            .prefix("kapsel-agent-")
-            .tempdir()
-            .unwrap();
-        let child = Command::new(bin())
-            .args(["--server", server, "agent", "--node-name", node])
-            .args(["--node-ip", node_ip, "--no-docker"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
-            .env("KAPSEL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        AgentProc { child, data }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_joins_runs_its_pods_and_reports_through_the_api() {

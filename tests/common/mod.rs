@@ -255,8 +255,16 @@ impl Drop for Kapsel {
 }
 
 fn spawn(data: &Path, node: &str, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
+    // A test that restarts the server with agents attached gives a fixed `--listen`.
+    let listen: &[&str] = if extra.iter().any(|a| a == "--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", node])
+        .arg("serve")
+        .args(listen)
+        .args(["--node-name", node])
         .arg("--data-dir")
         .arg(data)
         .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
@@ -564,5 +572,60 @@ impl Drop for Up {
                 .args(&left)
                 .output();
         }
+    }
+}
+
+/// A `kapsel agent` process (WASM-only) joined to a server, with its own data directory.
+pub struct AgentProc {
+    pub child: Child,
+    pub data: tempfile::TempDir,
+    pub node: String,
+}
+
+impl AgentProc {
+    pub fn start(server: &str, node: &str, node_ip: &str) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("kapsel-agent-")
+            .tempdir()
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["--server", server, "agent", "--node-name", node])
+            .args(["--node-ip", node_ip, "--no-docker"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
+            .env("KAPSEL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        AgentProc {
+            child,
+            data,
+            node: node.to_string(),
+        }
+    }
+
+    /// Send a signal to the agent process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// `kill -9` and reap it.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGKILL promptly everywhere.
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
