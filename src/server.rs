@@ -1,4 +1,5 @@
-//! `kapsel serve`: one process holding the control plane (store, API, scheduler) and a node
+//! `kapsel serve`: one process holding the control plane (store, API, scheduler, controllers,
+//! the node lifecycle controller) and a node
 //! (agent + WASM executor). Shutdown is deliberate: cancel → the API stops accepting, the
 //! scheduler stops, the node agent stops every pod, then the process exits.
 //! The data directory is the node's alone: it is made (or tightened to) 0700, as are the
@@ -23,6 +24,7 @@ use crate::runtime::logs::Logs;
 use crate::runtime::wasm::{WasmConfig, WasmExecutor};
 use crate::runtime::worker::AgentCtx;
 use crate::sched::controllers::Controllers;
+use crate::sched::nodelifecycle::{LifecycleConfig, NodeLifecycle};
 use crate::sched::scheduler::Scheduler;
 use crate::store::redb::RedbStore;
 use crate::store::{Store, StoreError};
@@ -82,6 +84,10 @@ pub struct ServerConfig {
     /// Names and addresses the cluster listener's certificate carries besides the listen
     /// address and the loopback (`--cluster-advertise-address`, `--tls-san`).
     pub cluster_sans: Vec<String>,
+    /// How often the node renews its Lease (`--node-lease-renew-interval`).
+    pub node_lease_renew_interval: Duration,
+    /// The node lifecycle controller's knobs (`serve` only).
+    pub lifecycle: LifecycleConfig,
 }
 
 impl ServerConfig {
@@ -105,6 +111,8 @@ impl ServerConfig {
             host_ip: "127.0.0.1".into(),
             cluster_listen: None,
             cluster_sans: Vec::new(),
+            node_lease_renew_interval: crate::runtime::agent::DEFAULT_LEASE_RENEW_INTERVAL,
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -204,6 +212,7 @@ impl Server {
             logs: logs.clone(),
             shutdown: cancel.clone(),
             cluster: cluster.as_ref().map(|(_, _, _, c, _)| c.clone()),
+            default_toleration_seconds: cfg.lifecycle.default_toleration_seconds,
         };
         let app = api::router(
             state.clone(),
@@ -234,7 +243,12 @@ impl Server {
         }
 
         tracker.spawn(Scheduler::new(store.clone()).run(cancel.clone()));
-        tracker.spawn(Controllers::new(store.clone()).run(cancel.clone()));
+        tracker.spawn(
+            Controllers::new(store.clone())
+                .with_default_toleration_seconds(cfg.lifecycle.default_toleration_seconds)
+                .run(cancel.clone()),
+        );
+        tracker.spawn(NodeLifecycle::new(store.clone(), cfg.lifecycle.clone()).run(cancel.clone()));
         tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
 
         // The node reaches the objects through the client seam, in-process here.
@@ -325,7 +339,8 @@ pub fn start_node(
         volume_check_interval: cfg.volume_check_interval,
         pod_netns: cfg.pod_netns,
     });
-    let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods));
+    let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods))
+        .with_lease_renew_interval(cfg.node_lease_renew_interval);
     let (registered, node_up) = tokio::sync::oneshot::channel();
     tracker.spawn(agent.run(cancel.clone(), Some(registered)));
     Ok(node_up)

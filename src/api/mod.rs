@@ -1,5 +1,5 @@
-//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments and
-//! ReplicaSets, list/watch,
+//! The HTTP API (axum): Kubernetes-shaped paths for Pods, Nodes, Events, Deployments,
+//! ReplicaSets and Leases, list/watch,
 //! `Status` errors, `/healthz` and `/metrics`. One file per resource kind; the shared list,
 //! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
@@ -13,6 +13,7 @@ pub mod deployments;
 pub mod error;
 pub mod events;
 pub mod guard;
+pub mod leases;
 pub mod listener;
 pub mod nodes;
 pub mod pods;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The cluster CA, tokens and node bindings (`serve --cluster-listen`), else `None`.
     pub cluster: Option<Arc<crate::pki::Cluster>>,
+    /// `tolerationSeconds` of the not-ready/unreachable tolerations admission adds to pods.
+    pub default_toleration_seconds: i64,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -80,6 +83,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(nodes::routes())
         .merge(events::routes())
         .merge(cluster::routes())
+        .merge(leases::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),

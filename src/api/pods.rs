@@ -172,6 +172,10 @@ async fn create(
         ));
     }
     default_pod(&mut pod);
+    crate::model::taint::add_default_tolerations(
+        &mut pod.spec.tolerations,
+        s.default_toleration_seconds,
+    );
     let errs = validate_pod(&pod);
     if !errs.is_empty() {
         return Err(invalid(&pod, errs));
@@ -206,6 +210,7 @@ async fn replace(
     let cur: Pod = serde_json::from_value(get_one(&s, Kind::Pod, &ns, &name)?)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     default_pod(&mut pod);
+    crate::model::taint::keep_default_tolerations(&mut pod.spec.tolerations, &cur.spec.tolerations);
     let mut want_spec = pod.spec.clone();
     if cur.spec.node_name.is_some() && want_spec.node_name.is_none() {
         want_spec.node_name = cur.spec.node_name.clone();

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod manifest;
+pub mod node;
 pub mod output;
 pub mod rollout;
 pub mod token;
@@ -92,6 +93,48 @@ pub struct NodeOpts {
     /// How often emptyDirs with a sizeLimit are measured (a pod over its limit is evicted).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub volume_check_interval: Duration,
+    /// How often this node renews its Lease (its heartbeat, kubelet's name for the knob).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub node_lease_renew_interval: Duration,
+}
+
+/// The node lifecycle controller of `serve` (Kubernetes' kube-controller-manager flag names;
+/// Kapsel's defaults are fast: a lost node's pods run elsewhere within about 10 s).
+#[derive(Args, Debug, Clone)]
+pub struct LifecycleOpts {
+    /// How often the controller looks at the nodes' heartbeats.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub node_monitor_period: Duration,
+    /// A node whose Lease was not renewed for this long is NotReady (Ready=Unknown) and
+    /// tainted node.kubernetes.io/unreachable (Kubernetes: 50s).
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: Duration,
+    /// tolerationSeconds of the unreachable/not-ready NoExecute tolerations every pod gets,
+    /// i.e. how long its pods stay on an unreachable node (Kubernetes: 300).
+    #[arg(long, default_value_t = 2)]
+    pub default_unreachable_toleration_seconds: i64,
+    /// Most nodes tainted for eviction per second (0: never evict).
+    #[arg(long, default_value_t = 10.0)]
+    pub node_eviction_rate: f64,
+    /// When more than this fraction of the nodes are silent at once, evict nothing (the
+    /// control plane or its network is the likely problem).
+    #[arg(long, default_value_t = 0.55)]
+    pub unhealthy_zone_threshold: f64,
+}
+
+impl LifecycleOpts {
+    pub fn apply(&self, cfg: &mut ServerConfig) -> Result<()> {
+        cfg.lifecycle = crate::sched::nodelifecycle::LifecycleConfig {
+            monitor_period: self.node_monitor_period,
+            grace_period: self.node_monitor_grace_period,
+            default_toleration_seconds: self.default_unreachable_toleration_seconds,
+            eviction_rate: self.node_eviction_rate,
+            unhealthy_zone_threshold: self.unhealthy_zone_threshold,
+        };
+        cfg.lifecycle
+            .validate(cfg.node_lease_renew_interval)
+            .map_err(|e| anyhow!(e))
+    }
 }
 
 /// The API listener's protections (see `api::guard` and `api::listener`).
@@ -168,6 +211,7 @@ pub enum Command {
         api: ApiOpts,
         #[command(flatten)]
         cluster: ClusterOpts,
+        lifecycle: LifecycleOpts,
     },
     /// Run a node that joins the control plane at --server: it registers its Node, runs the
     /// pods bound to it and reports their status through the API (nothing else is local).
@@ -298,6 +342,21 @@ pub enum Command {
         #[command(subcommand)]
         action: token::TokenCmd,
     },
+    /// Mark a node unschedulable: new pods go elsewhere, running ones stay.
+    Cordon { node: String },
+    /// Make a cordoned node schedulable again.
+    Uncordon { node: String },
+    /// Cordon a node, then evict (delete gracefully) every pod on it that a ReplicaSet owns,
+    /// so it is replaced elsewhere, and wait until they are gone.
+    Drain {
+        node: String,
+        /// Also delete pods no ReplicaSet owns (they are not replaced).
+        #[arg(long)]
+        force: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Set a Deployment's replicas: `kapsel scale deployment NAME --replicas N` (or
     /// `deployment/NAME`).
     Scale {
@@ -392,6 +451,10 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
     cfg.backoff.max = opts.backoff_max;
     cfg.docker_host = (!opts.no_docker).then(|| opts.docker_host.clone());
     cfg.volume_check_interval = opts.volume_check_interval;
+    if opts.node_lease_renew_interval.is_zero() {
+        bail!("--node-lease-renew-interval must be more than 0");
+    }
+    cfg.node_lease_renew_interval = opts.node_lease_renew_interval;
     Ok(cfg)
 }
 
@@ -422,10 +485,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
             node,
             api,
             cluster,
+            lifecycle,
         } => {
             let mut cfg = server_config(&listen, &node)?;
             api.apply(&mut cfg);
             cluster.apply(&mut cfg)?;
+            lifecycle.apply(&mut cfg)?;
             let server = Server::start(cfg.clone()).await?;
             eprintln!(
                 "kapsel: API on http://{} · node {} · data in {}",
@@ -532,6 +597,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::MetricsAdapter { args } => metrics_adapter(args).await,
         Command::Rollout { action } => rollout::run(&client, &ns, action).await,
         Command::Token { action } => token::run(&client, action).await,
+        Command::Cordon { node } => node::cordon(&client, &node, true).await,
+        Command::Uncordon { node } => node::cordon(&client, &node, false).await,
+        Command::Drain {
+            node,
+            force,
+            timeout,
+        } => node::drain(&client, &node, force, timeout).await,
         Command::Scale {
             target,
             name,
@@ -635,6 +707,10 @@ async fn update_one(client: &Client, m: &Manifest, ns: &str) -> Result<String> {
         want.metadata.namespace = Some(ns.to_string());
         default_pod(&mut want);
         let cur_pod: Pod = serde_json::from_value(cur.clone())?;
+        crate::model::taint::keep_default_tolerations(
+            &mut want.spec.tolerations,
+            &cur_pod.spec.tolerations,
+        );
         let mut cur_spec = cur_pod.spec.clone();
         cur_spec.node_name = want.spec.node_name.clone();
         if cur_spec == want.spec

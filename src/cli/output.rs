@@ -141,10 +141,7 @@ pub fn nodes_table(nodes: &[Node], wide: bool) -> String {
     for n in nodes {
         let st = n.status.clone().unwrap_or_default();
         let info = st.node_info.clone().unwrap_or_default();
-        let mut status = if n.is_ready() { "Ready" } else { "NotReady" }.to_string();
-        if n.spec.unschedulable == Some(true) {
-            status.push_str(",SchedulingDisabled");
-        }
+        let status = n.status_text();
         let mut r = vec![
             n.metadata.name.clone(),
             status,
@@ -440,6 +437,24 @@ pub fn describe_node(n: &Node, pods: &[Pod]) -> String {
     let st = n.status.clone().unwrap_or_default();
     o.push_str(&format!("Name:\t{}\n", n.metadata.name));
     o.push_str(&format!("Ready:\t{}\n", n.is_ready()));
+    o.push_str(&format!("Status:\t{}\n", n.status_text()));
+    if let Some(c) = n.ready_condition() {
+        if let Some(r) = &c.reason {
+            o.push_str(&format!("Ready Reason:\t{r}\n"));
+        }
+    }
+    if n.spec.taints.is_empty() {
+        o.push_str("Taints:\t<none>\n");
+    }
+    for (i, t) in n.spec.taints.iter().enumerate() {
+        let label = if i == 0 { "Taints:" } else { "" };
+        let v = t
+            .value
+            .as_deref()
+            .map(|v| format!("={v}"))
+            .unwrap_or_default();
+        o.push_str(&format!("{label}\t{}{v}:{:?}\n", t.key, t.effect));
+    }
     o.push_str("Capacity:\n");
     for (k, v) in &st.capacity {
         o.push_str(&format!("  {k}:\t{v}\n"));

@@ -27,6 +27,8 @@ pub struct Node {
 pub struct NodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<super::taint::Taint>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -84,6 +86,25 @@ pub struct NodeInfo {
 }
 
 impl Node {
+    /// The `Ready` condition, if the node has one.
+    pub fn ready_condition(&self) -> Option<&NodeCondition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+    }
+
+    /// `Ready`, `NotReady` (also when unknown), with `,SchedulingDisabled` when cordoned: the
+    /// STATUS column of `get nodes`.
+    pub fn status_text(&self) -> String {
+        let mut s = if self.is_ready() { "Ready" } else { "NotReady" }.to_string();
+        if self.spec.unschedulable == Some(true) {
+            s.push_str(",SchedulingDisabled");
+        }
+        s
+    }
+
     pub fn is_ready(&self) -> bool {
         self.status
             .as_ref()

@@ -85,6 +85,11 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
             "Required value: at least one container",
         ));
     }
+    for (i, t) in spec.tolerations.iter().enumerate() {
+        for (field, message) in t.validate(&format!("spec.tolerations[{i}]")) {
+            errs.push(err(field, format!("Invalid value: {message}")));
+        }
+    }
     let mut volume_names = BTreeSet::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         let f = format!("spec.volumes[{i}]");

@@ -4,6 +4,12 @@
 //! directories of pods that no longer exist are cleaned up (their sub-path mounts undone
 //! first). Pods the node evicts (an emptyDir over its `sizeLimit`, see `worker.rs`) end in
 //! phase `Failed` and are not restarted.
+//!
+//! Heartbeats, as a kubelet's: the node renews its `coordination.k8s.io` Lease (in
+//! `kube-node-lease`, named after the node) every `--node-lease-renew-interval`, from a task of
+//! its own so busy pod handling never delays it; the Node object is rewritten only when what it
+//! reports changed (runtimes, or a `Ready` condition someone else changed, such as the node
+//! lifecycle controller marking it `Unknown`) or every [`NODE_STATUS_REPORT_FREQUENCY`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::worker::{run_pod, AgentCtx};
 use crate::client::{ClientError, Selector, WatchItem};
+use crate::model::lease::NODE_LEASE_NAMESPACE;
 use crate::model::node::{NodeAddress, NodeCondition, NodeInfo, NodeStatus};
-use crate::model::{Kind, Node, ObjectMeta, Pod};
+use crate::model::{Kind, Lease, Node, ObjectMeta, Pod};
 use crate::store::{EventType, WatchEvent};
 
 /// Capacity this node advertises.
@@ -52,6 +59,17 @@ impl NodeResources {
     }
 }
 
+/// The Node is rewritten at least this often even when nothing changed (kubelet's
+/// `nodeStatusReportFrequency` idea); liveness itself is the Lease.
+pub const NODE_STATUS_REPORT_FREQUENCY: Duration = Duration::from_secs(60);
+/// How often the node looks at its own Node object and runtimes.
+const NODE_STATUS_CHECK: Duration = Duration::from_secs(2);
+/// Default `--node-lease-renew-interval`.
+pub const DEFAULT_LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(2);
+/// The `leaseDurationSeconds` a node writes (informational: the control plane's
+/// `--node-monitor-grace-period` decides).
+pub const LEASE_DURATION_SECONDS: i64 = 6;
+
 struct Worker {
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -62,6 +80,7 @@ pub struct NodeAgent {
     ctx: Arc<AgentCtx>,
     resources: NodeResources,
     workers: HashMap<String, Worker>,
+    lease_renew_interval: Duration,
 }
 
 impl NodeAgent {
@@ -70,6 +89,35 @@ impl NodeAgent {
             ctx,
             resources,
             workers: HashMap::new(),
+            lease_renew_interval: DEFAULT_LEASE_RENEW_INTERVAL,
+        }
+    }
+
+    /// How often the node renews its Lease.
+    pub fn with_lease_renew_interval(mut self, every: Duration) -> Self {
+        self.lease_renew_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Does the stored Node need this node's status again (gone, or its `Ready` condition
+    /// changed by someone else)?
+    async fn status_stale(&self) -> bool {
+        match self
+            .ctx
+            .client
+            .get(Kind::Node, "", &self.ctx.node_name)
+            .await
+        {
+            Ok(Some(n)) => {
+                let ready = n["status"]["conditions"].as_array().and_then(|cs| {
+                    cs.iter()
+                        .find(|c| c["type"] == "Ready")
+                        .map(|c| c["status"] == "True")
+                });
+                ready != Some(true)
+            }
+            Ok(None) => true,
+            Err(_) => false,
         }
     }
 
@@ -184,9 +232,17 @@ impl NodeAgent {
         if let Err(e) = self.register(&runtimes).await {
             tracing::error!(error = %e, "registering node");
         }
+        let mut last_status = tokio::time::Instant::now();
         if let Some(tx) = registered {
             let _ = tx.send(());
         }
+        let lease_stop = cancel.child_token();
+        let lease_task = tokio::spawn(renew_lease(
+            self.ctx.client.clone(),
+            self.ctx.node_name.clone(),
+            self.lease_renew_interval,
+            lease_stop.clone(),
+        ));
         // Containers of an earlier run of this node: their pods are restarted from scratch
         // (the WASM members died with the process), so none of them is kept.
         if let Some(d) = &self.ctx.docker {
@@ -231,11 +287,10 @@ impl NodeAgent {
                 self.cleanup_orphans(&present);
                 first = false;
             }
-            // Runtimes are checked every 2 s (Docker coming or going changes what the node
-            // offers); the node object is rewritten on a change or every 10 s.
-            let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+            // Runtimes and the stored Node are checked every 2 s (Docker coming or going
+            // changes what the node offers); the Node is rewritten on a change or every 60 s.
+            let mut heartbeat = tokio::time::interval(NODE_STATUS_CHECK);
             heartbeat.tick().await;
-            let mut beats = 0u32;
             loop {
                 tokio::select! {
                     item = watch.live.next() => match item {
@@ -247,12 +302,15 @@ impl NodeAgent {
                         None => break 'outer,
                     },
                     _ = heartbeat.tick() => {
-                        beats += 1;
                         let now = self.runtimes().await;
-                        if now != runtimes || beats.is_multiple_of(5) {
+                        if now != runtimes
+                            || last_status.elapsed() >= NODE_STATUS_REPORT_FREQUENCY
+                            || self.status_stale().await
+                        {
                             runtimes = now;
-                            if let Err(e) = self.register(&runtimes).await {
-                                tracing::warn!(error = %e, "node heartbeat");
+                            match self.register(&runtimes).await {
+                                Ok(()) => last_status = tokio::time::Instant::now(),
+                                Err(e) => tracing::warn!(error = %e, "node status"),
                             }
                         }
                         self.workers.retain(|_, w| !(w.deleting && w.task.is_finished()));
@@ -261,6 +319,8 @@ impl NodeAgent {
                 }
             }
         }
+        lease_stop.cancel();
+        let _ = lease_task.await;
         // Shutdown: stop every pod concurrently, give them 10 s in all (like `docker compose`),
         // then force-remove whatever containers are left, so nothing outlives the node.
         for w in self.workers.values() {
@@ -403,4 +463,66 @@ async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
         }
     }
     cleanup_pod_dir(ctx, pod.uid());
+}
+
+/// Renew this node's Lease every `every` until `stop`: the node's heartbeat.
+async fn renew_lease(
+    client: Arc<dyn crate::client::Client>,
+    node: String,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match renew_once(&*client, &node, last.take()).await {
+            Ok(v) => last = Some(v),
+            Err(e) => tracing::warn!(error = %e, "renewing the node lease"),
+        }
+    }
+}
+
+/// One renewal: replace the Lease last written (compare-and-swap), reading it again or
+/// creating it when that fails.
+pub async fn renew_once(
+    client: &dyn crate::client::Client,
+    node: &str,
+    mut last: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientError> {
+    for _ in 0..5 {
+        let cur = match last.take() {
+            Some(v) => v,
+            None => match client.get(Kind::Lease, NODE_LEASE_NAMESPACE, node).await? {
+                Some(v) => (*v).clone(),
+                None => {
+                    let mut l = Lease::for_node(node, LEASE_DURATION_SECONDS);
+                    l.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
+                    l.metadata.creation_timestamp = Some(Utc::now());
+                    let v = serde_json::to_value(&l).expect("a lease serializes");
+                    match client.create(Kind::Lease, v).await {
+                        Err(ClientError::AlreadyExists { .. }) => continue,
+                        r => return r,
+                    }
+                }
+            },
+        };
+        let mut l: Lease = serde_json::from_value(cur)
+            .map_err(|e| ClientError::Invalid(format!("lease object: {e}")))?;
+        l.spec.holder_identity = Some(node.to_string());
+        l.spec.lease_duration_seconds = Some(LEASE_DURATION_SECONDS);
+        l.spec.renew_time = Some(Utc::now());
+        let v = serde_json::to_value(&l).expect("a lease serializes");
+        match client.replace(Kind::Lease, v).await {
+            Err(ClientError::Conflict(_)) | Err(ClientError::NotFound { .. }) => continue,
+            r => return r,
+        }
+    }
+    Err(ClientError::Conflict(format!(
+        "lease {NODE_LEASE_NAMESPACE}/{node} kept changing"
+    )))
 }

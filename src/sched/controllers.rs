@@ -41,6 +41,8 @@ pub struct Ctx {
     pub store: Arc<dyn Store>,
     pub recorder: Recorder,
     pub queue: Arc<WorkQueue<Key>>,
+    /// `tolerationSeconds` of the not-ready/unreachable tolerations new pods get.
+    pub default_toleration_seconds: i64,
 }
 
 /// A reconcile's verdict: done, or look again after a while (a deadline or `minReadySeconds`
@@ -60,9 +62,19 @@ impl Controllers {
                 store,
                 recorder,
                 queue: WorkQueue::new(),
+                default_toleration_seconds: super::nodelifecycle::LifecycleConfig::default()
+                    .default_toleration_seconds,
             }),
             workers: 4,
         }
+    }
+
+    /// The `tolerationSeconds` of the default tolerations pods of ReplicaSets get.
+    pub fn with_default_toleration_seconds(mut self, secs: i64) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.default_toleration_seconds = secs;
+        }
+        self
     }
 
     pub async fn run(self, cancel: CancellationToken) {

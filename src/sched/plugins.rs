@@ -3,6 +3,7 @@
 
 use crate::model::pod::Pod;
 use crate::model::quantity::{parse_bytes, parse_millicpu};
+use crate::model::taint::{untolerated, Taint, TaintEffect, TAINT_UNSCHEDULABLE};
 use crate::model::Node;
 
 /// What a pod asks for.
@@ -98,8 +99,13 @@ impl Filter for NodeReady {
     fn name(&self) -> &'static str {
         "NodeReady"
     }
-    fn filter(&self, _: &Pod, _: &Requests, n: &NodeInfo) -> Result<(), String> {
-        if n.node.spec.unschedulable == Some(true) {
+    fn filter(&self, pod: &Pod, _: &Requests, n: &NodeInfo) -> Result<(), String> {
+        // A cordoned node takes only pods that tolerate its unschedulable taint (Kubernetes'
+        // NodeUnschedulable plugin).
+        let cordon = Taint::new(TAINT_UNSCHEDULABLE, TaintEffect::NoSchedule);
+        if n.node.spec.unschedulable == Some(true)
+            && !pod.spec.tolerations.iter().any(|t| t.tolerates(&cordon))
+        {
             return Err("node(s) were unschedulable".into());
         }
         if !n.node.is_ready() {
@@ -161,6 +167,64 @@ impl Filter for NodeRuntime {
     }
 }
 
+/// A node's `NoSchedule` and `NoExecute` taints keep off the pods that do not tolerate them.
+pub struct TaintToleration;
+impl Filter for TaintToleration {
+    fn name(&self) -> &'static str {
+        "TaintToleration"
+    }
+    fn filter(&self, pod: &Pod, _: &Requests, n: &NodeInfo) -> Result<(), String> {
+        let tols = &pod.spec.tolerations;
+        let taints = &n.node.spec.taints;
+        let first = untolerated(taints, tols, TaintEffect::NoSchedule)
+            .chain(untolerated(taints, tols, TaintEffect::NoExecute))
+            // Cordoning is NodeReady's to report.
+            .find(|t| t.key != TAINT_UNSCHEDULABLE);
+        match first {
+            Some(t) => {
+                let v = t
+                    .value
+                    .as_deref()
+                    .map(|v| format!("={v}"))
+                    .unwrap_or_default();
+                Err(format!(
+                    "node(s) had untolerated taint {{{}{v}: {:?}}}",
+                    t.key, t.effect
+                ))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// A node with `PreferNoSchedule` taints the pod does not tolerate ranks below every node
+/// without.
+pub struct TaintPreference;
+impl Score for TaintPreference {
+    fn score(&self, pod: &Pod, _: &Requests, n: &NodeInfo) -> i64 {
+        let bad = untolerated(
+            &n.node.spec.taints,
+            &pod.spec.tolerations,
+            TaintEffect::PreferNoSchedule,
+        )
+        .count();
+        if bad == 0 {
+            200
+        } else {
+            0
+        }
+    }
+}
+
+/// Prefer the node holding fewer pods, so replicas spread over the nodes (the scheduler
+/// counts the pods it has just placed too).
+pub struct FewestPods;
+impl Score for FewestPods {
+    fn score(&self, _: &Pod, _: &Requests, n: &NodeInfo) -> i64 {
+        100 / (1 + n.pods as i64)
+    }
+}
+
 pub struct NodeResourcesFit;
 impl Filter for NodeResourcesFit {
     fn name(&self) -> &'static str {
@@ -203,13 +267,18 @@ pub fn default_filters() -> Vec<Box<dyn Filter>> {
     vec![
         Box::new(NodeReady),
         Box::new(NodeSelector),
+        Box::new(TaintToleration),
         Box::new(NodeRuntime),
         Box::new(NodeResourcesFit),
     ]
 }
 
 pub fn default_scores() -> Vec<Box<dyn Score>> {
-    vec![Box::new(LeastAllocated)]
+    vec![
+        Box::new(LeastAllocated),
+        Box::new(FewestPods),
+        Box::new(TaintPreference),
+    ]
 }
 
 #[cfg(test)]
@@ -274,6 +343,46 @@ mod tests {
         let oci = pod("busybox", "1Mi");
         assert!(NodeRuntime.filter(&oci, &req, &n).is_err());
         assert!(NodeRuntime.filter(&p, &req, &n).is_ok());
+    }
+
+    #[test]
+    fn taints_filter_and_rank() {
+        use crate::model::taint::{Toleration, TolerationOperator};
+        let mut n = node("1Gi", &["wasm"]);
+        n.node
+            .spec
+            .taints
+            .push(Taint::parse("dedicated=gpu:NoSchedule").unwrap());
+        let mut p = pod("a.wasm", "1Mi");
+        let r = Requests::of(&p);
+        let e = TaintToleration.filter(&p, &r, &n).unwrap_err();
+        assert!(e.contains("dedicated=gpu"), "{e}");
+        p.spec.tolerations.push(Toleration {
+            key: Some("dedicated".into()),
+            operator: Some(TolerationOperator::Equal),
+            value: Some("gpu".into()),
+            ..Default::default()
+        });
+        assert!(TaintToleration.filter(&p, &r, &n).is_ok());
+        // PreferNoSchedule never filters; it ranks.
+        let mut soft = node("1Gi", &["wasm"]);
+        soft.node
+            .spec
+            .taints
+            .push(Taint::parse("slow:PreferNoSchedule").unwrap());
+        let plain = pod("a.wasm", "1Mi");
+        assert!(TaintToleration.filter(&plain, &r, &soft).is_ok());
+        assert!(TaintPreference.score(&plain, &r, &soft) < TaintPreference.score(&plain, &r, &n));
+        // Cordoned: refused unless tolerated.
+        let mut c = node("1Gi", &["wasm"]);
+        c.node.spec.unschedulable = Some(true);
+        assert!(NodeReady.filter(&plain, &r, &c).is_err());
+        let mut tolerant = pod("a.wasm", "1Mi");
+        tolerant.spec.tolerations.push(Toleration {
+            operator: Some(TolerationOperator::Exists),
+            ..Default::default()
+        });
+        assert!(NodeReady.filter(&tolerant, &r, &c).is_ok());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::events::Recorder;
 use crate::model::deployment::{ReplicaSet, ReplicaSetStatus};
 use crate::model::meta::{ObjectMeta, OwnerReference};
 use crate::model::pod::{PodPhase, PodStatus};
+use crate::model::taint::add_default_tolerations;
 use crate::model::{Kind, Pod};
 use crate::store::{object_rv, StoreError};
 
@@ -250,7 +251,11 @@ async fn create_pod(ctx: &Ctx, rs: &ReplicaSet) -> Result<String, StoreError> {
                 }],
                 ..Default::default()
             },
-            spec: t.spec.clone(),
+            spec: {
+                let mut spec = t.spec.clone();
+                add_default_tolerations(&mut spec.tolerations, ctx.default_toleration_seconds);
+                spec
+            },
             status: Some(PodStatus {
                 phase: PodPhase::Pending,
                 ..Default::default()

@@ -283,8 +283,16 @@ impl Drop for Kapsel {
 }
 
 fn spawn(data: &Path, node: &str, extra: &[String]) -> (Child, String, Arc<Mutex<String>>) {
+    // A test that restarts the server with agents attached gives a fixed `--listen`.
+    let listen: &[&str] = if extra.iter().any(|a| a == "--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--node-name", node])
+        .arg("serve")
+        .args(listen)
+        .args(["--node-name", node])
         .arg("--data-dir")
         .arg(data)
         .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
@@ -686,6 +694,7 @@ pub fn gitsync_pod(name: &str, args: &[String], app: &str) -> String {
 pub struct AgentProc {
     pub child: Child,
     pub data: tempfile::TempDir,
+    pub node: String,
     pub stderr: Arc<Mutex<String>>,
     stderr_done: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -747,6 +756,7 @@ impl AgentProc {
         AgentProc {
             child,
             data,
+            node: node.to_string(),
             stderr,
             stderr_done,
         }
@@ -785,10 +795,26 @@ impl AgentProc {
         let data = tempfile::Builder::new().tempdir().unwrap();
         std::mem::replace(&mut self.data, data)
     }
+
+    /// Send a signal to the agent process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// `kill -9` and reap it.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGKILL promptly everywhere.
+        self.signal(libc::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

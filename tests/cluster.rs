@@ -1,0 +1,312 @@
+//! A cluster on loopback: `kapsel serve` and two real `kapsel agent` processes (WASM-only).
+//! Heartbeats and node lifecycle with the default settings: a `kill -9`ed node goes NotReady
+//! with the unreachable taint and its pods run elsewhere within 10 s; a node stopped for 3 s
+//! loses nothing; a restarted control plane evicts nothing; `drain` empties a node and leaves
+//! it SchedulingDisabled; a NoSchedule taint keeps pods off a node unless tolerated.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::*;
+
+/// A live (not terminating) pod of the Deployment: (name, uid, node, running and ready).
+#[derive(Debug, Clone)]
+struct Live {
+    name: String,
+    uid: String,
+    node: String,
+    ready: bool,
+}
+
+fn ready(p: &Value) -> bool {
+    phase(p) == "Running"
+        && p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+async fn pods_of(k: &Kapsel, app: &str) -> Vec<Live> {
+    let (_, v) = k
+        .get(&format!(
+            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
+        ))
+        .await;
+    v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| Live {
+            name: p["metadata"]["name"].as_str().unwrap_or_default().into(),
+            uid: p["metadata"]["uid"].as_str().unwrap_or_default().into(),
+            node: p["spec"]["nodeName"].as_str().unwrap_or_default().into(),
+            ready: ready(p),
+        })
+        .collect()
+}
+
+fn by_node(pods: &[Live]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for p in pods {
+        *m.entry(p.node.clone()).or_default() += 1;
+    }
+    m
+}
+
+async fn node(k: &Kapsel, name: &str) -> Value {
+    k.get(&format!("/api/v1/nodes/{name}")).await.1
+}
+
+fn has_taint(n: &Value, key: &str, effect: &str) -> bool {
+    n["spec"]["taints"]
+        .as_array()
+        .is_some_and(|ts| ts.iter().any(|t| t["key"] == key && t["effect"] == effect))
+}
+
+fn ready_status(n: &Value) -> String {
+    n["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn deployment(name: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {}\n",
+        fixture("sleep.wat")
+    )
+}
+
+/// The live pods on `node` (uids) stay exactly these, none terminating, for `window`.
+async fn nothing_lost(k: &Kapsel, app: &str, node: &str, window: Duration, what: &str) {
+    let before: BTreeSet<String> = pods_of(k, app)
+        .await
+        .into_iter()
+        .filter(|p| p.node == node)
+        .map(|p| p.uid)
+        .collect();
+    assert!(!before.is_empty(), "{what}: no pods on {node} to watch");
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let now: BTreeSet<String> = pods_of(k, app)
+            .await
+            .into_iter()
+            .filter(|p| p.node == node)
+            .map(|p| p.uid)
+            .collect();
+        assert_eq!(now, before, "{what}: pods on {node} changed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut k = Kapsel::start_with(&["--listen", &listen]);
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let mut a1 = AgentProc::start(&k.url, &format!("edge1-{tag}"), "127.0.0.2");
+    let a2 = AgentProc::start(&k.url, &format!("edge2-{tag}"), "127.0.0.3");
+    for a in [&a1, &a2] {
+        wait_for(&format!("node {} Ready", a.node), 20, || async {
+            let n = node(&k, &a.node).await;
+            (ready_status(&n) == "True")
+                .then_some(())
+                .ok_or_else(|| n.to_string())
+        })
+        .await;
+        // Its Lease is there and renewed.
+        let (code, l) = k
+            .get(&format!(
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
+                a.node
+            ))
+            .await;
+        assert_eq!(code, 200, "{l}");
+        assert_eq!(l["spec"]["holderIdentity"], a.node.as_str());
+    }
+
+    // Four replicas, no node selector: every pod lands on a Ready node, and the spreading
+    // score puts some on each agent.
+    k.apply("web", &deployment("web", 4));
+    let pods = wait_for("4 ready pods", 30, || async {
+        let p = pods_of(&k, "web").await;
+        let ok = p.len() == 4 && p.iter().all(|p| p.ready);
+        if ok {
+            Ok(p)
+        } else {
+            Err(format!("{p:?}"))
+        }
+    })
+    .await;
+    let spread = by_node(&pods);
+    for a in [&a1, &a2] {
+        assert!(spread.get(&a.node).copied().unwrap_or(0) >= 1, "{spread:?}");
+    }
+    // Admission gave them the default tolerations (2 s).
+    let (_, p0) = k
+        .get(&format!("/api/v1/namespaces/default/pods/{}", pods[0].name))
+        .await;
+    let tols = p0["spec"]["tolerations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tols.iter()
+            .any(|t| t["key"] == "node.kubernetes.io/unreachable"
+                && t["effect"] == "NoExecute"
+                && t["tolerationSeconds"] == 2),
+        "{tols:?}"
+    );
+
+    // kill -9 one agent: its pods run, Ready, elsewhere within 10 s.
+    let lost: BTreeSet<String> = pods
+        .iter()
+        .filter(|p| p.node == a1.node)
+        .map(|p| p.uid.clone())
+        .collect();
+    let killed = Instant::now();
+    a1.kill9();
+    let dead = a1.node.clone();
+    wait_for("4 ready pods off the dead node", 30, || async {
+        let p = pods_of(&k, "web").await;
+        (p.len() == 4 && p.iter().all(|p| p.ready && p.node != dead))
+            .then_some(())
+            .ok_or_else(|| format!("{p:?}"))
+    })
+    .await;
+    let failover = killed.elapsed();
+    println!("failover: a kill -9ed node's pods Ready elsewhere after {failover:.2?}");
+    assert!(
+        failover < Duration::from_secs(10),
+        "pods of a lost node took {failover:?} to be Ready elsewhere"
+    );
+    let now: BTreeSet<String> = pods_of(&k, "web")
+        .await
+        .into_iter()
+        .map(|p| p.uid)
+        .collect();
+    assert!(
+        lost.is_disjoint(&now),
+        "the lost pods were replaced, not kept"
+    );
+    let n = node(&k, &dead).await;
+    assert_eq!(ready_status(&n), "Unknown", "{n}");
+    assert!(
+        has_taint(&n, "node.kubernetes.io/unreachable", "NoExecute"),
+        "{n}"
+    );
+    let out = k.cli(&["get", "nodes"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&dead) && l.contains("NotReady")),
+        "{table}"
+    );
+
+    // SIGSTOP the other agent for 3 s, then SIGCONT: no pod lost, no taint.
+    let a2_node = a2.node.clone();
+    a2.signal(libc::SIGSTOP);
+    let watch = nothing_lost(&k, "web", &a2_node, Duration::from_secs(3), "SIGSTOP");
+    watch.await;
+    a2.signal(libc::SIGCONT);
+    nothing_lost(&k, "web", &a2_node, Duration::from_secs(4), "after SIGCONT").await;
+    let n = node(&k, &a2_node).await;
+    assert_eq!(ready_status(&n), "True", "{n}");
+    assert!(
+        !has_taint(&n, "node.kubernetes.io/unreachable", "NoExecute"),
+        "{n}"
+    );
+
+    // Restarting serve evicts nothing: the agent's pods stay through a whole grace period
+    // and toleration after the restart (its heartbeats were missed while serve was down).
+    k.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await; // serve is down: a real outage
+    k.restart();
+    assert_eq!(k.url, format!("http://{listen}"));
+    nothing_lost(&k, "web", &a2_node, Duration::from_secs(9), "serve restart").await;
+
+    // drain moves every pod off the agent and leaves it SchedulingDisabled.
+    let out = k.cli(&["drain", &a2_node, "--timeout", "30s"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = pods_of(&k, "web").await;
+    assert!(p.iter().all(|p| p.node != a2_node), "{p:?}");
+    let table = String::from_utf8_lossy(&k.cli(&["get", "nodes"]).stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&a2_node) && l.contains("Ready,SchedulingDisabled")),
+        "{table}"
+    );
+    let n = node(&k, &a2_node).await;
+    assert!(
+        has_taint(&n, "node.kubernetes.io/unschedulable", "NoSchedule"),
+        "{n}"
+    );
+    wait_for("4 ready pods after the drain", 30, || async {
+        let p = pods_of(&k, "web").await;
+        (p.len() == 4 && p.iter().all(|p| p.ready))
+            .then_some(())
+            .ok_or_else(|| format!("{p:?}"))
+    })
+    .await;
+
+    // A NoSchedule taint keeps pods off a node unless they tolerate it: uncordon the agent,
+    // taint it, and pin pods to it.
+    let out = k.cli(&["uncordon", &a2_node]);
+    assert!(out.status.success());
+    let mut n = node(&k, &a2_node).await;
+    assert!(n["spec"]["unschedulable"].is_null(), "{n}");
+    n["spec"]["taints"] =
+        serde_json::json!([{"key": "dedicated", "value": "edge", "effect": "NoSchedule"}]);
+    let (code, v) = k
+        .send(
+            reqwest::Method::PUT,
+            &format!("/api/v1/nodes/{a2_node}"),
+            Some(&n.to_string()),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let pinned = |name: &str, tolerate: bool| {
+        let tol = if tolerate {
+            "  tolerations:\n  - {key: dedicated, operator: Equal, value: edge, effect: NoSchedule}\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeSelector: {{kubernetes.io/hostname: {a2_node}}}\n{tol}  containers:\n  - name: main\n    image: {}\n",
+            fixture("sleep.wat")
+        )
+    };
+    k.apply("shy", &pinned("shy", false));
+    k.apply("brave", &pinned("brave", true));
+    let brave = k.wait_pod("brave", 20, |p| phase(p) == "Running").await;
+    assert_eq!(brave["spec"]["nodeName"], a2_node.as_str());
+    let shy = k
+        .wait_pod("shy", 20, |p| {
+            p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "PodScheduled"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("untolerated taint {dedicated=edge"))
+                })
+            })
+        })
+        .await;
+    assert!(shy["spec"]["nodeName"].is_null(), "{shy}");
+}
