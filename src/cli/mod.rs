@@ -211,6 +211,7 @@ pub enum Command {
         api: ApiOpts,
         #[command(flatten)]
         cluster: ClusterOpts,
+        #[command(flatten)]
         lifecycle: LifecycleOpts,
     },
     /// Run a node that joins the control plane at --server: it registers its Node, runs the
