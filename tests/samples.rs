@@ -853,8 +853,9 @@ async fn canary_sample_waits_with_one_canary_until_promoted_or_aborted() {
         all_ready(p, 4, "v2")
     })
     .await;
-    let d = wait_deploy(&k, "checkout", 10, "the v2 template", |d| {
-        template_env(d, "VERSION") == "v2"
+    // The status catches up with the pods: poll it rather than read it once.
+    let d = wait_deploy(&k, "checkout", 10, "the v2 template, 4 available", |d| {
+        template_env(d, "VERSION") == "v2" && d["status"]["availableReplicas"] == 4
     })
     .await;
     assert_eq!(d["status"]["availableReplicas"], 4);
