@@ -1,4 +1,5 @@
-//! A cluster on loopback: `kapsel serve` and two real `kapsel agent` processes (WASM-only).
+//! A cluster on a private network: `kapsel serve` and three real `kapsel agent` processes
+//! (WASM-only), each in its own network namespace, joined over TLS with the server's token.
 //! Heartbeats and node lifecycle with the default settings: a `kill -9`ed node goes NotReady
 //! with the unreachable taint and its pods run elsewhere within 10 s; a node stopped for 3 s
 //! loses nothing; a restarted control plane evicts nothing; `drain` empties a node and leaves
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::netns::NetLab;
 use common::*;
 
 /// A live (not terminating) pod of the Deployment: (name, uid, node, running and ready).
@@ -109,20 +111,69 @@ async fn nothing_lost(k: &Kapsel, app: &str, node: &str, window: Duration, what:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
+    // Three nodes, each in its own network namespace on a private bridge: they reach the
+    // server only over TLS on the bridge address, and join with the server's token.
+    let lab = NetLab::new(3);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut k = Kapsel::start_with(&["--listen", &listen]);
+    let cluster = format!("{}:{}", lab.host_ip(), free_port());
+    let mut k = Kapsel::start_with(&["--listen", &listen, "--cluster-listen", &cluster]);
+    let url = k.cluster_url();
+    assert_eq!(url, format!("https://{cluster}"));
+    let token = std::fs::read_to_string(k.data.join("token"))
+        .unwrap()
+        .trim()
+        .to_string();
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let mut a1 = AgentProc::start(&k.url, &format!("edge1-{tag}"), "127.0.0.2");
-    let a2 = AgentProc::start(&k.url, &format!("edge2-{tag}"), "127.0.0.3");
-    for a in [&a1, &a2] {
+    let agent = |i: usize| {
+        let data = tempfile::Builder::new()
+            .prefix("kapsel-agent-")
+            .tempdir()
+            .unwrap();
+        AgentProc::start_in_netns(
+            Some(lab.ns(i)),
+            data,
+            &url,
+            &format!("edge{}-{tag}", i + 1),
+            &lab.node_ip(i),
+            &["--token", &token],
+        )
+    };
+
+    // A wrong token from a namespace is refused and registers nothing.
+    let bad = token.rsplit_once('.').unwrap().0.to_string() + ".0000000000000000";
+    let mut impostor = AgentProc::start_in_netns(
+        Some(lab.ns(0)),
+        tempfile::tempdir().unwrap(),
+        &url,
+        &format!("impostor-{tag}"),
+        &lab.node_ip(0),
+        &["--token", &bad],
+    );
+    let (status, err) = impostor.wait_exit(20);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("refused the token (401)"), "{err}");
+    let (code, _) = k.get(&format!("/api/v1/nodes/impostor-{tag}")).await;
+    assert_eq!(code, 404);
+
+    let mut a1 = agent(0);
+    let a2 = agent(1);
+    let a3 = agent(2);
+    for (i, a) in [&a1, &a2, &a3].into_iter().enumerate() {
         wait_for(&format!("node {} Ready", a.node), 20, || async {
             let n = node(&k, &a.node).await;
             (ready_status(&n) == "True")
                 .then_some(())
-                .ok_or_else(|| n.to_string())
+                .ok_or_else(|| format!("{n}\n{}", a.stderr.lock().unwrap()))
         })
         .await;
+        let n = node(&k, &a.node).await;
+        assert!(
+            n["status"]["addresses"]
+                .as_array()
+                .is_some_and(|ads| ads.iter().any(|ad| ad["address"] == lab.node_ip(i))),
+            "{n}"
+        );
         // Its Lease is there and renewed.
         let (code, l) = k
             .get(&format!(
@@ -133,13 +184,19 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
         assert_eq!(code, 200, "{l}");
         assert_eq!(l["spec"]["holderIdentity"], a.node.as_str());
     }
+    let ip_of = |node: &str| {
+        [&a1.node, &a2.node, &a3.node]
+            .iter()
+            .position(|n| n.as_str() == node)
+            .map(|i| lab.node_ip(i))
+    };
 
-    // Four replicas, no node selector: every pod lands on a Ready node, and the spreading
-    // score puts some on each agent.
-    k.apply("web", &deployment("web", 4));
-    let pods = wait_for("4 ready pods", 30, || async {
+    // Six replicas, no node selector: every pod lands on a Ready node (the server's own node
+    // is one too), and the spreading score puts some on each agent.
+    k.apply("web", &deployment("web", 6));
+    let pods = wait_for("6 ready pods", 30, || async {
         let p = pods_of(&k, "web").await;
-        let ok = p.len() == 4 && p.iter().all(|p| p.ready);
+        let ok = p.len() == 6 && p.iter().all(|p| p.ready);
         if ok {
             Ok(p)
         } else {
@@ -148,8 +205,17 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     })
     .await;
     let spread = by_node(&pods);
-    for a in [&a1, &a2] {
+    for a in [&a1, &a2, &a3] {
         assert!(spread.get(&a.node).copied().unwrap_or(0) >= 1, "{spread:?}");
+    }
+    // Each pod's hostIP is its node's address in the private network.
+    for p in &pods {
+        if let Some(ip) = ip_of(&p.node) {
+            let (_, v) = k
+                .get(&format!("/api/v1/namespaces/default/pods/{}", p.name))
+                .await;
+            assert_eq!(v["status"]["hostIP"], ip.as_str(), "{v}");
+        }
     }
     // Admission gave them the default tolerations (2 s).
     let (_, p0) = k
@@ -176,9 +242,9 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     let killed = Instant::now();
     a1.kill9();
     let dead = a1.node.clone();
-    wait_for("4 ready pods off the dead node", 30, || async {
+    wait_for("6 ready pods off the dead node", 30, || async {
         let p = pods_of(&k, "web").await;
-        (p.len() == 4 && p.iter().all(|p| p.ready && p.node != dead))
+        (p.len() == 6 && p.iter().all(|p| p.ready && p.node != dead))
             .then_some(())
             .ok_or_else(|| format!("{p:?}"))
     })
@@ -257,9 +323,9 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
         has_taint(&n, "node.kubernetes.io/unschedulable", "NoSchedule"),
         "{n}"
     );
-    wait_for("4 ready pods after the drain", 30, || async {
+    wait_for("6 ready pods after the drain", 30, || async {
         let p = pods_of(&k, "web").await;
-        (p.len() == 4 && p.iter().all(|p| p.ready))
+        (p.len() == 6 && p.iter().all(|p| p.ready))
             .then_some(())
             .ok_or_else(|| format!("{p:?}"))
     })

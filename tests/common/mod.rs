@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_kapsel")
 }
@@ -739,7 +741,28 @@ impl AgentProc {
         node_ip: &str,
         extra: &[&str],
     ) -> Self {
-        let mut child = Command::new(bin())
+        Self::start_in_netns(None, data, server, node, node_ip, extra)
+    }
+
+    /// An agent inside network namespace `netns` (see [`netns::NetLab`]) when given.
+    pub fn start_in_netns(
+        netns: Option<&str>,
+        data: tempfile::TempDir,
+        server: &str,
+        node: &str,
+        node_ip: &str,
+        extra: &[&str],
+    ) -> Self {
+        // `ip netns exec` enters the namespace and execs the agent: the child is the agent.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = cmd
             .args(["--server", server, "agent", "--node-name", node])
             .args(["--node-ip", node_ip, "--no-docker"])
             .arg("--data-dir")
