@@ -25,25 +25,13 @@ struct Live {
 }
 
 fn ready(p: &Value) -> bool {
-    phase(p) == "Running"
-        && p["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
+    phase(p) == "Running" && pod_ready(p)
 }
 
 async fn pods_of(k: &Kapsel, app: &str) -> Vec<Live> {
-    let (_, v) = k
-        .get(&format!(
-            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
-        ))
-        .await;
-    v["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    live_pods(k, app)
+        .await
         .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .map(|p| Live {
             name: p["metadata"]["name"].as_str().unwrap_or_default().into(),
             uid: p["metadata"]["uid"].as_str().unwrap_or_default().into(),

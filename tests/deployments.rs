@@ -37,31 +37,16 @@ fn never_ready(name: &str, replicas: i32, version: &str, extra_spec: &str) -> St
         + "        readinessProbe:\n          tcpSocket: {port: 1}\n          periodSeconds: 1\n"
 }
 
-/// The live (not terminating) pods of a Deployment: (name, ready, V).
+/// The live (not terminating, not finished) pods of a Deployment: (name, ready, V).
 async fn pods_of(k: &Kapsel, app: &str) -> Vec<(String, bool, String)> {
-    let (_, v) = k
-        .get(&format!(
-            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
-        ))
-        .await;
-    v["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    live_pods(k, app)
+        .await
         .into_iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .filter(|p| !matches!(phase(p), "Succeeded" | "Failed"))
         .map(|p| {
-            let ready = p["status"]["conditions"]
-                .as_array()
-                .map(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-                .unwrap_or(false);
             (
                 p["metadata"]["name"].as_str().unwrap().to_string(),
-                ready,
+                pod_ready(&p),
                 p["spec"]["containers"][0]["env"][0]["value"]
                     .as_str()
                     .unwrap_or_default()

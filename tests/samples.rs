@@ -549,39 +549,16 @@ fn edited(sample_file: &str, replace: &[(&str, &str)]) -> tempfile::NamedTempFil
 
 /// The live pods of `app=<app>`: (name, ready, VERSION, CRASH).
 async fn pods_of(k: &Kapsel, app: &str) -> Vec<(String, bool, String, String)> {
-    let (_, v) = k
-        .get(&format!(
-            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
-        ))
-        .await;
-    let env = |p: &Value, n: &str| {
-        p["spec"]["containers"][0]["env"]
-            .as_array()
-            .and_then(|e| e.iter().find(|e| e["name"] == n))
-            .and_then(|e| e["value"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    v["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    live_pods(k, app)
+        .await
         .into_iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .filter(|p| !matches!(phase(p), "Succeeded" | "Failed"))
         .map(|p| {
-            let ready = p["status"]["conditions"]
-                .as_array()
-                .map(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-                .unwrap_or(false);
             (
                 p["metadata"]["name"].as_str().unwrap().to_string(),
-                ready,
-                env(&p, "VERSION"),
-                env(&p, "CRASH"),
+                pod_ready(&p),
+                first_env(&p, "VERSION"),
+                first_env(&p, "CRASH"),
             )
         })
         .collect()

@@ -354,6 +354,40 @@ pub fn phase(pod: &Value) -> &str {
     pod["status"]["phase"].as_str().unwrap_or("")
 }
 
+/// The pod's `Ready` condition is `True`.
+pub fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// The value of env var `name` of the pod's first container (`""` when unset).
+pub fn first_env(pod: &Value, name: &str) -> String {
+    pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["name"] == name))
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The pods labelled `app=<app>` that are not terminating.
+pub async fn live_pods(k: &Kapsel, app: &str) -> Vec<Value> {
+    let (_, v) = k
+        .get(&format!(
+            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
+        ))
+        .await;
+    v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .collect()
+}
+
 /// Container ids Docker has with this label (`key=value`), running or not.
 pub fn docker_ids(label: &str) -> Vec<String> {
     let out = Command::new("docker")

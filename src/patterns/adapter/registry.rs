@@ -226,6 +226,34 @@ fn escape_value(v: &str, out: &mut String) {
     }
 }
 
+/// One sample line: `NAME+SUFFIX{LABELS} VALUE` (no braces without labels).
+fn write_sample(out: &mut String, name: &str, suffix: &str, labels: &str, v: f64) {
+    out.push_str(name);
+    out.push_str(suffix);
+    if !labels.is_empty() {
+        out.push('{');
+        out.push_str(labels);
+        out.push('}');
+    }
+    out.push(' ');
+    fmt_value(v, out);
+    out.push('\n');
+}
+
+/// The start of a sample with one more label: `NAME+SUFFIX{LABELS,KEY="`; the caller writes
+/// the label's value and closes it.
+fn open_with_label(out: &mut String, name: &str, suffix: &str, labels: &str, key: &str) {
+    out.push_str(name);
+    out.push_str(suffix);
+    out.push('{');
+    out.push_str(labels);
+    if !labels.is_empty() {
+        out.push(',');
+    }
+    out.push_str(key);
+    out.push_str("=\"");
+}
+
 fn fmt_value(v: f64, out: &mut String) {
     if v.is_nan() {
         out.push_str("NaN");
@@ -499,30 +527,14 @@ impl Registry {
                 let s = &f.series[k];
                 if let (Some(sm), Some(so)) = (&s.summ, &f.summary) {
                     for ((q, _), v) in so.quantiles.iter().zip(sm.quantiles(so, now)) {
-                        out.push_str(name);
-                        out.push('{');
-                        out.push_str(k);
-                        if !k.is_empty() {
-                            out.push(',');
-                        }
-                        out.push_str("quantile=\"");
+                        open_with_label(&mut out, name, "", k, "quantile");
                         fmt_value(*q, &mut out);
                         out.push_str("\"} ");
                         fmt_value(v, &mut out);
                         out.push('\n');
                     }
-                    for (suffix, v) in [("_sum", sm.sum), ("_count", sm.count as f64)] {
-                        out.push_str(name);
-                        out.push_str(suffix);
-                        if !k.is_empty() {
-                            out.push('{');
-                            out.push_str(k);
-                            out.push('}');
-                        }
-                        out.push(' ');
-                        fmt_value(v, &mut out);
-                        out.push('\n');
-                    }
+                    write_sample(&mut out, name, "_sum", k, sm.sum);
+                    write_sample(&mut out, name, "_count", k, sm.count as f64);
                     continue;
                 }
                 match &s.hist {
@@ -530,47 +542,16 @@ impl Registry {
                         let mut cum = 0;
                         for (i, b) in f.buckets.iter().enumerate() {
                             cum += h.counts[i];
-                            out.push_str(name);
-                            out.push_str("_bucket{");
-                            out.push_str(k);
-                            if !k.is_empty() {
-                                out.push(',');
-                            }
-                            out.push_str("le=\"");
+                            open_with_label(&mut out, name, "_bucket", k, "le");
                             fmt_value(*b, &mut out);
                             let _ = writeln!(out, "\"}} {cum}");
                         }
-                        out.push_str(name);
-                        out.push_str("_bucket{");
-                        out.push_str(k);
-                        if !k.is_empty() {
-                            out.push(',');
-                        }
-                        let _ = writeln!(out, "le=\"+Inf\"}} {}", h.count);
-                        for (suffix, v) in [("_sum", h.sum), ("_count", h.count as f64)] {
-                            out.push_str(name);
-                            out.push_str(suffix);
-                            if !k.is_empty() {
-                                out.push('{');
-                                out.push_str(k);
-                                out.push('}');
-                            }
-                            out.push(' ');
-                            fmt_value(v, &mut out);
-                            out.push('\n');
-                        }
+                        open_with_label(&mut out, name, "_bucket", k, "le");
+                        let _ = writeln!(out, "+Inf\"}} {}", h.count);
+                        write_sample(&mut out, name, "_sum", k, h.sum);
+                        write_sample(&mut out, name, "_count", k, h.count as f64);
                     }
-                    None => {
-                        out.push_str(&sample_name);
-                        if !k.is_empty() {
-                            out.push('{');
-                            out.push_str(k);
-                            out.push('}');
-                        }
-                        out.push(' ');
-                        fmt_value(s.value, &mut out);
-                        out.push('\n');
-                    }
+                    None => write_sample(&mut out, &sample_name, "", k, s.value),
                 }
             }
         }
@@ -599,66 +580,61 @@ impl Registry {
             );
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        c(
-            out,
-            "kapsel_adapter_statsd_packets_total",
-            "StatsD datagrams received.",
-            l(&st.statsd_packets),
-        );
-        c(
-            out,
-            "kapsel_adapter_statsd_lines_total",
-            "StatsD lines parsed.",
-            l(&st.statsd_lines),
-        );
-        c(
-            out,
-            "kapsel_adapter_statsd_malformed_lines_total",
-            "StatsD lines that did not parse (dropped).",
-            l(&st.statsd_malformed),
-        );
-        c(
-            out,
-            "kapsel_adapter_statsd_dropped_by_rule_total",
-            "StatsD samples dropped by an action: drop rule.",
-            l(&st.statsd_dropped_by_rule),
-        );
-        c(
-            out,
-            "kapsel_adapter_type_conflicts_total",
-            "Samples dropped because their family has another type.",
-            l(&st.type_conflicts),
-        );
-        c(
-            out,
-            "kapsel_adapter_label_conflicts_total",
-            "Samples dropped because their family has other label names.",
-            l(&st.label_conflicts),
-        );
-        c(
-            out,
-            "kapsel_adapter_cardinality_dropped_total",
-            "Samples dropped at the --max-series limit.",
-            l(&st.cardinality_dropped),
-        );
-        c(
-            out,
-            "kapsel_adapter_series_expired_total",
-            "Series removed after their TTL.",
-            l(&st.expired),
-        );
-        c(
-            out,
-            "kapsel_adapter_prometheus_malformed_lines_total",
-            "Lines of scraped Prometheus text that did not parse (skipped).",
-            l(&st.prom_malformed),
-        );
-        c(
-            out,
-            "kapsel_adapter_line_matches_total",
-            "Lines of text sources that matched a rule.",
-            l(&st.lines_matched),
-        );
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "kapsel_adapter_statsd_packets_total",
+                "StatsD datagrams received.",
+                &st.statsd_packets,
+            ),
+            (
+                "kapsel_adapter_statsd_lines_total",
+                "StatsD lines parsed.",
+                &st.statsd_lines,
+            ),
+            (
+                "kapsel_adapter_statsd_malformed_lines_total",
+                "StatsD lines that did not parse (dropped).",
+                &st.statsd_malformed,
+            ),
+            (
+                "kapsel_adapter_statsd_dropped_by_rule_total",
+                "StatsD samples dropped by an action: drop rule.",
+                &st.statsd_dropped_by_rule,
+            ),
+            (
+                "kapsel_adapter_type_conflicts_total",
+                "Samples dropped because their family has another type.",
+                &st.type_conflicts,
+            ),
+            (
+                "kapsel_adapter_label_conflicts_total",
+                "Samples dropped because their family has other label names.",
+                &st.label_conflicts,
+            ),
+            (
+                "kapsel_adapter_cardinality_dropped_total",
+                "Samples dropped at the --max-series limit.",
+                &st.cardinality_dropped,
+            ),
+            (
+                "kapsel_adapter_series_expired_total",
+                "Series removed after their TTL.",
+                &st.expired,
+            ),
+            (
+                "kapsel_adapter_prometheus_malformed_lines_total",
+                "Lines of scraped Prometheus text that did not parse (skipped).",
+                &st.prom_malformed,
+            ),
+            (
+                "kapsel_adapter_line_matches_total",
+                "Lines of text sources that matched a rule.",
+                &st.lines_matched,
+            ),
+        ];
+        for (name, help, v) in counters {
+            c(out, name, help, l(v));
+        }
         let _ = writeln!(out, "# HELP kapsel_adapter_config_reloads_total Configuration reloads by result.\n# TYPE kapsel_adapter_config_reloads{} counter", if om { "" } else { "_total" });
         let _ = writeln!(
             out,
