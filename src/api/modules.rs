@@ -78,7 +78,7 @@ async fn upload(
 async fn read(State(s): State<AppState>, Path(digest): Path<String>) -> Result<Response, ApiError> {
     let d = Digest::parse(&digest)?;
     let (size, file) = store(&s)?.open_module(&d).await?;
-    Ok(Response::builder()
+    Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, size)
@@ -86,7 +86,7 @@ async fn read(State(s): State<AppState>, Path(digest): Path<String>) -> Result<R
         .body(Body::from_stream(
             tokio_util::io::ReaderStream::with_capacity(file, 256 << 10),
         ))
-        .map_err(|e| ApiError::Internal(e.to_string()))?)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn list(State(s): State<AppState>) -> Result<Response, ApiError> {
