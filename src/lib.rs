@@ -23,6 +23,8 @@
 //!   replace-status / delete / watch with a field selector); `client::local` is the in-process
 //!   backend the embedded node uses. Nothing in [`runtime`] touches the store.
 //! - [`events`]: the event recorder used by the scheduler and the node agent.
+//! - [`modules`]: content-addressed WASM modules (`sha256:<hex>`): the server's module store,
+//!   verified streaming writes, the `modules.kapsel.io/<container>` pod annotation.
 //! - [`pki`]: the cluster CA, join tokens (`K10<CA sha256>::<id>.<secret>`), node-name
 //!   bindings, TLS configurations, and the agent's side of joining.
 //! - [`server`]: `kapsel serve` — wires the parts together, owns startup and shutdown.
@@ -40,6 +42,7 @@ pub mod cli;
 pub mod client;
 pub mod events;
 pub mod model;
+pub mod modules;
 pub mod patterns;
 pub mod pki;
 pub mod runtime;

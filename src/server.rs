@@ -48,6 +48,8 @@ pub enum ServerError {
     Pki(#[from] crate::pki::PkiError),
     #[error("joining the cluster: {0}")]
     Join(#[from] crate::pki::join::JoinError),
+    #[error("{0}")]
+    Modules(#[from] crate::modules::ModuleError),
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +90,8 @@ pub struct ServerConfig {
     pub node_lease_renew_interval: Duration,
     /// The node lifecycle controller's knobs (`serve` only).
     pub lifecycle: LifecycleConfig,
+    /// The largest module the module store accepts (`--max-module-size`).
+    pub max_module_bytes: u64,
 }
 
 impl ServerConfig {
@@ -113,6 +117,7 @@ impl ServerConfig {
             cluster_sans: Vec::new(),
             node_lease_renew_interval: crate::runtime::agent::DEFAULT_LEASE_RENEW_INTERVAL,
             lifecycle: LifecycleConfig::default(),
+            max_module_bytes: crate::modules::DEFAULT_MAX_MODULE_BYTES,
         }
     }
 }
@@ -207,7 +212,12 @@ impl Server {
             cluster = Some((l, bound, token_path, c, tls));
         }
 
+        let modules = Arc::new(crate::modules::ModuleStore::open(
+            &cfg.data_dir,
+            cfg.max_module_bytes,
+        )?);
         let state = AppState {
+            modules: Some(modules.clone()),
             store: store.clone(),
             logs: logs.clone(),
             shutdown: cancel.clone(),
@@ -254,7 +264,7 @@ impl Server {
         // The node reaches the objects through the client seam, in-process here.
         let node_up = start_node(
             &cfg,
-            crate::client::LocalClient::shared(store.clone()),
+            crate::client::LocalClient::with_modules(store.clone(), modules),
             logs,
             Some(addr),
             &tracker,
@@ -313,6 +323,7 @@ pub fn start_node(
     if let Some(a) = api_addr {
         wasm.set_api_addr(a);
     }
+    wasm.set_module_source(client.clone());
     let docker = cfg
         .docker_host
         .as_deref()

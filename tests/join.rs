@@ -47,21 +47,6 @@ async fn wait_node_ready(k: &Kapsel, node: &str, agent: &AgentProc) -> Duration 
     }
 }
 
-/// An HTTP client that presents a joined node's certificate to the cluster listener.
-fn node_http(agent_data: &std::path::Path) -> reqwest::Client {
-    let pki = agent_data.join("pki");
-    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
-    let mut id = read("node.crt");
-    id.extend(read("node.key"));
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&read("ca.crt")).unwrap())
-        .identity(reqwest::Identity::from_pem(&id).unwrap())
-        .build()
-        .unwrap()
-}
-
 async fn send(
     http: &reqwest::Client,
     method: reqwest::Method,

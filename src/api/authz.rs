@@ -10,6 +10,7 @@
 //! - get, create, update and delete its own Lease,
 //!   `/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/<self>`;
 //! - create, get and update events;
+//! - read (`GET` / `HEAD`) a module by digest, `/v1-kapsel/modules/sha256:<hex>`;
 //!
 //! and nothing else: 403 with a `Status` naming the identity and the reason. The loopback
 //! listener does not go through here: it serves the local user, unauthenticated, as before.
@@ -133,6 +134,11 @@ pub fn rule(node: &str, method: &Method, path: &str, query: &HashMap<String, Str
             if get || update || method == Method::DELETE =>
         {
             own(name, "Lease")
+        }
+        // Modules, read by digest (content-addressed: nothing to hide between nodes).
+        ["v1-kapsel", "modules", _] if get || method == Method::HEAD => Rule::Allow,
+        ["v1-kapsel", "modules", ..] => {
+            Rule::Deny("a node may only read modules by digest, not upload or list them".into())
         }
         // Events.
         ["api", "v1", "namespaces", _, "events"] if method == Method::POST => Rule::Allow,
@@ -339,9 +345,19 @@ mod tests {
             (Method::POST, "/apis/apps/v1/namespaces/x/deployments"),
             (Method::GET, "/v1-kapsel/tokens"),
             (Method::GET, "/metrics"),
+            (Method::PUT, "/v1-kapsel/modules/sha256:ab"),
+            (Method::GET, "/v1-kapsel/modules"),
         ] {
             assert!(matches!(r(m, p, &none), Rule::Deny(_)), "{p}");
         }
+        assert_eq!(
+            r(Method::GET, "/v1-kapsel/modules/sha256:ab", &none),
+            Rule::Allow
+        );
+        assert_eq!(
+            r(Method::HEAD, "/v1-kapsel/modules/sha256:ab", &none),
+            Rule::Allow
+        );
         assert!(public(&Method::GET, "/cacerts"));
         assert!(public(&Method::POST, "/v1-kapsel/join"));
         assert!(!public(&Method::GET, "/api/v1/pods"));

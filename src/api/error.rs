@@ -1,5 +1,5 @@
 //! The API layer's error enum and its one mapping to HTTP: a Kubernetes `Status` object with
-//! 400 / 401 / 403 / 404 / 409 / 410 / 415 / 422 / 500. Internal details are logged, not leaked.
+//! 400 / 401 / 403 / 404 / 409 / 410 / 413 / 415 / 422 / 500. Internal details are logged, not leaked.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -37,6 +37,9 @@ pub enum ApiError {
     /// Refused before routing: a browser-origin or DNS-rebinding request (see `api::guard`).
     #[error("{0}")]
     Forbidden(String),
+    /// A body above the size the API accepts (a module upload).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// A write whose body is not in a media type the API parses.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -55,6 +58,9 @@ impl ApiError {
             ApiError::Gone(_) => (StatusCode::GONE, "Expired"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            ApiError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
+            }
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
             }
@@ -133,6 +139,23 @@ impl From<StoreError> for ApiError {
                 }],
             },
             e @ (StoreError::Backend(_) | StoreError::Closed) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::modules::ModuleError> for ApiError {
+    fn from(e: crate::modules::ModuleError) -> Self {
+        use crate::modules::ModuleError as M;
+        match e {
+            M::InvalidDigest(_) | M::HashMismatch { .. } | M::Body(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            M::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            M::NotFound(d) => ApiError::NotFound {
+                kind: "module".into(),
+                name: d.to_string(),
+            },
+            M::Io(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -125,6 +125,11 @@ impl RequestGuard {
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             match ct.as_deref() {
                 Some(ct) if is_json_media_type(ct) => {}
+                // A module upload is raw bytes (a PUT: never a browser's simple request).
+                Some(ct)
+                    if method == Method::PUT
+                        && crate::api::modules::is_upload_path(uri.path())
+                        && crate::api::modules::is_module_media_type(ct) => {}
                 Some(ct) => {
                     return Err(ApiError::UnsupportedMediaType(format!(
                         "the body of a {method} must be JSON: Content-Type {ct:?} is not supported; use one of {ACCEPTED_MEDIA_TYPES}"

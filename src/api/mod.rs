@@ -5,7 +5,7 @@
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
 //! header-read timeout, drain on shutdown; TLS for the cluster listener). [`cluster`] serves the
 //! CA, the join endpoint and join tokens; [`authz`] authenticates and authorizes nodes on the
-//! cluster listener ([`cluster_router`]).
+//! cluster listener ([`cluster_router`]). [`modules`] serves the module store.
 
 pub mod authz;
 pub mod cluster;
@@ -15,6 +15,7 @@ pub mod events;
 pub mod guard;
 pub mod leases;
 pub mod listener;
+pub mod modules;
 pub mod nodes;
 pub mod pods;
 
@@ -47,6 +48,8 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::pki::Cluster>>,
     /// `tolerationSeconds` of the not-ready/unreachable tolerations admission adds to pods.
     pub default_toleration_seconds: i64,
+    /// The content-addressed module store ([`modules`]), else `None`.
+    pub modules: Option<Arc<crate::modules::ModuleStore>>,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -84,6 +87,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(events::routes())
         .merge(cluster::routes())
         .merge(leases::routes())
+        .merge(modules::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),

@@ -50,6 +50,11 @@ impl Client {
         }
     }
 
+    /// The underlying HTTP client (raw uploads: `cli::modules`).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -120,7 +125,7 @@ impl Client {
     }
 }
 
-fn api_error(status: StatusCode, v: &Value) -> ClientError {
+pub(crate) fn api_error(status: StatusCode, v: &Value) -> ClientError {
     ClientError::Api {
         code: status.as_u16(),
         reason: v["reason"].as_str().unwrap_or("").to_string(),

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod manifest;
+pub mod modules;
 pub mod node;
 pub mod output;
 pub mod rollout;
@@ -198,6 +199,19 @@ impl ApiOpts {
     }
 }
 
+/// `kapsel module …`
+#[derive(Subcommand, Debug)]
+pub enum ModuleCmd {
+    /// Upload a `.wasm` / `.wat` file (unless the server has it) and print its digest
+    /// (`sha256:<hex>` of the file's bytes).
+    Push {
+        /// The module file.
+        file: PathBuf,
+    },
+    /// List the stored modules: digest, size, when stored.
+    List,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the control plane and a local node.
@@ -337,6 +351,11 @@ pub enum Command {
     Rollout {
         #[command(subcommand)]
         action: rollout::RolloutCmd,
+    },
+    /// The server's content-addressed WASM module store (what `apply` uploads modules to).
+    Module {
+        #[command(subcommand)]
+        action: ModuleCmd,
     },
     /// Manage join tokens for `kapsel agent` (server started with --cluster-listen).
     Token {
@@ -598,6 +617,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::MetricsAdapter { args } => metrics_adapter(args).await,
         Command::Rollout { action } => rollout::run(&client, &ns, action).await,
         Command::Token { action } => token::run(&client, action).await,
+        Command::Module { action } => match action {
+            ModuleCmd::Push { file } => {
+                println!("{}", modules::push(&client, &file).await?);
+                Ok(0)
+            }
+            ModuleCmd::List => modules::list(&client).await.map(|()| 0),
+        },
         Command::Cordon { node } => node::cordon(&client, &node, true).await,
         Command::Uncordon { node } => node::cordon(&client, &node, false).await,
         Command::Drain {
@@ -637,6 +663,8 @@ pub async fn apply(
     default_ns: &str,
     print: impl Fn(String),
 ) -> Result<()> {
+    // Local modules go to the server's module store first; the objects name them by digest.
+    let manifests = &modules::attach(client, manifests).await?;
     let results: Vec<Result<String>> = futures::stream::iter(manifests.iter().cloned())
         .map(|m| {
             let client = client.clone();

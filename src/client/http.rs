@@ -14,8 +14,9 @@ use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{Client, ClientError, ClientWatch, Selector, WatchItem};
+use super::{Client, ClientError, ClientWatch, ModuleBody, Selector, WatchItem};
 use crate::model::Kind;
+use crate::modules::Digest;
 use crate::store::{EventType, WatchEvent};
 
 /// A [`Client`] talking to a Kapsel API server.
@@ -263,6 +264,37 @@ impl Client for HttpClient {
         )
         .boxed();
         Ok(ClientWatch { initial, live })
+    }
+
+    async fn get_module(&self, digest: &Digest) -> Result<ModuleBody, ClientError> {
+        let path = format!("{}/{digest}", crate::api::modules::MODULES_PATH);
+        let resp = self.send(Method::GET, &path, None).await?;
+        let code = resp.status();
+        if code == StatusCode::NOT_FOUND {
+            return Err(ClientError::NotFound {
+                kind: "module",
+                name: digest.to_string(),
+            });
+        }
+        if !code.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let message = body["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {code}"));
+            return Err(match code {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ClientError::Forbidden(message),
+                c if c.is_client_error() => ClientError::Invalid(message),
+                _ => ClientError::Unavailable(message),
+            });
+        }
+        Ok(ModuleBody {
+            size: resp.content_length(),
+            stream: resp
+                .bytes_stream()
+                .map(|r| r.map_err(std::io::Error::other))
+                .boxed(),
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The in-process backend of the client seam: the server's own store, without HTTP or JSON
 //! encoding on the way, so the embedded node of `kapsel serve` / `kapsel up` runs as fast as
 //! when it held the store itself. A watch filters the store's per-kind fan-out by namespace and
-//! selector as it streams.
+//! selector as it streams. Modules are read from the server's module store.
 
 use std::sync::Arc;
 
@@ -11,19 +11,32 @@ use serde_json::Value;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{Client, ClientError, ClientWatch, Selector, WatchItem};
+use super::{Client, ClientError, ClientWatch, ModuleBody, Selector, WatchItem};
 use crate::model::Kind;
+use crate::modules::{Digest, ModuleError, ModuleStore};
 use crate::store::{Store, WatchFrom};
 
 /// A [`Client`] over the server's store.
 #[derive(Clone)]
 pub struct LocalClient {
     store: Arc<dyn Store>,
+    modules: Option<Arc<ModuleStore>>,
 }
 
 impl LocalClient {
     pub fn shared(store: Arc<dyn Store>) -> Arc<dyn Client> {
-        Arc::new(LocalClient { store })
+        Arc::new(LocalClient {
+            store,
+            modules: None,
+        })
+    }
+
+    /// Over the server's store and its module store.
+    pub fn with_modules(store: Arc<dyn Store>, modules: Arc<ModuleStore>) -> Arc<dyn Client> {
+        Arc::new(LocalClient {
+            store,
+            modules: Some(modules),
+        })
     }
 }
 
@@ -88,6 +101,22 @@ impl Client for LocalClient {
             })
             .boxed();
         Ok(ClientWatch { initial, live })
+    }
+
+    async fn get_module(&self, digest: &Digest) -> Result<ModuleBody, ClientError> {
+        let not_found = || ClientError::NotFound {
+            kind: "module",
+            name: digest.to_string(),
+        };
+        let store = self.modules.as_ref().ok_or_else(not_found)?;
+        match store.open_module(digest).await {
+            Ok((size, file)) => Ok(ModuleBody {
+                size: Some(size),
+                stream: tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).boxed(),
+            }),
+            Err(ModuleError::NotFound(_)) => Err(not_found()),
+            Err(e) => Err(ClientError::Unavailable(e.to_string())),
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //!   `kapsel serve` and `kapsel up` uses it, so single-node speed stays what it was.
 //! - [`http::HttpClient`]: the API over HTTP, with a bearer token: what `kapsel agent` uses.
 //!
+//! Both also serve WASM modules by digest ([`Client::get_module`]).
+//!
 //! Rules the node may rely on from every backend: a write with a `resourceVersion` is
 //! compare-and-swap (a stale one is [`ClientError::Conflict`]); a watch delivers every change
 //! after its initial list, in order, or says [`WatchItem::Resync`] when it fell behind, after
@@ -22,6 +24,7 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 
 use crate::model::Kind;
+use crate::modules::Digest;
 use crate::store::{StoreError, WatchEvent};
 
 pub use local::LocalClient;
@@ -124,4 +127,19 @@ pub trait Client: Send + Sync + 'static {
         ns: Option<&str>,
         selector: Selector,
     ) -> Result<ClientWatch, ClientError>;
+    /// A WASM module's bytes by digest, from the control plane's module store
+    /// ([`crate::modules`]). The caller verifies the digest while it reads. A backend without
+    /// a module store answers [`ClientError::NotFound`].
+    async fn get_module(&self, digest: &Digest) -> Result<ModuleBody, ClientError> {
+        Err(ClientError::NotFound {
+            kind: "module",
+            name: digest.to_string(),
+        })
+    }
+}
+
+/// A module's bytes as they arrive, and its size when the server said it.
+pub struct ModuleBody {
+    pub size: Option<u64>,
+    pub stream: BoxStream<'static, Result<bytes::Bytes, std::io::Error>>,
 }

@@ -470,7 +470,7 @@ impl Executor for Arc<BuiltinExecutor> {
 
     /// git-sync fetches from the node's network; only its `--http-bind` lives in the pod.
     /// The ambassador listens on the pod's localhost, so the pod needs its own network.
-    fn needs_network(&self, image: &str) -> bool {
+    fn needs_network(&self, image: &str, _module: Option<&str>) -> bool {
         image == REDIS_AMBASSADOR || image == METRICS_ADAPTER
     }
 

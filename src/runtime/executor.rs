@@ -90,6 +90,9 @@ pub enum ExecError {
     /// The image (a `.wasm` file) does not exist or cannot be read.
     #[error("{0}")]
     ImagePull(String),
+    /// The module named by digest is neither on the node nor fetchable from the control plane.
+    #[error("{0}")]
+    ModulePull(String),
     /// The image exists but cannot run (not WASM, fails to compile or link).
     #[error("{0}")]
     InvalidImage(String),
@@ -120,6 +123,7 @@ impl ExecError {
     pub fn waiting_reason(&self) -> &'static str {
         match self {
             ExecError::ImagePull(_) => "ErrImagePull",
+            ExecError::ModulePull(_) => "ErrModulePull",
             ExecError::InvalidImage(_) => "CreateContainerError",
             ExecError::Config(_) => "CreateContainerConfigError",
             ExecError::InvalidImageName(_) => "InvalidImageName",
@@ -147,7 +151,8 @@ pub trait Executor: Send + Sync + 'static {
         true
     }
     /// Does a container of this image use the network (so its pod needs a sandbox)?
-    fn needs_network(&self, _image: &str) -> bool {
+    /// `module`: the container's module digest (`modules.kapsel.io/<container>`), if any.
+    fn needs_network(&self, _image: &str, _module: Option<&str>) -> bool {
         true
     }
     /// Make the image ready to start (compile and cache; pull). Idempotent and cached.

@@ -583,7 +583,13 @@ async fn setup_sandbox(
     let needs_net = needs_oci
         || all.iter().any(|c| {
             ctx.executor(&c.image)
-                .map(|e| e.needs_network(&c.image))
+                .map(|e| {
+                    let key = crate::modules::annotation_key(&c.name);
+                    e.needs_network(
+                        &c.image,
+                        pod.metadata.annotations.get(&key).map(String::as_str),
+                    )
+                })
                 .unwrap_or(false)
         });
     let mut guard = SandboxGuard {
@@ -924,6 +930,8 @@ impl Runner {
                             "Compiling"
                         } else if msg.starts_with("pulling ") {
                             "Pulling"
+                        } else if msg.starts_with("pulled ") {
+                            "Pulled"
                         } else {
                             "Preparing"
                         };

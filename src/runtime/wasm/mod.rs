@@ -7,12 +7,15 @@
 //! - Modules are compiled once and cached on disk by content digest
 //!   (`<data-dir>/cache/wasm/<sha256>-<engine>.cwasm`), then kept in memory as `InstancePre`s,
 //!   so a warm start is instantiate + run.
+//! - A container whose pod names its module by digest runs the local file only if it has that
+//!   digest; otherwise the module is fetched from the control plane ([`fetch`]).
 //! - WASI preview 1 core modules (`_start`) and WASI 0.2 components (`wasi:cli/command`).
 //! - Guests run on a dedicated tokio runtime (`kapsel-wasm` threads), yield at every epoch tick
 //!   and are CPU-limited by [`throttle`]; memory limits trap with `OOMKilled`.
 //! - The only pre-opened directories are the container's volume mounts; a component may listen
 //!   only on its declared `containerPort`s.
 
+pub mod fetch;
 pub mod limits;
 pub mod stdio;
 pub mod throttle;
@@ -162,6 +165,8 @@ pub struct WasmExecutor {
     ticker: Arc<EpochTicker>,
     /// The node API's listen address, which guests on the node's network may not connect to.
     api_addr: OnceLock<SocketAddr>,
+    /// Modules by digest: checks local files, fetches the others ([`fetch`]).
+    modules: fetch::ModuleFetcher,
 }
 
 fn base_config() -> Config {
@@ -241,7 +246,9 @@ impl WasmExecutor {
             .collect();
         let ticker =
             EpochTicker::start(engines, config.tick, stop_ticker.clone()).map_err(err_internal)?;
+        let modules = fetch::ModuleFetcher::new(&config.cache_dir).map_err(err_internal)?;
         Ok(Arc::new(WasmExecutor {
+            modules,
             config,
             pooled,
             ondemand: (engine, l1, l2),
@@ -261,6 +268,11 @@ impl WasmExecutor {
     /// network (no pod namespace) are refused connections to it.
     pub fn set_api_addr(&self, addr: SocketAddr) {
         let _ = self.api_addr.set(addr);
+    }
+
+    /// Where modules named by digest are fetched from: the node's client.
+    pub fn set_module_source(&self, client: Arc<dyn crate::client::Client>) {
+        self.modules.set_source(client);
     }
 
     /// The memory budget of the container's guest, and whether it is the node default.
@@ -319,7 +331,10 @@ impl WasmExecutor {
         spec: &ContainerSpec,
         progress: Option<&ExecutorProgress>,
     ) -> Result<Prepared, ExecError> {
-        let path = Self::image_path(&spec.image);
+        let path = self
+            .modules
+            .resolve(spec, Self::image_path(&spec.image), progress)
+            .await?;
         // Fast path: unchanged file already prepared.
         let meta = std::fs::metadata(&path).map_err(|e| {
             ExecError::ImagePull(format!("cannot read WASM image {}: {e}", path.display()))
@@ -617,8 +632,18 @@ impl super::executor::Executor for Arc<WasmExecutor> {
 
     /// Only components have sockets (WASI preview 1 has none usable): a pod of core modules
     /// needs no network namespace.
-    fn needs_network(&self, image: &str) -> bool {
-        let path = WasmExecutor::image_path(image);
+    fn needs_network(&self, image: &str, module: Option<&str>) -> bool {
+        let mut path = WasmExecutor::image_path(image);
+        if let Some(d) = module.and_then(|m| crate::modules::Digest::parse(m).ok()) {
+            if !path.exists() {
+                path = self.modules.cached(&d);
+                // Not fetched yet: whether it is a component is unknown, so give the pod its
+                // network (harmless for a core module).
+                if !path.exists() {
+                    return true;
+                }
+            }
+        }
         let mut head = [0u8; 8];
         use std::io::Read;
         match std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head)) {
