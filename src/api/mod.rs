@@ -4,7 +4,8 @@
 //! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
 //! header-read timeout, drain on shutdown; TLS for the cluster listener). [`cluster`] serves the
-//! CA, the join endpoint and join tokens; [`authz`] authenticates and authorizes nodes on the
+//! CA, the join endpoint and join tokens; [`tunnel`] accepts the agents' tunnels and reaches a
+//! pod's node (logs, adapter metrics, built-in status, exec); [`authz`] authenticates and authorizes nodes on the
 //! cluster listener ([`cluster_router`]).
 
 pub mod authz;
@@ -12,11 +13,13 @@ pub mod cluster;
 pub mod deployments;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod guard;
 pub mod leases;
 pub mod listener;
 pub mod nodes;
 pub mod pods;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -47,6 +50,8 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::pki::Cluster>>,
     /// `tolerationSeconds` of the not-ready/unreachable tolerations admission adds to pods.
     pub default_toleration_seconds: i64,
+    /// The nodes' APIs: the embedded node in-process, agents through their tunnels.
+    pub nodes: Arc<tunnel::NodeLinks>,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -84,6 +89,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(events::routes())
         .merge(cluster::routes())
         .merge(leases::routes())
+        .merge(tunnel::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),

@@ -739,9 +739,35 @@ impl AgentProc {
         node_ip: &str,
         extra: &[&str],
     ) -> Self {
+        Self::spawn(
+            data,
+            server,
+            node,
+            node_ip,
+            &[&["--no-docker"], extra].concat(),
+        )
+    }
+
+    /// An agent that runs OCI containers too (the machine's Docker). Its containers carry
+    /// `io.kapsel.node=<node>`: the test removes them.
+    pub fn start_with_docker(server: &str, node: &str, node_ip: &str, extra: &[&str]) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("kapsel-agent-")
+            .tempdir()
+            .unwrap();
+        Self::spawn(data, server, node, node_ip, extra)
+    }
+
+    fn spawn(
+        data: tempfile::TempDir,
+        server: &str,
+        node: &str,
+        node_ip: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut child = Command::new(bin())
             .args(["--server", server, "agent", "--node-name", node])
-            .args(["--node-ip", node_ip, "--no-docker"])
+            .args(["--node-ip", node_ip])
             .arg("--data-dir")
             .arg(data.path())
             .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
