@@ -223,7 +223,9 @@ impl Server {
             shutdown: cancel.clone(),
             cluster: cluster.as_ref().map(|(_, _, _, c, _)| c.clone()),
             default_toleration_seconds: cfg.lifecycle.default_toleration_seconds,
+            nodes: api::tunnel::NodeLinks::new(&cfg.node_name),
         };
+        let nodes = state.nodes.clone();
         let app = api::router(
             state.clone(),
             api::guard::RequestGuard::new(addr, &cfg.allowed_hosts),
@@ -262,7 +264,7 @@ impl Server {
         tracker.spawn(gc_events(store.clone(), cfg.event_ttl, cancel.clone()));
 
         // The node reaches the objects through the client seam, in-process here.
-        let node_up = start_node(
+        let (node_up, node_api) = start_node(
             &cfg,
             crate::client::LocalClient::with_modules(store.clone(), modules),
             logs,
@@ -270,6 +272,7 @@ impl Server {
             &tracker,
             &cancel,
         )?;
+        let _ = nodes.local.set(node_api);
         tracker.close();
         // Ready means ready to run pods: the node has registered itself.
         let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
@@ -297,7 +300,8 @@ impl Server {
 /// Start a node over `client`: its executors (WASM, the built-ins, Docker when configured) and
 /// its agent, as tasks of `tracker` stopped by `cancel`. `serve` passes the in-process client,
 /// `kapsel agent` the HTTP one. `api_addr`: the control plane's address, out of reach of pods on
-/// the node's network. Returns a receiver that fires once the node has registered.
+/// the node's network. Returns a receiver that fires once the node has registered, and the
+/// node's API ([`crate::runtime::nodeapi`]).
 pub fn start_node(
     cfg: &ServerConfig,
     client: Arc<dyn crate::client::Client>,
@@ -305,7 +309,7 @@ pub fn start_node(
     api_addr: Option<SocketAddr>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) -> Result<tokio::sync::oneshot::Receiver<()>, ServerError> {
+) -> Result<(tokio::sync::oneshot::Receiver<()>, axum::Router), ServerError> {
     private_dir(&cfg.data_dir)?;
     let pods_dir = cfg.data_dir.join("pods");
     private_dir(&pods_dir)?;
@@ -337,6 +341,12 @@ pub fn start_node(
     if let Some(d) = &docker {
         executors.push(Arc::new(d.clone()));
     }
+    let node_api = crate::runtime::nodeapi::router(crate::runtime::nodeapi::NodeApi {
+        logs: logs.clone(),
+        client: client.clone(),
+        docker: docker.clone(),
+        shutdown: cancel.clone(),
+    });
     let ctx = Arc::new(AgentCtx {
         client: client.clone(),
         node_name: cfg.node_name.clone(),
@@ -354,7 +364,7 @@ pub fn start_node(
         .with_lease_renew_interval(cfg.node_lease_renew_interval);
     let (registered, node_up) = tokio::sync::oneshot::channel();
     tracker.spawn(agent.run(cancel.clone(), Some(registered)));
-    Ok(node_up)
+    Ok((node_up, node_api))
 }
 
 /// `kapsel agent`: a node without a control plane, reaching one over HTTP.
@@ -373,6 +383,7 @@ impl Agent {
         server: &str,
         token: Option<String>,
     ) -> Result<Agent, ServerError> {
+        let mut tunnel_creds = None;
         let client = if server.starts_with("https://") {
             private_dir(&cfg.data_dir)?;
             // An unreachable server is waited for (it may be starting); a refusal is final.
@@ -394,7 +405,9 @@ impl Agent {
                     r => break r?,
                 }
             };
-            crate::client::http::HttpClient::shared_tls(server, &creds)?
+            let c = crate::client::http::HttpClient::shared_tls(server, &creds)?;
+            tunnel_creds = Some(creds);
+            c
         } else {
             crate::client::http::HttpClient::shared(server, token)?
         };
@@ -405,7 +418,22 @@ impl Agent {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let logs = Logs::new(cfg.data_dir.join("pods"));
-        let node_up = start_node(&cfg, client, logs, api_addr, &tracker, &cancel)?;
+        let (node_up, node_api) = start_node(&cfg, client, logs, api_addr, &tracker, &cancel)?;
+        // The node API reaches the server through the tunnel (a joined node only: over plain
+        // `http://` the server has no node identity to register it under).
+        match tunnel_creds {
+            Some(creds) => {
+                tracker.spawn(crate::runtime::tunnel::run(
+                    server.to_string(),
+                    creds,
+                    node_api,
+                    cancel.clone(),
+                ));
+            }
+            None => tracing::warn!(
+                "no node tunnel over plain http://: logs, metrics and exec of this node's pods are not reachable through the API"
+            ),
+        }
         tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(15), node_up).await;
         Ok(Agent { cancel, tracker })

@@ -124,7 +124,7 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
             &url,
             &format!("edge{}-{tag}", i + 1),
             &lab.node_ip(i),
-            &["--token", &token],
+            &["--no-docker", "--token", &token],
         )
     };
 
@@ -136,7 +136,7 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
         &url,
         &format!("impostor-{tag}"),
         &lab.node_ip(0),
-        &["--token", &bad],
+        &["--no-docker", "--token", &bad],
     );
     let (status, err) = impostor.wait_exit(20);
     assert!(!status.success(), "{err}");

@@ -11,6 +11,7 @@
 //!   `/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/<self>`;
 //! - create, get and update events;
 //! - read (`GET` / `HEAD`) a module by digest, `/v1-kapsel/modules/sha256:<hex>`;
+//! - open its own node tunnel (`/v1-kapsel/connect`, registered under its certificate's name);
 //!
 //! and nothing else: 403 with a `Status` naming the identity and the reason. The loopback
 //! listener does not go through here: it serves the local user, unauthenticated, as before.
@@ -92,6 +93,8 @@ pub fn rule(node: &str, method: &Method, path: &str, query: &HashMap<String, Str
     };
     match segs.as_slice() {
         ["healthz"] | ["readyz"] | ["version"] if get => Rule::Allow,
+        // Its tunnel: registered under the certificate's name, so only its own.
+        ["v1-kapsel", "connect"] if get => Rule::Allow,
         // Pods: list/watch of its own, by field selector.
         ["api", "v1", "pods"] | ["api", "v1", "namespaces", _, "pods"] if get => {
             if selects_node(query.get("fieldSelector").map(String::as_str), node) {
@@ -296,6 +299,23 @@ mod tests {
         );
         assert!(matches!(
             r(Method::PUT, "/api/v1/namespaces/x/pods/p", &none),
+            Rule::Deny(_)
+        ));
+        // The node API's proxies are the users', never a node's; its tunnel is its own.
+        for sub in ["log", "metrics", "builtins", "exec"] {
+            for m in [Method::GET, Method::POST] {
+                assert!(
+                    matches!(
+                        r(m, &format!("/api/v1/namespaces/x/pods/p/{sub}"), &none),
+                        Rule::Deny(_)
+                    ),
+                    "{sub}"
+                );
+            }
+        }
+        assert_eq!(r(Method::GET, "/v1-kapsel/connect", &none), Rule::Allow);
+        assert!(matches!(
+            r(Method::POST, "/v1-kapsel/connect", &none),
             Rule::Deny(_)
         ));
         assert!(matches!(

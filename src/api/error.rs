@@ -1,5 +1,5 @@
 //! The API layer's error enum and its one mapping to HTTP: a Kubernetes `Status` object with
-//! 400 / 401 / 403 / 404 / 409 / 410 / 413 / 415 / 422 / 500. Internal details are logged, not leaked.
+//! 400 / 401 / 403 / 404 / 409 / 410 / 413 / 415 / 422 / 500 / 502 / 503. Internal details are logged, not leaked.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -43,6 +43,12 @@ pub enum ApiError {
     /// A write whose body is not in a media type the API parses.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The pod's node cannot be reached (no tunnel, or it is starting).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The pod's node failed to answer through its tunnel.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -64,6 +70,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
             }
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }

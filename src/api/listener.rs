@@ -169,7 +169,10 @@ async fn serve_conn<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    // Upgrades: `exec` (WebSocket) and the agents' tunnels.
+    let conn = http
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .with_upgrades();
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,

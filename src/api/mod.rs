@@ -4,20 +4,23 @@
 //! get, watch and delete-options machinery lives here. [`guard`] refuses browser-borne and
 //! DNS-rebinding requests before routing; [`listener`] is the TCP front (connection cap,
 //! header-read timeout, drain on shutdown; TLS for the cluster listener). [`cluster`] serves the
-//! CA, the join endpoint and join tokens; [`authz`] authenticates and authorizes nodes on the
-//! cluster listener ([`cluster_router`]). [`modules`] serves the module store.
+//! CA, the join endpoint and join tokens; [`tunnel`] accepts the agents' tunnels and reaches a
+//! pod's node (logs, adapter metrics, built-in status, exec); [`authz`] authenticates and
+//! authorizes nodes on the cluster listener ([`cluster_router`]). [`modules`] serves the module store.
 
 pub mod authz;
 pub mod cluster;
 pub mod deployments;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod guard;
 pub mod leases;
 pub mod listener;
 pub mod modules;
 pub mod nodes;
 pub mod pods;
+pub mod tunnel;
 
 use std::sync::Arc;
 
@@ -50,6 +53,8 @@ pub struct AppState {
     pub default_toleration_seconds: i64,
     /// The content-addressed module store ([`modules`]), else `None`.
     pub modules: Option<Arc<crate::modules::ModuleStore>>,
+    /// The nodes' APIs: the embedded node in-process, agents through their tunnels.
+    pub nodes: Arc<tunnel::NodeLinks>,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -88,6 +93,7 @@ pub fn router(state: AppState, guard: guard::RequestGuard) -> Router {
         .merge(cluster::routes())
         .merge(leases::routes())
         .merge(modules::routes())
+        .merge(tunnel::routes())
         .fallback(|| async {
             ApiError::NotFound {
                 kind: "path".into(),

@@ -41,47 +41,51 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/namespaces/{ns}/pods/{name}/builtins",
             get(builtins),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/exec",
+            get(super::exec::exec).post(super::exec::exec),
+        )
 }
 
-/// The own status of the pod's running built-in pattern containers on this node, for
+/// The own status of the pod's running built-in pattern containers, from the pod's node, for
 /// `kapsel describe pod`: `{"CONTAINER": {"kind": "git-sync", "fields": [{"name", "value"}]}}`
 /// (`{}` when none runs; 404 for an unknown pod).
 async fn builtins(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    get_one(&s, Kind::Pod, &ns, &name)?;
-    let mut out = serde_json::Map::new();
-    for (container, kind, lines) in crate::patterns::pod_builtins(&ns, &name) {
-        let fields: Vec<Value> = lines
-            .into_iter()
-            .map(|(n, v)| serde_json::json!({"name": n, "value": v}))
-            .collect();
-        out.insert(
-            container,
-            serde_json::json!({"kind": kind, "fields": fields}),
-        );
+) -> Result<Response, ApiError> {
+    let pod = get_one(&s, Kind::Pod, &ns, &name)?;
+    match remote_node(&s, &pod) {
+        None => Ok(Json(crate::runtime::nodeapi::builtins_json(&ns, &name)).into_response()),
+        Some(node) => node_get(&s, &node, &format!("/builtins/{ns}/{name}")).await,
     }
-    Ok(Json(Value::Object(out)))
 }
 
-/// The latest values of the pod's `builtin/metrics-adapter` containers on this node, for
-/// controllers and people: `{"items": [{"container", "metric", "labels", "value"}]}`.
+/// The latest values of the pod's `builtin/metrics-adapter` containers, from the pod's node,
+/// for controllers and people: `{"items": [{"container", "metric", "labels", "value"}]}`.
 async fn adapter_metrics(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    get_one(&s, Kind::Pod, &ns, &name)?;
-    let items: Vec<Value> = crate::patterns::adapter::pod_values(&ns, &name)
-        .into_iter()
-        .map(|(c, m, l, v)| {
-            serde_json::json!({"container": c, "metric": m, "labels": l,
-                "value": if v.is_finite() { serde_json::json!(v) } else { serde_json::json!(v.to_string()) }})
-        })
-        .collect();
-    Ok(Json(
-        serde_json::json!({"kind": "PodMetricsList", "items": items}),
-    ))
+) -> Result<Response, ApiError> {
+    let pod = get_one(&s, Kind::Pod, &ns, &name)?;
+    match remote_node(&s, &pod) {
+        None => Ok(Json(crate::runtime::nodeapi::adapter_metrics_json(&ns, &name)).into_response()),
+        Some(node) => node_get(&s, &node, &format!("/adapterMetrics/{ns}/{name}")).await,
+    }
+}
+
+/// The pod's node when it is not the embedded one (which is read in-process, as ever).
+fn remote_node(s: &AppState, pod: &Value) -> Option<String> {
+    let node = pod["spec"]["nodeName"].as_str();
+    (!s.nodes.is_local(node)).then(|| node.unwrap_or_default().to_string())
+}
+
+/// A GET on a remote node's API, its answer passed on.
+async fn node_get(s: &AppState, node: &str, path: &str) -> Result<Response, ApiError> {
+    let req = axum::http::Request::get(path)
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    s.nodes.call(node, req).await
 }
 
 async fn list_all(
@@ -405,8 +409,25 @@ async fn log(
         }
     };
     let uid = pod.uid().to_string();
-    let path = s.logs.path(&uid, &container);
-    if !path.exists() {
+    let node = pod.spec.node_name.clone().unwrap_or_default();
+    let remote = !s.nodes.is_local(Some(&node));
+    let mut missing = remote;
+    if remote {
+        let mut path = format!("/containerLogs/{ns}/{name}/{uid}/{container}?");
+        if let Some(n) = q.tail_lines {
+            path.push_str(&format!("tailLines={n}&"));
+        }
+        if q.follow.unwrap_or(false) {
+            path.push_str("follow=true");
+        }
+        let resp = node_get(&s, &node, &path).await?;
+        if resp.status() != StatusCode::NOT_FOUND {
+            return Ok(resp);
+        }
+    } else {
+        missing = !s.logs.path(&uid, &container).exists();
+    }
+    if missing {
         let waiting = pod
             .status
             .as_ref()
@@ -426,57 +447,41 @@ async fn log(
             }
         }
     }
+    if remote {
+        // The node has no log for it (yet): empty, as a local container's would be.
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "").into_response());
+    }
     let (head, offset) = s.logs.read(&uid, &container, q.tail_lines);
+    let uid_done = uid.clone();
     if !q.follow.unwrap_or(false) {
         return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], head).into_response());
     }
-    let stream = s.logs.stream(&uid, &container);
-    let mut rx = stream.subscribe();
-    rx.borrow_and_update();
-    let ctx = std::sync::Arc::new((s.store.clone(), s.logs.clone(), uid, container, ns, name));
-    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) });
-    let rest = futures::stream::unfold(Some((offset, rx)), move |state| {
-        let ctx = ctx.clone();
-        async move {
-            let (mut offset, mut rx) = state?;
-            let (store, logs, uid, container, ns, name) = &*ctx;
-            loop {
-                let (buf, next) = logs.read_from(uid, container, offset);
-                offset = next;
-                if !buf.is_empty() {
-                    return Some((Ok(Bytes::from(buf)), Some((offset, rx))));
-                }
-                // Stop following when the pod is gone or finished for good.
-                let done = match store.get(Kind::Pod, ns, name) {
-                    Ok(Some(p)) => {
-                        p["metadata"]["uid"].as_str() != Some(uid.as_str())
-                            || matches!(
-                                p["status"]["phase"].as_str(),
-                                Some("Succeeded") | Some("Failed")
-                            )
-                    }
-                    _ => true,
-                };
-                if done {
-                    let (buf, _) = logs.read_from(uid, container, offset);
-                    return if buf.is_empty() {
-                        None
-                    } else {
-                        Some((Ok(Bytes::from(buf)), None))
-                    };
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+    let store = s.store.clone();
+    let done: crate::runtime::nodeapi::DoneCheck = std::sync::Arc::new(move || {
+        // Stop following when the pod is gone or finished for good.
+        let done = match store.get(Kind::Pod, &ns, &name) {
+            Ok(Some(p)) => {
+                p["metadata"]["uid"].as_str() != Some(uid_done.as_str())
+                    || matches!(
+                        p["status"]["phase"].as_str(),
+                        Some("Succeeded") | Some("Failed")
+                    )
             }
-        }
+            _ => true,
+        };
+        Box::pin(futures::future::ready(done))
     });
-    use futures::StreamExt;
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Body::from_stream(
-            first
-                .chain(rest)
-                .take_until(s.shutdown.clone().cancelled_owned()),
+        .body(crate::runtime::nodeapi::follow_body(
+            s.logs.clone(),
+            uid,
+            container,
+            head,
+            offset,
+            done,
+            s.shutdown.clone(),
         ))
         .unwrap())
 }

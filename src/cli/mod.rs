@@ -1,8 +1,9 @@
-//! The `kapsel` command line: `serve`, `up`, `apply`, `get`, `describe`, `logs`, `delete`,
+//! The `kapsel` command line: `serve`, `up`, `apply`, `get`, `describe`, `logs`, `exec`, `delete`,
 //! `rollout`, `scale` (see CONTRACT.md). Client commands talk HTTP to `--server`; `serve` and `up` run the
 //! embedded control plane and node. `anyhow` lives here, at the edge, and nowhere else.
 
 pub mod client;
+pub mod exec;
 pub mod manifest;
 pub mod modules;
 pub mod node;
@@ -311,6 +312,23 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
     },
+    /// Run a command in a pod's OCI container, on any node; its exit code becomes kapsel's.
+    Exec {
+        /// The pod's name.
+        pod: String,
+        /// The container (default: the pod's only container; required when it has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Allocate a terminal for the command (stderr then arrives on stdout).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Delete objects by name or by manifest.
     Delete {
         resource: Option<String>,
@@ -605,6 +623,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
             follow,
             tail,
         } => logs(&client, &ns, &pod, container.as_deref(), follow, tail).await,
+        Command::Exec {
+            pod,
+            container,
+            stdin,
+            tty,
+            command,
+        } => {
+            let args = exec::ExecArgs {
+                pod: &pod,
+                container: container.as_deref(),
+                stdin,
+                tty,
+                command,
+            };
+            exec::run(&client, &ns, args).await
+        }
         Command::Delete {
             resource,
             name,
@@ -851,7 +885,7 @@ fn typed<T: serde::de::DeserializeOwned>(items: Vec<Value>) -> Result<Vec<T>> {
         .collect::<Result<_, _>>()?)
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

@@ -775,10 +775,28 @@ impl AgentProc {
         node_ip: &str,
         extra: &[&str],
     ) -> Self {
+        Self::start_in_netns(
+            None,
+            data,
+            server,
+            node,
+            node_ip,
+            &[&["--no-docker"], extra].concat(),
+        )
+    }
+
+    /// An agent that runs OCI containers too (the machine's Docker). Its containers carry
+    /// `io.kapsel.node=<node>`: the test removes them.
+    pub fn start_with_docker(server: &str, node: &str, node_ip: &str, extra: &[&str]) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("kapsel-agent-")
+            .tempdir()
+            .unwrap();
         Self::start_in_netns(None, data, server, node, node_ip, extra)
     }
 
-    /// An agent inside network namespace `netns` (see [`netns::NetLab`]) when given.
+    /// An agent inside network namespace `netns` (see [`netns::NetLab`]) when given; `extra`
+    /// says `--no-docker` for a WASM-only node.
     pub fn start_in_netns(
         netns: Option<&str>,
         data: tempfile::TempDir,
@@ -798,7 +816,7 @@ impl AgentProc {
         };
         let mut child = cmd
             .args(["--server", server, "agent", "--node-name", node])
-            .args(["--node-ip", node_ip, "--no-docker"])
+            .args(["--node-ip", node_ip])
             .arg("--data-dir")
             .arg(data.path())
             .args(["--backoff-initial", "200ms", "--backoff-max", "2s"])
