@@ -138,7 +138,7 @@ async fn main() {
     let ramp_server_cpu = cpu_secs(s.child.id()) - cpu0;
     let ramp_agents_cpu = agents.iter().map(|a| cpu_secs(a.pid())).sum::<f64>() - acpu0;
     eprintln!(
-        "{replicas} pods: all Running after {t_running:.2} s, all Ready after {t_ready:.2} s"
+        "{replicas} pods: all Running after {t_running:.2} s, all Ready after {t_ready:.2} s; CPU meanwhile: server {ramp_server_cpu:.1} s, agents {ramp_agents_cpu:.1} s"
     );
 
     // Spread over the agents.
