@@ -130,6 +130,9 @@ async fn main() {
                 metric(&http, &s.api, running_series).await,
                 v["status"]
             );
+            drop(agents);
+            drop(s);
+            drop(root);
             std::process::exit(1);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -192,6 +195,9 @@ async fn main() {
         }
         if t0.elapsed() > Duration::from_secs(600) {
             eprintln!("FAILED: {left} pods left 600 s after scaling to 0");
+            drop(agents);
+            drop(s);
+            drop(root);
             std::process::exit(1);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -97,6 +97,9 @@ async fn main() {
         .is_none()
     {
         eprintln!("FAILED: the Deployment never became Ready");
+        drop(agents);
+        drop(s);
+        drop(root);
         std::process::exit(1);
     }
 
@@ -117,6 +120,9 @@ async fn main() {
         agents[i].kill9();
         let Some(t) = until_recovered(&http, &s.api, replicas, Some(&victim), t0).await else {
             eprintln!("FAILED: round {round} never recovered");
+            drop(agents);
+            drop(s);
+            drop(root);
             std::process::exit(1);
         };
         eprintln!(
