@@ -359,6 +359,7 @@ pub fn start_node(
         host_ip: cfg.host_ip.clone(),
         volume_check_interval: cfg.volume_check_interval,
         pod_netns: cfg.pod_netns,
+        last_written: Default::default(),
     });
     let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods))
         .with_lease_renew_interval(cfg.node_lease_renew_interval);

@@ -5,6 +5,11 @@
 //! ends: the caller lists again, as client-go's reflector does. Over `https://` (a cluster
 //! listener) it trusts only the cluster CA and presents the node's client certificate; plain
 //! `http://` with an optional bearer token stays for the loopback API.
+//!
+//! At most [`MAX_IN_FLIGHT`] requests (watch streams and Lease renewals aside) are in flight
+//! at once: a node starting a hundred pods then reuses a few kept-alive connections instead of
+//! opening (and TLS-handshaking) one per pod worker, and a hundred nodes stay far below the
+//! server's connection cap.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +24,16 @@ use crate::model::Kind;
 use crate::modules::Digest;
 use crate::store::{EventType, WatchEvent};
 
+/// Requests (other than watch streams) one client has in flight at once; the connection
+/// pool keeps at least this many idle connections.
+pub const MAX_IN_FLIGHT: usize = 16;
+
 /// A [`Client`] talking to a Kapsel API server.
 pub struct HttpClient {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
+    slots: tokio::sync::Semaphore,
 }
 
 impl HttpClient {
@@ -39,6 +49,7 @@ impl HttpClient {
             base: base.trim_end_matches('/').to_string(),
             http,
             token,
+            slots: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }))
     }
 
@@ -55,6 +66,7 @@ impl HttpClient {
             base: base.trim_end_matches('/').to_string(),
             http,
             token: None,
+            slots: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }))
     }
 
@@ -100,6 +112,25 @@ impl HttpClient {
             .map_err(|e| ClientError::Unavailable(format!("{}: {e}", self.base)))
     }
 
+    /// Send a request and read its answer, holding one of the [`MAX_IN_FLIGHT`] slots.
+    async fn call(
+        &self,
+        kind: Kind,
+        name: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        // The heartbeat never waits behind pod traffic. (The semaphore is never closed.)
+        let _slot = if kind == Kind::Lease {
+            None
+        } else {
+            self.slots.acquire().await.ok()
+        };
+        let resp = self.send(method, path, body).await?;
+        Self::answer(kind, name, resp).await
+    }
+
     /// The body of a 2xx answer, or the error its `Status` names.
     async fn answer(kind: Kind, name: &str, resp: reqwest::Response) -> Result<Value, ClientError> {
         let code = resp.status();
@@ -138,10 +169,10 @@ impl Client for HttpClient {
         ns: &str,
         name: &str,
     ) -> Result<Option<Arc<Value>>, ClientError> {
-        let resp = self
-            .send(Method::GET, &Self::object(kind, ns, name), None)
-            .await?;
-        match Self::answer(kind, name, resp).await {
+        match self
+            .call(kind, name, Method::GET, &Self::object(kind, ns, name), None)
+            .await
+        {
             Ok(v) => Ok(Some(Arc::new(v))),
             Err(ClientError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -151,18 +182,26 @@ impl Client for HttpClient {
     async fn create(&self, kind: Kind, obj: Value) -> Result<Value, ClientError> {
         let (ns, name) = Self::key(&obj);
         let ns = (!ns.is_empty()).then_some(ns.as_str()).or(Some("default"));
-        let resp = self
-            .send(Method::POST, &Self::collection(kind, ns), Some(&obj))
-            .await?;
-        Self::answer(kind, &name, resp).await
+        self.call(
+            kind,
+            &name,
+            Method::POST,
+            &Self::collection(kind, ns),
+            Some(&obj),
+        )
+        .await
     }
 
     async fn replace(&self, kind: Kind, obj: Value) -> Result<Value, ClientError> {
         let (ns, name) = Self::key(&obj);
-        let resp = self
-            .send(Method::PUT, &Self::object(kind, &ns, &name), Some(&obj))
-            .await?;
-        Self::answer(kind, &name, resp).await
+        self.call(
+            kind,
+            &name,
+            Method::PUT,
+            &Self::object(kind, &ns, &name),
+            Some(&obj),
+        )
+        .await
     }
 
     async fn replace_status(&self, kind: Kind, obj: Value) -> Result<Value, ClientError> {
@@ -172,8 +211,7 @@ impl Client for HttpClient {
         }
         let (ns, name) = Self::key(&obj);
         let path = format!("{}/status", Self::object(kind, &ns, &name));
-        let resp = self.send(Method::PUT, &path, Some(&obj)).await?;
-        Self::answer(kind, &name, resp).await
+        self.call(kind, &name, Method::PUT, &path, Some(&obj)).await
     }
 
     async fn delete(
@@ -187,10 +225,15 @@ impl Client for HttpClient {
         if let Some(rv) = rv {
             opts["preconditions"] = json!({"resourceVersion": rv.to_string()});
         }
-        let resp = self
-            .send(Method::DELETE, &Self::object(kind, ns, name), Some(&opts))
-            .await?;
-        Self::answer(kind, name, resp).await.map(|_| ())
+        self.call(
+            kind,
+            name,
+            Method::DELETE,
+            &Self::object(kind, ns, name),
+            Some(&opts),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn watch(
@@ -209,8 +252,7 @@ impl Client for HttpClient {
         } else {
             format!("{base}?{query}")
         };
-        let resp = self.send(Method::GET, &list_path, None).await?;
-        let list = Self::answer(kind, "", resp).await?;
+        let list = self.call(kind, "", Method::GET, &list_path, None).await?;
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("0")

@@ -446,20 +446,33 @@ fn cleanup_pod_dir(ctx: &AgentCtx, uid: &str) {
     }
 }
 
-/// The pod's containers are stopped: remove the object (if it is still this pod).
+/// The pod's containers are stopped: remove the object (if it is still this pod). A server
+/// that cannot be reached (or answers 5xx) is retried with back-off for up to a minute: giving
+/// up would leave the pod `Terminating` for good, since nothing else removes it.
 async fn finalize_delete(ctx: &AgentCtx, pod: &Pod) {
-    for _ in 0..20 {
-        let cur = match ctx.client.get(Kind::Pod, pod.ns(), pod.name()).await {
-            Ok(Some(c)) => c,
-            _ => break,
+    let mut wait = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for _ in 0..100 {
+        let r = match ctx.client.get(Kind::Pod, pod.ns(), pod.name()).await {
+            Ok(Some(cur)) if cur["metadata"]["uid"].as_str() == Some(pod.uid()) => {
+                let rv = crate::store::object_rv(&cur);
+                ctx.client.delete(Kind::Pod, pod.ns(), pod.name(), rv).await
+            }
+            Ok(_) => break,
+            Err(e) => Err(e),
         };
-        if cur["metadata"]["uid"].as_str() != Some(pod.uid()) {
-            break;
-        }
-        let rv = crate::store::object_rv(&cur);
-        match ctx.client.delete(Kind::Pod, pod.ns(), pod.name(), rv).await {
+        match r {
             Err(ClientError::Conflict(_)) => continue,
-            _ => break,
+            Err(ClientError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, pod = %pod.key(), retry_in = ?wait, "removing a stopped pod");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pod = %pod.key(), "removing a stopped pod");
+                break;
+            }
+            Ok(()) => break,
         }
     }
     cleanup_pod_dir(ctx, pod.uid());
