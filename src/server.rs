@@ -88,6 +88,9 @@ pub struct ServerConfig {
     pub node_lease_renew_interval: Duration,
     /// The node lifecycle controller's knobs (`serve` only).
     pub lifecycle: LifecycleConfig,
+    /// `--node-label`s and `--node-taint`s the node registers with.
+    pub node_labels: std::collections::BTreeMap<String, String>,
+    pub node_taints: Vec<crate::model::taint::Taint>,
 }
 
 impl ServerConfig {
@@ -113,6 +116,8 @@ impl ServerConfig {
             cluster_sans: Vec::new(),
             node_lease_renew_interval: crate::runtime::agent::DEFAULT_LEASE_RENEW_INTERVAL,
             lifecycle: LifecycleConfig::default(),
+            node_labels: Default::default(),
+            node_taints: Vec::new(),
         }
     }
 }
@@ -340,7 +345,8 @@ pub fn start_node(
         pod_netns: cfg.pod_netns,
     });
     let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods))
-        .with_lease_renew_interval(cfg.node_lease_renew_interval);
+        .with_lease_renew_interval(cfg.node_lease_renew_interval)
+        .with_registration(cfg.node_labels.clone(), cfg.node_taints.clone());
     let (registered, node_up) = tokio::sync::oneshot::channel();
     tracker.spawn(agent.run(cancel.clone(), Some(registered)));
     Ok(node_up)
