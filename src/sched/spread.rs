@@ -66,11 +66,11 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn per_node<'a>(
-        &'a mut self,
+    fn per_node(
+        &mut self,
         scope: &Scope,
         placed: &HashMap<String, PlacedPod>,
-    ) -> &'a HashMap<String, usize> {
+    ) -> &HashMap<String, usize> {
         &self
             .scopes
             .entry(scope.key())
