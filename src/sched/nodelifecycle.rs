@@ -957,25 +957,27 @@ mod tests {
         let mut clock = Clock::new();
         let t0 = clock.wall();
         let names: Vec<String> = (0..total).map(|i| format!("n{i}")).collect();
-        let nodes: Vec<Node> = names.iter().map(|n| node(n)).collect();
+        let mut nodes: Vec<Node> = names.iter().map(|n| node(n)).collect();
         let mut m = Monitor::new(cfg);
-        m.observe(clock.now, clock.wall(), &nodes, &HashMap::new(), &[]);
+        let first: HashMap<String, Lease> = names.iter().map(|n| lease(n, t0)).collect();
+        m.observe(clock.now, clock.wall(), &nodes, &first, &[]);
         clock.advance(Duration::from_secs(7));
+        // The live ones renewed; the silent ones did not.
         let later = clock.wall();
         let leases: HashMap<String, Lease> = names
             .iter()
             .enumerate()
             .map(|(i, n)| lease(n, if i < silent { t0 } else { later }))
             .collect();
-        // Two looks a little apart (the limiter refills), and with a first pass that saw them.
-        m.observe(clock.now - Duration::from_secs(7), t0, &nodes, &leases, &[]);
+        // A few looks a little apart (a fast limiter refills in between).
         let mut tainted = 0;
-        for _ in 0..3 {
+        for _ in 0..10 {
             let (acts, _) = m.observe(clock.now, clock.wall(), &nodes, &leases, &[]);
             tainted += acts
                 .iter()
                 .filter(|a| matches!(a, Action::TaintNoExecute(_)))
                 .count();
+            apply(&mut nodes, &acts, clock.wall());
             clock.advance(Duration::from_millis(10));
         }
         (m.disrupted, tainted)
