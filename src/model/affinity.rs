@@ -290,13 +290,11 @@ fn validate_term(t: &NodeSelectorTerm, field: &str, errs: &mut Vec<FieldError>) 
                     format!("{f}.values"),
                     "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
                 )),
-                Gt | Lt => {
-                    if r.values.len() != 1 || r.values[0].parse::<i64>().is_err() {
-                        errs.push(ferr(
-                            format!("{f}.values"),
-                            "Invalid value: must be a single integer when `operator` is 'Gt' or 'Lt'",
-                        ));
-                    }
+                Gt | Lt if r.values.len() != 1 || r.values[0].parse::<i64>().is_err() => {
+                    errs.push(ferr(
+                        format!("{f}.values"),
+                        "Invalid value: must be a single integer when `operator` is 'Gt' or 'Lt'",
+                    ))
                 }
                 _ => {}
             }
