@@ -92,6 +92,9 @@ pub struct ServerConfig {
     pub lifecycle: LifecycleConfig,
     /// The largest module the module store accepts (`--max-module-size`).
     pub max_module_bytes: u64,
+    /// `--node-label`s and `--node-taint`s the node registers with.
+    pub node_labels: std::collections::BTreeMap<String, String>,
+    pub node_taints: Vec<crate::model::taint::Taint>,
 }
 
 impl ServerConfig {
@@ -118,6 +121,8 @@ impl ServerConfig {
             node_lease_renew_interval: crate::runtime::agent::DEFAULT_LEASE_RENEW_INTERVAL,
             lifecycle: LifecycleConfig::default(),
             max_module_bytes: crate::modules::DEFAULT_MAX_MODULE_BYTES,
+            node_labels: Default::default(),
+            node_taints: Vec::new(),
         }
     }
 }
@@ -362,7 +367,8 @@ pub fn start_node(
         last_written: Default::default(),
     });
     let agent = NodeAgent::new(ctx, NodeResources::detect(cfg.max_pods))
-        .with_lease_renew_interval(cfg.node_lease_renew_interval);
+        .with_lease_renew_interval(cfg.node_lease_renew_interval)
+        .with_registration(cfg.node_labels.clone(), cfg.node_taints.clone());
     let (registered, node_up) = tokio::sync::oneshot::channel();
     tracker.spawn(agent.run(cancel.clone(), Some(registered)));
     Ok((node_up, node_api))

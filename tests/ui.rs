@@ -79,6 +79,34 @@ fn client_side_errors_are_one_clear_line() {
     let err = run(&["--server", "http://127.0.0.1:1/api", "get", "pods"]);
     assert!(err.contains("no path"), "{err}");
     assert!(!err.contains("relative URL"), "{err}");
+
+    // Node labels and taints are checked before anything starts; the error names the flag.
+    for (flag, value, says) in [
+        ("--node-label", "zone", "expected KEY=VALUE"),
+        (
+            "--node-label",
+            "kubernetes.io/role=x",
+            "may not set labels under kubernetes.io/",
+        ),
+        (
+            "--node-label",
+            "node-restriction.kubernetes.io/a=b",
+            "reserved for administrators",
+        ),
+        ("--node-label", "a=b c", "label value"),
+        (
+            "--node-taint",
+            "k=v:Sometimes",
+            "is not NoSchedule, PreferNoSchedule or NoExecute",
+        ),
+        ("--node-taint", "k=v", "expected key[=value]:Effect"),
+    ] {
+        let err = run(&["agent", "--server", "https://127.0.0.1:1", flag, value]);
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
 }
 
 /// A bare `HOST:PORT` works as `--server`.

@@ -6,7 +6,11 @@
 //!
 //! - list and watch pods only with `fieldSelector=spec.nodeName=<self>`, get and delete
 //!   (finalize) the pods bound to it, and write their `status`;
-//! - get, create and update its own Node (and its `status`), nothing of other nodes';
+//! - get, create and update (PUT) its own Node (and its `status`), nothing of other nodes'; as
+//!   Kubernetes' NodeRestriction, it may not change its own `spec.taints` or
+//!   `spec.unschedulable` after creation, nor set labels under `node-restriction.kubernetes.io/`
+//!   or under `kubernetes.io/` and `k8s.io/` other than the well-known ones
+//!   ([`crate::model::node::node_may_set_label`]);
 //! - get, create, update and delete its own Lease,
 //!   `/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/<self>`;
 //! - create, get and update events;
@@ -60,6 +64,11 @@ pub enum Rule {
     },
     /// Allowed if the body's `metadata.name` is the node's name.
     BodyNameIsSelf,
+    /// Its own Node, created (`create`) or replaced: NodeRestriction checks the body against
+    /// the stored Node.
+    OwnNode {
+        create: bool,
+    },
 }
 
 /// Does the field selector restrict to `spec.nodeName=<node>`?
@@ -121,12 +130,21 @@ pub fn rule(node: &str, method: &Method, path: &str, query: &HashMap<String, Str
             "a node may read, delete and write the status of the pods bound to it, nothing else of pods".into(),
         ),
         // Its own Node.
-        ["api", "v1", "nodes"] if method == Method::POST => Rule::BodyNameIsSelf,
-        ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"]
-            if get || update =>
-        {
+        ["api", "v1", "nodes"] if method == Method::POST => Rule::OwnNode { create: true },
+        ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"] if get => {
             own(name, "Node")
         }
+        ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"]
+            if method == Method::PUT =>
+        {
+            match own(name, "Node") {
+                Rule::Allow => Rule::OwnNode { create: false },
+                deny => deny,
+            }
+        }
+        ["api", "v1", "nodes", ..] if method == Method::PATCH => Rule::Deny(
+            "a node replaces (PUT) its own Node; it may not patch Nodes".into(),
+        ),
         // Its own Lease.
         ["apis", "coordination.k8s.io", "v1", "namespaces", "kube-node-lease", "leases"]
             if method == Method::POST =>
@@ -208,7 +226,7 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
             ),
             _ => next.run(req).await,
         },
-        Rule::BodyNameIsSelf => {
+        rule @ (Rule::BodyNameIsSelf | Rule::OwnNode { .. }) => {
             let (parts, body) = req.into_parts();
             let bytes: Bytes = match axum::body::to_bytes(body, MAX_CHECKED_BODY).await {
                 Ok(b) => b,
@@ -232,15 +250,126 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
                     ),
                 );
             }
+            if let Rule::OwnNode { create } = rule {
+                // Undecodable: the handler names the decoding error.
+                let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let cur = if create {
+                    None
+                } else {
+                    match state.store.get(Kind::Node, "", &node) {
+                        Ok(cur) => cur,
+                        Err(e) => return ApiError::from(e).into_response(),
+                    }
+                };
+                if !body.is_null() {
+                    if let Err(why) = node_restriction(&body, cur.as_deref()) {
+                        return forbidden(metrics, &node, &method, &path, &why);
+                    }
+                }
+            }
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
     }
 }
 
+/// Kubernetes' NodeRestriction for a node writing its own Node: `cur` is the stored Node
+/// (`None`: creation). At creation any taints are fine (`--node-taint`); afterwards the node
+/// may not change its taints or `unschedulable`. Labels it adds, changes or removes must be
+/// ones a node may set.
+pub fn node_restriction(
+    body: &serde_json::Value,
+    cur: Option<&serde_json::Value>,
+) -> Result<(), String> {
+    use crate::model::node::node_may_set_label;
+    use crate::model::taint::Taint;
+    let labels = |v: &serde_json::Value| -> std::collections::BTreeMap<String, String> {
+        serde_json::from_value(v["metadata"]["labels"].clone()).unwrap_or_default()
+    };
+    let new_labels = labels(body);
+    let Some(cur) = cur else {
+        for k in new_labels.keys() {
+            node_may_set_label(k)?;
+        }
+        return Ok(());
+    };
+    // A stale write is the handler's to refuse (409), whatever it changes.
+    let rv = |v: &serde_json::Value| {
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string)
+    };
+    if rv(body).is_some() && rv(body) != rv(cur) {
+        return Ok(());
+    }
+    let taints = |v: &serde_json::Value| -> Vec<Taint> {
+        serde_json::from_value(v["spec"]["taints"].clone()).unwrap_or_default()
+    };
+    if taints(body) != taints(cur) {
+        return Err("a node may not change its own spec.taints (NodeRestriction)".into());
+    }
+    let unschedulable =
+        |v: &serde_json::Value| v["spec"]["unschedulable"].as_bool().unwrap_or(false);
+    if unschedulable(body) != unschedulable(cur) {
+        return Err("a node may not change its own spec.unschedulable (NodeRestriction)".into());
+    }
+    let old_labels = labels(cur);
+    for k in new_labels.keys().chain(old_labels.keys()) {
+        if new_labels.get(k) != old_labels.get(k) {
+            node_may_set_label(k)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_restriction_rules() {
+        use serde_json::json;
+        let cur = json!({"metadata": {"name": "a", "resourceVersion": "5",
+            "labels": {"kubernetes.io/hostname": "a", "node-restriction.kubernetes.io/pool": "x"}},
+            "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]}});
+        // Status and own labels: fine.
+        let mut ok = cur.clone();
+        ok["metadata"]["labels"]["zone"] = json!("z1");
+        ok["status"] = json!({"conditions": []});
+        assert_eq!(node_restriction(&ok, Some(&cur)), Ok(()));
+        // Taints, cordon and restricted labels: refused.
+        let mut t = cur.clone();
+        t["spec"]["taints"] = json!([]);
+        assert!(node_restriction(&t, Some(&cur))
+            .unwrap_err()
+            .contains("spec.taints"));
+        let mut u = cur.clone();
+        u["spec"]["unschedulable"] = json!(true);
+        assert!(node_restriction(&u, Some(&cur))
+            .unwrap_err()
+            .contains("unschedulable"));
+        let mut l = cur.clone();
+        l["metadata"]["labels"]["node-restriction.kubernetes.io/pool"] = json!("y");
+        assert!(node_restriction(&l, Some(&cur)).is_err());
+        let mut r = cur.clone();
+        r["metadata"]["labels"]
+            .as_object_mut()
+            .unwrap()
+            .remove("node-restriction.kubernetes.io/pool");
+        assert!(node_restriction(&r, Some(&cur)).is_err());
+        let mut role = cur.clone();
+        role["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = json!("");
+        assert!(node_restriction(&role, Some(&cur)).is_err());
+        // A stale write goes on to its 409.
+        let mut stale = t.clone();
+        stale["metadata"]["resourceVersion"] = json!("4");
+        assert_eq!(node_restriction(&stale, Some(&cur)), Ok(()));
+        // Creation: taints are fine, restricted labels are not.
+        assert_eq!(node_restriction(&cur, None).map_err(|_| ()), Err(()));
+        let mut create = cur.clone();
+        create["metadata"]["labels"] = json!({"kubernetes.io/os": "linux"});
+        assert_eq!(node_restriction(&create, None), Ok(()));
+    }
 
     fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -327,7 +456,14 @@ mod tests {
             Rule::Deny(_)
         ));
         assert_eq!(r(Method::GET, "/api/v1/nodes/a", &none), Rule::Allow);
-        assert_eq!(r(Method::PUT, "/api/v1/nodes/a/status", &none), Rule::Allow);
+        assert_eq!(
+            r(Method::PUT, "/api/v1/nodes/a/status", &none),
+            Rule::OwnNode { create: false }
+        );
+        assert!(matches!(
+            r(Method::PATCH, "/api/v1/nodes/a", &none),
+            Rule::Deny(_)
+        ));
         assert!(matches!(
             r(Method::PUT, "/api/v1/nodes/b", &none),
             Rule::Deny(_)
@@ -342,7 +478,7 @@ mod tests {
         ));
         assert_eq!(
             r(Method::POST, "/api/v1/nodes", &none),
-            Rule::BodyNameIsSelf
+            Rule::OwnNode { create: true }
         );
         let lease = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
         assert_eq!(r(Method::PUT, &format!("{lease}/a"), &none), Rule::Allow);

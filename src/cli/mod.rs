@@ -98,6 +98,37 @@ pub struct NodeOpts {
     /// How often this node renews its Lease (its heartbeat, kubelet's name for the knob).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub node_lease_renew_interval: Duration,
+    /// A label this node sets on its Node, KEY=VALUE (repeatable). Not under
+    /// node-restriction.kubernetes.io/, nor kubernetes.io/ or k8s.io/ except the well-known ones.
+    #[arg(long = "node-label", value_name = "KEY=VALUE", value_parser = parse_node_label)]
+    pub node_labels: Vec<(String, String)>,
+    /// A taint the Node is registered with, KEY[=VALUE]:EFFECT, EFFECT one of NoSchedule,
+    /// PreferNoSchedule, NoExecute (repeatable).
+    #[arg(long = "node-taint", value_name = "KEY[=VALUE]:EFFECT", value_parser = parse_node_taint)]
+    pub node_taints: Vec<crate::model::taint::Taint>,
+}
+
+/// `--node-label KEY=VALUE`: a valid label the node may set on itself.
+fn parse_node_label(s: &str) -> std::result::Result<(String, String), String> {
+    use crate::model::validate::{check_label_key, check_label_value};
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    check_label_key(k).map_err(|e| format!("{s:?}: key {k:?}: {e}"))?;
+    check_label_value(v).map_err(|e| format!("{s:?}: value {v:?}: {e}"))?;
+    crate::model::node::node_may_set_label(k)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `--node-taint KEY[=VALUE]:EFFECT`.
+fn parse_node_taint(s: &str) -> std::result::Result<crate::model::taint::Taint, String> {
+    use crate::model::validate::{check_label_key, check_label_value};
+    let t = crate::model::taint::Taint::parse(s)?;
+    check_label_key(&t.key).map_err(|e| format!("taint {s:?}: key {:?}: {e}", t.key))?;
+    if let Some(v) = &t.value {
+        check_label_value(v).map_err(|e| format!("taint {s:?}: value {v:?}: {e}"))?;
+    }
+    Ok(t)
 }
 
 /// The node lifecycle controller of `serve` (Kubernetes' kube-controller-manager flag names;
@@ -118,10 +149,18 @@ pub struct LifecycleOpts {
     /// Most nodes tainted for eviction per second (0: never evict).
     #[arg(long, default_value_t = 10.0)]
     pub node_eviction_rate: f64,
-    /// When more than this fraction of the nodes are silent at once, evict nothing (the
-    /// control plane or its network is the likely problem).
+    /// A zone (topology.kubernetes.io/zone) with more than 2 not-ready nodes making at least
+    /// this fraction of it is partially disrupted: it evicts at --secondary-node-eviction-rate
+    /// if larger than --large-cluster-size-threshold, else not at all. When every zone has all
+    /// its nodes not ready, nothing is evicted (the control plane is the likely problem).
     #[arg(long, default_value_t = 0.55)]
     pub unhealthy_zone_threshold: f64,
+    /// Zones with more nodes than this are "large" (see --unhealthy-zone-threshold).
+    #[arg(long, default_value_t = 50)]
+    pub large_cluster_size_threshold: usize,
+    /// Nodes tainted for eviction per second in a large, partially disrupted zone.
+    #[arg(long, default_value_t = 0.01)]
+    pub secondary_node_eviction_rate: f64,
 }
 
 impl LifecycleOpts {
@@ -132,6 +171,8 @@ impl LifecycleOpts {
             default_toleration_seconds: self.default_unreachable_toleration_seconds,
             eviction_rate: self.node_eviction_rate,
             unhealthy_zone_threshold: self.unhealthy_zone_threshold,
+            large_cluster_size_threshold: self.large_cluster_size_threshold,
+            secondary_eviction_rate: self.secondary_node_eviction_rate,
         };
         cfg.lifecycle
             .validate(cfg.node_lease_renew_interval)
@@ -493,6 +534,8 @@ pub fn server_config(listen: &str, opts: &NodeOpts) -> Result<ServerConfig> {
         bail!("--node-lease-renew-interval must be more than 0");
     }
     cfg.node_lease_renew_interval = opts.node_lease_renew_interval;
+    cfg.node_labels = opts.node_labels.iter().cloned().collect();
+    cfg.node_taints = opts.node_taints.clone();
     Ok(cfg)
 }
 

@@ -1,6 +1,7 @@
 //! The object model: Kubernetes-shaped kinds (Pod, Node, Event, Deployment, ReplicaSet, Lease), their quantities and validation.
 //! Types are strict (`deny_unknown_fields`) so a typo in a manifest is an error naming the field.
 
+pub mod affinity;
 pub mod deployment;
 pub mod event;
 pub mod lease;

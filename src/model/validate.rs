@@ -41,6 +41,42 @@ pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+/// A label name part: at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
+fn is_label_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain (Kubernetes' qualified name).
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        if !is_dns_subdomain(p) {
+            return Err("the prefix must be a DNS subdomain (e.g. example.com)".into());
+        }
+    }
+    if !is_label_name(name) {
+        return Err("a label key's name must be 63 characters or less, alphanumerics with '-', '_' or '.' between (e.g. 'app' or 'example.com/zone')".into());
+    }
+    Ok(())
+}
+
+/// A label value: empty, or a label name part.
+pub fn check_label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() || is_label_name(v) {
+        Ok(())
+    } else {
+        Err("a label value must be empty or 63 characters or less, alphanumerics with '-', '_' or '.' between".into())
+    }
+}
+
 pub fn validate_object_name(name: &str, field: &str, errs: &mut Vec<FieldError>) {
     if name.is_empty() {
         errs.push(err(field, "Required value: name is required"));
@@ -90,6 +126,10 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
             errs.push(err(field, format!("Invalid value: {message}")));
         }
     }
+    if let Some(a) = &spec.affinity {
+        super::affinity::validate_affinity(a, &mut errs);
+    }
+    super::affinity::validate_spread(&spec.topology_spread_constraints, &mut errs);
     let mut volume_names = BTreeSet::new();
     for (i, v) in spec.volumes.iter().enumerate() {
         let f = format!("spec.volumes[{i}]");

@@ -11,7 +11,7 @@
 //! reports changed (runtimes, or a `Ready` condition someone else changed, such as the node
 //! lifecycle controller marking it `Unknown`) or every [`NODE_STATUS_REPORT_FREQUENCY`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::worker::{run_pod, AgentCtx};
 use crate::client::{ClientError, Selector, WatchItem};
+use crate::model::affinity::{LABEL_ARCH, LABEL_HOSTNAME, LABEL_OS};
 use crate::model::lease::NODE_LEASE_NAMESPACE;
-use crate::model::node::{NodeAddress, NodeCondition, NodeInfo, NodeStatus};
+use crate::model::node::{
+    this_os_arch, NodeAddress, NodeCondition, NodeInfo, NodeSpec, NodeStatus, LABEL_WASM_ONLY,
+};
+use crate::model::taint::Taint;
 use crate::model::{Kind, Lease, Node, ObjectMeta, Pod};
 use crate::store::{EventType, WatchEvent};
 
@@ -81,6 +85,12 @@ pub struct NodeAgent {
     resources: NodeResources,
     workers: HashMap<String, Worker>,
     lease_renew_interval: Duration,
+    /// `--node-label`s: set at registration and kept (merged into the Node's labels).
+    labels: BTreeMap<String, String>,
+    /// `--node-taint`s: the Node is created with them (afterwards taints are the
+    /// administrator's and the node lifecycle controller's; NodeRestriction forbids the node
+    /// to change them).
+    taints: Vec<Taint>,
 }
 
 impl NodeAgent {
@@ -90,7 +100,38 @@ impl NodeAgent {
             resources,
             workers: HashMap::new(),
             lease_renew_interval: DEFAULT_LEASE_RENEW_INTERVAL,
+            labels: BTreeMap::new(),
+            taints: Vec::new(),
         }
+    }
+
+    /// The labels and taints the node registers with (`--node-label`, `--node-taint`).
+    pub fn with_registration(
+        mut self,
+        labels: BTreeMap<String, String>,
+        taints: Vec<Taint>,
+    ) -> Self {
+        self.labels = labels;
+        self.taints = taints;
+        self
+    }
+
+    /// The labels this node keeps on its Node: the well-known ones
+    /// (`kubernetes.io/hostname`, `kubernetes.io/os`, `kubernetes.io/arch`), `--node-label`s,
+    /// and `kapsel.io/wasm-only=true` while it cannot run OCI containers. `None`: remove.
+    fn managed_labels(&self, runtimes: &[String]) -> BTreeMap<String, Option<String>> {
+        let (os, arch) = this_os_arch();
+        let mut m: BTreeMap<String, Option<String>> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        m.insert(LABEL_HOSTNAME.into(), Some(self.ctx.node_name.clone()));
+        m.insert(LABEL_OS.into(), Some(os.into()));
+        m.insert(LABEL_ARCH.into(), Some(arch.into()));
+        let wasm_only = !runtimes.iter().any(|r| r == "oci");
+        m.insert(LABEL_WASM_ONLY.into(), wasm_only.then(|| "true".into()));
+        m
     }
 
     /// How often the node renews its Lease.
@@ -99,9 +140,23 @@ impl NodeAgent {
         self
     }
 
+    /// Why this node cannot run pods now, if it cannot: its data directory (pods' volumes,
+    /// logs, modules) is not writable. The node then reports `Ready=False` with this message,
+    /// and the node lifecycle controller taints it `node.kubernetes.io/not-ready`.
+    fn problem(&self) -> Option<String> {
+        let probe = self.ctx.pods_dir.join(".kapsel-health");
+        match std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe)) {
+            Ok(()) => None,
+            Err(e) => Some(format!(
+                "data directory {} is not writable: {e}",
+                self.ctx.pods_dir.display()
+            )),
+        }
+    }
+
     /// Does the stored Node need this node's status again (gone, or its `Ready` condition
-    /// changed by someone else)?
-    async fn status_stale(&self) -> bool {
+    /// not what this node reports, e.g. changed by the node lifecycle controller)?
+    async fn status_stale(&self, ready: bool) -> bool {
         match self
             .ctx
             .client
@@ -109,12 +164,12 @@ impl NodeAgent {
             .await
         {
             Ok(Some(n)) => {
-                let ready = n["status"]["conditions"].as_array().and_then(|cs| {
+                let stored = n["status"]["conditions"].as_array().and_then(|cs| {
                     cs.iter()
                         .find(|c| c["type"] == "Ready")
                         .map(|c| c["status"] == "True")
                 });
-                ready != Some(true)
+                stored != Some(ready)
             }
             Ok(None) => true,
             Err(_) => false,
@@ -133,6 +188,12 @@ impl NodeAgent {
     }
 
     fn node_object(&self, runtimes: &[String]) -> Node {
+        let problem = self.problem();
+        let labels = self
+            .managed_labels(runtimes)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
         let r = &self.resources;
         let mut cap = std::collections::BTreeMap::new();
         cap.insert("cpu".to_string(), format!("{}m", r.cpu_millis));
@@ -143,17 +204,31 @@ impl NodeAgent {
             kind: "Node".into(),
             metadata: ObjectMeta {
                 name: self.ctx.node_name.clone(),
+                labels,
                 ..Default::default()
             },
-            spec: Default::default(),
+            spec: NodeSpec {
+                unschedulable: None,
+                taints: self.taints.clone(),
+            },
             status: Some(NodeStatus {
                 allocatable: cap.clone(),
                 capacity: cap,
                 conditions: vec![NodeCondition {
                     type_: "Ready".into(),
-                    status: "True".into(),
-                    reason: Some("KapselReady".into()),
-                    message: Some("kapsel node agent is posting ready status".into()),
+                    status: if problem.is_none() { "True" } else { "False" }.into(),
+                    reason: Some(
+                        if problem.is_none() {
+                            "KapselReady"
+                        } else {
+                            "KubeletNotReady"
+                        }
+                        .into(),
+                    ),
+                    message: Some(
+                        problem
+                            .unwrap_or_else(|| "kapsel node agent is posting ready status".into()),
+                    ),
                     last_heartbeat_time: Some(Utc::now()),
                 }],
                 addresses: vec![
@@ -179,8 +254,8 @@ impl NodeAgent {
                         })
                         .collect::<Vec<_>>()
                         .join(","),
-                    operating_system: std::env::consts::OS.into(),
-                    architecture: std::env::consts::ARCH.into(),
+                    operating_system: this_os_arch().0.into(),
+                    architecture: this_os_arch().1.into(),
                     runtimes: runtimes.to_vec(),
                 }),
             }),
@@ -207,7 +282,16 @@ impl NodeAgent {
                 Some(cur) => {
                     let cur: Node = serde_json::from_value((*cur).clone())
                         .map_err(|e| ClientError::Invalid(format!("node object: {e}")))?;
-                    node.metadata = cur.metadata;
+                    // Keep what others set (labels, cordon, taints); refresh the labels this
+                    // node manages.
+                    let mut meta = cur.metadata;
+                    for (k, v) in self.managed_labels(runtimes) {
+                        match v {
+                            Some(v) => meta.labels.insert(k, v),
+                            None => meta.labels.remove(&k),
+                        };
+                    }
+                    node.metadata = meta;
                     node.spec = cur.spec;
                     match client
                         .replace_status(Kind::Node, serde_json::to_value(&node).unwrap())
@@ -233,6 +317,7 @@ impl NodeAgent {
             tracing::error!(error = %e, "registering node");
         }
         let mut last_status = tokio::time::Instant::now();
+        let mut last_problem = self.problem();
         if let Some(tx) = registered {
             let _ = tx.send(());
         }
@@ -303,11 +388,20 @@ impl NodeAgent {
                     },
                     _ = heartbeat.tick() => {
                         let now = self.runtimes().await;
+                        let problem = self.problem();
                         if now != runtimes
+                            || problem != last_problem
                             || last_status.elapsed() >= NODE_STATUS_REPORT_FREQUENCY
-                            || self.status_stale().await
+                            || self.status_stale(problem.is_none()).await
                         {
+                            if problem != last_problem {
+                                match &problem {
+                                    Some(p) => tracing::warn!(problem = %p, "node not ready"),
+                                    None => tracing::info!("node ready again"),
+                                }
+                            }
                             runtimes = now;
+                            last_problem = problem;
                             match self.register(&runtimes).await {
                                 Ok(()) => last_status = tokio::time::Instant::now(),
                                 Err(e) => tracing::warn!(error = %e, "node status"),

@@ -8,5 +8,6 @@ pub mod nodelifecycle;
 pub mod plugins;
 pub mod replicaset;
 pub mod scheduler;
+pub mod spread;
 pub mod view;
 pub mod workqueue;

@@ -15,9 +15,18 @@
 //!   Admission gives every pod tolerations for the not-ready and unreachable taints for
 //!   `--default-unreachable-toleration-seconds` (Kubernetes' `DefaultTolerationSeconds`).
 //!   The ReplicaSet controller does not count terminating pods, so it replaces them at once.
-//! - When more than `--unhealthy-zone-threshold` of all nodes are silent at once, the
-//!   control plane (or its network) is the likely problem: no node is tainted `NoExecute` and
-//!   no pod evicted until that changes.
+//! - A node that reports `Ready=False` itself (its heartbeats are fine, its runtime is not) gets
+//!   the `node.kubernetes.io/not-ready` taint, `NoSchedule` at once and `NoExecute` under the
+//!   same rate limit; the taints go when it reports `Ready=True` again.
+//! - Zones (`topology.kubernetes.io/zone`; nodes without it form one zone) are judged as in
+//!   Kubernetes: a zone whose nodes are all not ready is in *full disruption*; one with more
+//!   than 2 not-ready nodes making at least `--unhealthy-zone-threshold` of it is in *partial
+//!   disruption*. Evictions run at `--node-eviction-rate` in a normal zone; in a partially
+//!   disrupted zone at `--secondary-node-eviction-rate` if it has more than
+//!   `--large-cluster-size-threshold` nodes, else not at all; a fully disrupted zone evicts
+//!   at the normal rate unless every zone is fully disrupted, when the control plane (or its
+//!   network) is the likely problem and nothing is evicted. So in a small cluster 1 or 2 of 3
+//!   dead nodes are evicted, while all 3 silent, or 6 of 10, are not.
 //! - A pod being deleted on an unreachable node cannot be stopped by its node: once its
 //!   grace period is over it is removed (as Kubernetes' pod GC does for out-of-service nodes),
 //!   so it stops showing as Terminating; if the node comes back, its agent stops what is left.
@@ -39,7 +48,9 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Recorder;
 use crate::model::lease::NODE_LEASE_NAMESPACE;
 use crate::model::node::NodeCondition;
-use crate::model::taint::{no_execute_allowance, Taint, TaintEffect, TAINT_UNREACHABLE};
+use crate::model::taint::{
+    no_execute_allowance, Taint, TaintEffect, TAINT_NOT_READY, TAINT_UNREACHABLE,
+};
 use crate::model::{Kind, Lease, Node, Pod};
 use crate::store::{object_rv, Store, StoreError};
 
@@ -54,8 +65,14 @@ pub struct LifecycleConfig {
     pub default_toleration_seconds: i64,
     /// `--node-eviction-rate`: nodes per second that may be tainted `NoExecute` (0: none).
     pub eviction_rate: f64,
-    /// `--unhealthy-zone-threshold`: above this fraction of silent nodes, evict nothing.
+    /// `--unhealthy-zone-threshold`: a zone with more than 2 not-ready nodes making this
+    /// fraction of it is partially disrupted.
     pub unhealthy_zone_threshold: f64,
+    /// `--large-cluster-size-threshold`: a partially disrupted zone with more nodes than this
+    /// still evicts, at the secondary rate; a smaller one evicts nothing.
+    pub large_cluster_size_threshold: usize,
+    /// `--secondary-node-eviction-rate`: nodes per second in a large, partially disrupted zone.
+    pub secondary_eviction_rate: f64,
 }
 
 impl Default for LifecycleConfig {
@@ -66,6 +83,8 @@ impl Default for LifecycleConfig {
             default_toleration_seconds: 2,
             eviction_rate: 10.0,
             unhealthy_zone_threshold: 0.55,
+            large_cluster_size_threshold: 50,
+            secondary_eviction_rate: 0.01,
         }
     }
 }
@@ -88,6 +107,11 @@ impl LifecycleConfig {
         if !(self.eviction_rate >= 0.0 && self.eviction_rate.is_finite()) {
             return Err("--node-eviction-rate must be 0 or more (nodes per second)".into());
         }
+        if !(self.secondary_eviction_rate >= 0.0 && self.secondary_eviction_rate.is_finite()) {
+            return Err(
+                "--secondary-node-eviction-rate must be 0 or more (nodes per second)".into(),
+            );
+        }
         if !(self.unhealthy_zone_threshold > 0.0 && self.unhealthy_zone_threshold <= 1.0) {
             return Err("--unhealthy-zone-threshold must be in (0, 1]".into());
         }
@@ -102,8 +126,13 @@ pub enum Action {
     MarkUnknown(String),
     /// Add the unreachable `NoExecute` taint (rate-limited).
     TaintNoExecute(String),
-    /// Heartbeats are back and the node is Ready: remove the unreachable taints.
+    /// Heartbeats are back and the node is Ready: remove the unreachable and not-ready taints.
     Untaint(String),
+    /// The node reports `Ready=False`: the not-ready `NoSchedule` taint (and no unreachable
+    /// ones: it is heard).
+    MarkNotReady(String),
+    /// Add the not-ready `NoExecute` taint (rate-limited).
+    TaintNotReadyNoExecute(String),
     /// Delete a pod gracefully: (namespace, name, node).
     Evict(String, String, String),
     /// Remove a pod that was being deleted on an unreachable node and whose grace is over.
@@ -149,31 +178,60 @@ impl Limiter {
 pub struct Monitor {
     cfg: LifecycleConfig,
     health: HashMap<String, Health>,
-    limiter: Limiter,
-    /// Whether the last pass found too many nodes silent to evict.
+    /// One eviction rate limiter per zone.
+    limiters: HashMap<String, Limiter>,
+    /// Whether the last pass found a zone too disrupted to evict in.
     pub disrupted: bool,
 }
 
+/// The label naming a node's zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
 fn has_taint(node: &Node, effect: TaintEffect) -> bool {
+    has_taint_key(node, TAINT_UNREACHABLE, effect)
+}
+
+fn has_taint_key(node: &Node, key: &str, effect: TaintEffect) -> bool {
     node.spec
         .taints
         .iter()
-        .any(|t| t.key == TAINT_UNREACHABLE && t.effect == effect)
+        .any(|t| t.key == key && t.effect == effect)
+}
+
+fn zone_of(node: &Node) -> &str {
+    node.metadata
+        .labels
+        .get(LABEL_ZONE)
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZoneState {
+    Normal,
+    PartialDisruption,
+    FullDisruption,
 }
 
 impl Monitor {
     pub fn new(cfg: LifecycleConfig) -> Self {
-        let rate = cfg.eviction_rate;
         Monitor {
             cfg,
             health: HashMap::new(),
-            limiter: Limiter {
-                rate,
-                tokens: 1.0,
-                last: None,
-            },
+            limiters: HashMap::new(),
             disrupted: false,
         }
+    }
+
+    /// Take an eviction token in `zone`, whose rate is `rate`.
+    fn take(&mut self, zone: &str, rate: f64, now: Instant) -> bool {
+        let l = self.limiters.entry(zone.to_string()).or_insert(Limiter {
+            rate,
+            tokens: 1.0,
+            last: None,
+        });
+        l.rate = rate;
+        l.take(now)
     }
 
     /// One pass: what to do now, and when to look again. `pods` need only hold the pods of
@@ -215,29 +273,102 @@ impl Monitor {
                 next = next.min(deadline + Duration::from_millis(1));
             }
         }
-        self.disrupted = !nodes.is_empty()
-            && stale.len() as f64 / nodes.len() as f64 > self.cfg.unhealthy_zone_threshold;
+        // Zone states (Kubernetes' ComputeZoneState) and their eviction rates.
+        let mut zones: HashMap<&str, (usize, usize)> = HashMap::new();
+        for node in nodes {
+            let z = zones.entry(zone_of(node)).or_default();
+            z.0 += 1;
+            if stale.contains(node.metadata.name.as_str()) || !node.is_ready() {
+                z.1 += 1;
+            }
+        }
+        let states: HashMap<&str, (ZoneState, usize)> = zones
+            .iter()
+            .map(|(&z, &(total, not_ready))| {
+                let st = if not_ready > 0 && not_ready == total {
+                    ZoneState::FullDisruption
+                } else if not_ready > 2
+                    && not_ready as f64 / total as f64 >= self.cfg.unhealthy_zone_threshold
+                {
+                    ZoneState::PartialDisruption
+                } else {
+                    ZoneState::Normal
+                };
+                (z, (st, total))
+            })
+            .collect();
+        let all_full = !states.is_empty()
+            && states
+                .values()
+                .all(|(s, _)| *s == ZoneState::FullDisruption);
+        let rates: HashMap<&str, f64> = states
+            .iter()
+            .map(|(&z, &(st, total))| {
+                let r = match st {
+                    ZoneState::Normal => self.cfg.eviction_rate,
+                    ZoneState::PartialDisruption
+                        if total > self.cfg.large_cluster_size_threshold =>
+                    {
+                        self.cfg.secondary_eviction_rate
+                    }
+                    ZoneState::PartialDisruption => 0.0,
+                    ZoneState::FullDisruption if all_full => 0.0,
+                    ZoneState::FullDisruption => self.cfg.eviction_rate,
+                };
+                (z, r)
+            })
+            .collect();
+        // Halted: a disrupted zone that evicts nothing.
+        let halted = |node: &Node| {
+            let z = zone_of(node);
+            states.get(z).is_some_and(|(s, _)| *s != ZoneState::Normal)
+                && rates.get(z).copied().unwrap_or(0.0) <= 0.0
+        };
+        self.disrupted = nodes
+            .iter()
+            .any(|n| stale.contains(n.metadata.name.as_str()) && halted(n));
 
         for node in nodes {
             let name = &node.metadata.name;
+            let zone = zone_of(node);
+            let rate = rates.get(zone).copied().unwrap_or(0.0);
+            let not_ready_reported = node.ready_condition().is_some_and(|c| c.status == "False");
             if stale.contains(name.as_str()) {
                 let unknown = node
                     .ready_condition()
                     .map(|c| c.status == "Unknown")
                     .unwrap_or(false);
-                if !unknown || !has_taint(node, TaintEffect::NoSchedule) {
+                let not_ready_taint = node.spec.taints.iter().any(|t| t.key == TAINT_NOT_READY);
+                if !unknown || !has_taint(node, TaintEffect::NoSchedule) || not_ready_taint {
                     actions.push(Action::MarkUnknown(name.clone()));
                 }
-                if !self.disrupted && !has_taint(node, TaintEffect::NoExecute) {
-                    if self.limiter.take(now) {
+                if !halted(node) && !has_taint(node, TaintEffect::NoExecute) {
+                    if self.take(zone, rate, now) {
                         actions.push(Action::TaintNoExecute(name.clone()));
                     } else {
                         next = next.min(now + Duration::from_millis(100));
                     }
                 }
+            } else if not_ready_reported {
+                if !has_taint_key(node, TAINT_NOT_READY, TaintEffect::NoSchedule)
+                    || has_taint(node, TaintEffect::NoSchedule)
+                    || has_taint(node, TaintEffect::NoExecute)
+                {
+                    actions.push(Action::MarkNotReady(name.clone()));
+                }
+                if !halted(node) && !has_taint_key(node, TAINT_NOT_READY, TaintEffect::NoExecute) {
+                    if self.take(zone, rate, now) {
+                        actions.push(Action::TaintNotReadyNoExecute(name.clone()));
+                    } else {
+                        next = next.min(now + Duration::from_millis(100));
+                    }
+                }
             } else if node.is_ready()
-                && (has_taint(node, TaintEffect::NoSchedule)
-                    || has_taint(node, TaintEffect::NoExecute))
+                && node
+                    .spec
+                    .taints
+                    .iter()
+                    .any(|t| t.key == TAINT_UNREACHABLE || t.key == TAINT_NOT_READY)
             {
                 actions.push(Action::Untaint(name.clone()));
             }
@@ -277,7 +408,7 @@ impl Monitor {
                 }
                 continue;
             }
-            if self.disrupted || pod.phase().is_terminal() {
+            if halted(node) || pod.phase().is_terminal() {
                 continue;
             }
             let owned: Vec<Taint> = taints.into_iter().cloned().collect();
@@ -411,6 +542,7 @@ impl NodeLifecycle {
                     cond.status = "Unknown".into();
                     cond.reason = Some("NodeStatusUnknown".into());
                     cond.message = Some("Kubelet stopped posting node status.".into());
+                    node.spec.taints.retain(|t| t.key != TAINT_NOT_READY);
                     add_taint(node, TaintEffect::NoSchedule, now);
                 })
                 .await?;
@@ -426,9 +558,40 @@ impl NodeLifecycle {
                 })
                 .await?;
             }
+            Action::MarkNotReady(n) => {
+                self.update_node(n, |node| {
+                    node.spec.taints.retain(|t| t.key != TAINT_UNREACHABLE);
+                    add_taint_key(node, TAINT_NOT_READY, TaintEffect::NoSchedule, Utc::now());
+                })
+                .await?;
+                let why = self
+                    .store
+                    .get(Kind::Node, "", n)?
+                    .and_then(|v| {
+                        v["status"]["conditions"].as_array().and_then(|cs| {
+                            cs.iter()
+                                .find(|c| c["type"] == "Ready")
+                                .and_then(|c| c["message"].as_str().map(str::to_string))
+                        })
+                    })
+                    .unwrap_or_default();
+                self.recorder.normal(
+                    Recorder::obj_ref("Node", &node_meta(n)),
+                    "NodeNotReady",
+                    format!("Node {n} status is now: NodeNotReady ({why})"),
+                );
+            }
+            Action::TaintNotReadyNoExecute(n) => {
+                self.update_node(n, |node| {
+                    add_taint_key(node, TAINT_NOT_READY, TaintEffect::NoExecute, Utc::now())
+                })
+                .await?;
+            }
             Action::Untaint(n) => {
                 self.update_node(n, |node| {
-                    node.spec.taints.retain(|t| t.key != TAINT_UNREACHABLE)
+                    node.spec
+                        .taints
+                        .retain(|t| t.key != TAINT_UNREACHABLE && t.key != TAINT_NOT_READY)
                 })
                 .await?;
                 self.recorder.normal(
@@ -500,9 +663,13 @@ fn node_meta(name: &str) -> crate::model::ObjectMeta {
 }
 
 fn add_taint(node: &mut Node, effect: TaintEffect, now: DateTime<Utc>) {
-    if !has_taint(node, effect) {
+    add_taint_key(node, TAINT_UNREACHABLE, effect, now)
+}
+
+fn add_taint_key(node: &mut Node, key: &str, effect: TaintEffect, now: DateTime<Utc>) {
+    if !has_taint_key(node, key, effect) {
         node.spec.taints.push(Taint {
-            key: TAINT_UNREACHABLE.into(),
+            key: key.into(),
             value: None,
             effect,
             time_added: Some(now),
@@ -563,6 +730,15 @@ mod tests {
                 Action::Untaint(n) => {
                     let node = nodes.iter_mut().find(|x| &x.metadata.name == n).unwrap();
                     node.spec.taints.clear();
+                }
+                Action::MarkNotReady(n) => {
+                    let node = nodes.iter_mut().find(|x| &x.metadata.name == n).unwrap();
+                    node.spec.taints.retain(|t| t.key != TAINT_UNREACHABLE);
+                    add_taint_key(node, TAINT_NOT_READY, TaintEffect::NoSchedule, wall);
+                }
+                Action::TaintNotReadyNoExecute(n) => {
+                    let node = nodes.iter_mut().find(|x| &x.metadata.name == n).unwrap();
+                    add_taint_key(node, TAINT_NOT_READY, TaintEffect::NoExecute, wall);
                 }
                 _ => {}
             }
@@ -770,6 +946,92 @@ mod tests {
             );
             clock.advance(Duration::from_millis(500));
         }
+    }
+
+    /// `silent` of `total` nodes (in one zone) stop renewing; what is tainted NoExecute?
+    fn no_execute_after_silence(total: usize, silent: usize) -> (bool, usize) {
+        let cfg = LifecycleConfig {
+            eviction_rate: 1000.0,
+            ..Default::default()
+        };
+        let mut clock = Clock::new();
+        let t0 = clock.wall();
+        let names: Vec<String> = (0..total).map(|i| format!("n{i}")).collect();
+        let mut nodes: Vec<Node> = names.iter().map(|n| node(n)).collect();
+        let mut m = Monitor::new(cfg);
+        let first: HashMap<String, Lease> = names.iter().map(|n| lease(n, t0)).collect();
+        m.observe(clock.now, clock.wall(), &nodes, &first, &[]);
+        clock.advance(Duration::from_secs(7));
+        // The live ones renewed; the silent ones did not.
+        let later = clock.wall();
+        let leases: HashMap<String, Lease> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| lease(n, if i < silent { t0 } else { later }))
+            .collect();
+        // A few looks a little apart (a fast limiter refills in between).
+        let mut tainted = 0;
+        for _ in 0..10 {
+            let (acts, _) = m.observe(clock.now, clock.wall(), &nodes, &leases, &[]);
+            tainted += acts
+                .iter()
+                .filter(|a| matches!(a, Action::TaintNoExecute(_)))
+                .count();
+            apply(&mut nodes, &acts, clock.wall());
+            clock.advance(Duration::from_millis(10));
+        }
+        (m.disrupted, tainted)
+    }
+
+    #[test]
+    fn zone_disruption_follows_kubernetes_small_and_large_cluster_rules() {
+        // Small clusters: 1 or 2 of 3 dead are evicted (never more than 2 not ready: normal).
+        assert_eq!(no_execute_after_silence(3, 1), (false, 1));
+        assert_eq!(no_execute_after_silence(3, 2), (false, 2));
+        // All silent: full disruption everywhere, nothing evicted.
+        assert_eq!(no_execute_after_silence(3, 3), (true, 0));
+        // 6 of 10 (≥ 0.55, more than 2): partial disruption of a small zone, nothing.
+        assert_eq!(no_execute_after_silence(10, 6), (true, 0));
+        // 5 of 10 (under 0.55): normal.
+        assert_eq!(no_execute_after_silence(10, 5), (false, 5));
+        // A large zone (over 50 nodes) partially disrupted evicts at the secondary rate
+        // (0.01/s: the first token only).
+        assert_eq!(no_execute_after_silence(60, 40), (false, 1));
+    }
+
+    #[test]
+    fn a_node_reporting_not_ready_is_tainted_and_untainted() {
+        let mut m = Monitor::new(LifecycleConfig::default());
+        let clock = Clock::new();
+        let mut nodes = vec![node("a"), node("b")];
+        {
+            let c = &mut nodes[0].status.as_mut().unwrap().conditions[0];
+            c.status = "False".into();
+            c.message = Some("data directory not writable".into());
+        }
+        let leases: HashMap<String, Lease> = [lease("a", clock.wall()), lease("b", clock.wall())]
+            .into_iter()
+            .collect();
+        let pods = vec![pod_on("p", "a", Some(0)), pod_on("q", "b", Some(0))];
+        let (acts, _) = m.observe(clock.now, clock.wall(), &nodes, &leases, &pods);
+        assert_eq!(
+            acts,
+            vec![
+                Action::MarkNotReady("a".into()),
+                Action::TaintNotReadyNoExecute("a".into())
+            ]
+        );
+        apply(&mut nodes, &acts, clock.wall());
+        // Its pods go (toleration 0 s); b's stay.
+        let (acts, _) = m.observe(clock.now, clock.wall(), &nodes, &leases, &pods);
+        assert_eq!(
+            acts,
+            vec![Action::Evict("default".into(), "p".into(), "a".into())]
+        );
+        // Ready again: untainted.
+        nodes[0].status.as_mut().unwrap().conditions[0].status = "True".into();
+        let (acts, _) = m.observe(clock.now, clock.wall(), &nodes, &leases, &[]);
+        assert_eq!(acts, vec![Action::Untaint("a".into())]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Filter and score plugins of the scheduling pipeline. A filter says why a node cannot take a
 //! pod; a score ranks the nodes that can. Multi-node placement reuses the same pipeline.
 
+use crate::model::affinity::node_label;
 use crate::model::pod::Pod;
 use crate::model::quantity::{parse_bytes, parse_millicpu};
 use crate::model::taint::{untolerated, Taint, TaintEffect, TAINT_UNSCHEDULABLE};
@@ -115,23 +116,57 @@ impl Filter for NodeReady {
     }
 }
 
+/// The pod's `nodeSelector` holds for the node.
+fn node_selector_matches(pod: &Pod, node: &Node) -> bool {
+    let (name, labels) = (&node.metadata.name, &node.metadata.labels);
+    pod.spec
+        .node_selector
+        .iter()
+        .all(|(k, v)| node_label(name, labels, k) == Some(v.as_str()))
+}
+
+/// The pod's required node affinity (if any) holds for the node.
+fn required_affinity_matches(pod: &Pod, node: &Node) -> bool {
+    pod.spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .is_none_or(|req| req.matches(&node.metadata.name, &node.metadata.labels))
+}
+
+/// Both the `nodeSelector` and the required node affinity hold (the nodes whose topology
+/// domains a spread constraint counts).
+pub fn node_matches_selectors(pod: &Pod, node: &Node) -> bool {
+    node_selector_matches(pod, node) && required_affinity_matches(pod, node)
+}
+
 pub struct NodeSelector;
 impl Filter for NodeSelector {
     fn name(&self) -> &'static str {
         "NodeSelector"
     }
     fn filter(&self, pod: &Pod, _: &Requests, n: &NodeInfo) -> Result<(), String> {
-        let labels = &n.node.metadata.labels;
-        let hostname = n.node.metadata.name.clone();
-        for (k, v) in &pod.spec.node_selector {
-            let have = if k == "kubernetes.io/hostname" {
-                Some(&hostname)
-            } else {
-                labels.get(k)
-            };
-            if have != Some(v) {
-                return Err("node(s) didn't match Pod's node selector".into());
-            }
+        if !node_selector_matches(pod, &n.node) {
+            return Err("node(s) didn't match Pod's node selector".into());
+        }
+        Ok(())
+    }
+}
+
+/// `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution` (the preferred
+/// terms are scored in `spread`, normalized over the nodes).
+pub struct NodeAffinity;
+impl Filter for NodeAffinity {
+    fn name(&self) -> &'static str {
+        "NodeAffinity"
+    }
+    fn filter(&self, pod: &Pod, _: &Requests, n: &NodeInfo) -> Result<(), String> {
+        if !required_affinity_matches(pod, &n.node) {
+            return Err("node(s) didn't match Pod's node affinity".into());
         }
         Ok(())
     }
@@ -267,6 +302,7 @@ pub fn default_filters() -> Vec<Box<dyn Filter>> {
     vec![
         Box::new(NodeReady),
         Box::new(NodeSelector),
+        Box::new(NodeAffinity),
         Box::new(TaintToleration),
         Box::new(NodeRuntime),
         Box::new(NodeResourcesFit),

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::plugins::{default_filters, default_scores, Filter, NodeInfo, Requests, Score};
+use super::spread::{self, Counts, PlacedPod};
 use crate::events::Recorder;
 use crate::model::pod::{PodCondition, PodStatus};
 use crate::model::{Kind, Node, Pod};
@@ -39,8 +40,9 @@ const RETRY_ALL_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// ...and, whatever happens, this often.
 const RETRY_ALL_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Pods holding resources on a node: uid → (node, requests).
-type Placed = HashMap<String, (String, Requests)>;
+/// Pods holding resources on a node, by uid (with their labels, which spread constraints and
+/// anti-affinity count).
+type Placed = HashMap<String, PlacedPod>;
 
 type PodKey = (String, String);
 
@@ -217,10 +219,10 @@ impl Scheduler {
                 )
             })
             .collect();
-        for (node, req) in placed.values() {
-            if let Some(i) = infos.get_mut(node.as_str()) {
-                i.requested.cpu_millis += req.cpu_millis;
-                i.requested.memory_bytes += req.memory_bytes;
+        for p in placed.values() {
+            if let Some(i) = infos.get_mut(p.node.as_str()) {
+                i.requested.cpu_millis += p.req.cpu_millis;
+                i.requested.memory_bytes += p.req.memory_bytes;
                 i.pods += 1;
             }
         }
@@ -237,6 +239,9 @@ impl Scheduler {
     ) {
         let active = std::mem::take(&mut c.active);
         let mut infos = self.node_infos(&c.nodes, &c.placed);
+        // Pods matching each spread/anti-affinity selector per node, counted once per pass
+        // and kept current as this pass binds.
+        let mut counts = Counts::default();
         for key in active {
             let Some(pod) = c.queue.get(&key) else {
                 continue;
@@ -246,17 +251,25 @@ impl Scheduler {
                 continue;
             }
             let req = Requests::of(pod);
+            let plan =
+                spread::has_rules(pod).then(|| spread::plan(pod, &infos, &c.placed, &mut counts));
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             let mut best: Option<(i64, usize)> = None;
             for (i, info) in infos.iter().enumerate() {
                 let failed = self
                     .filters
                     .iter()
-                    .find_map(|f| f.filter(pod, &req, info).err());
+                    .find_map(|f| f.filter(pod, &req, info).err())
+                    .or_else(|| plan.as_ref().and_then(|p| p.refused[i]).map(str::to_string));
                 match failed {
                     Some(reason) => *reasons.entry(reason).or_default() += 1,
                     None => {
-                        let s: i64 = self.scores.iter().map(|s| s.score(pod, &req, info)).sum();
+                        let s: i64 = self
+                            .scores
+                            .iter()
+                            .map(|s| s.score(pod, &req, info))
+                            .sum::<i64>()
+                            + plan.as_ref().map(|p| p.score[i]).unwrap_or(0);
                         if best.map(|(b, _)| s > b).unwrap_or(true) {
                             best = Some((s, i));
                         }
@@ -271,7 +284,8 @@ impl Scheduler {
                     info.requested.memory_bytes += req.memory_bytes;
                     info.pods += 1;
                     let node = info.node.metadata.name.clone();
-                    c.placed.insert(uid.clone(), (node.clone(), req));
+                    counts.on_bind(pod.ns(), &pod.metadata.labels, &node);
+                    c.placed.insert(uid.clone(), PlacedPod::of(&pod, &node));
                     c.in_flight.insert(uid.clone());
                     memory.unschedulable.remove(&uid);
                     let this = self.clone();
@@ -492,7 +506,7 @@ fn on_pod(c: &mut Cycle, memory: &mut Memory, ev: &WatchEvent) {
                     c.retry_all = true;
                 }
             } else {
-                c.placed.insert(uid, (node.clone(), Requests::of(&pod)));
+                c.placed.insert(uid, PlacedPod::of(&pod, node));
             }
         }
         None => {
