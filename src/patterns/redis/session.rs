@@ -259,6 +259,8 @@ struct HandoffInner {
     room: Option<std::task::Waker>,
 }
 
+// Only ever a return value, moved once: boxing the batch would add an allocation per client read.
+#[allow(clippy::large_enum_variant)]
 enum Popped {
     Batch(Batch),
     Empty,
