@@ -8,7 +8,7 @@
 //! --tls`), interleaved, `REPS` times (default 5), and prints medians of requests/s, p50 and p99
 //! latency, and the CPU seconds each process used per million commands (from /proc/PID/stat).
 //!
-//! `cargo bench --bench redis_ambassador` (env: REPS, REQUESTS)
+//! `cargo bench --bench redis_ambassador` (env: REPS, REQUESTS, PIPELINES=1,16)
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -338,7 +338,16 @@ fn main() {
             .unwrap_or(0)
     );
     // results[pipeline][target][test] -> samples; cpu per million commands (proxy, servers)
-    for pipeline in [1u32, 16] {
+    let pipelines: Vec<u32> = std::env::var("PIPELINES")
+        .unwrap_or_else(|_| "1,16".into())
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse()
+                .expect("PIPELINES: comma-separated numbers, like 1,16")
+        })
+        .collect();
+    for pipeline in pipelines {
         let mut samples: Vec<Vec<(String, Vec<Sample>)>> = vec![Vec::new(); targets.len()];
         let mut proxy_cpu = vec![Vec::new(); targets.len()];
         let mut server_cpu = vec![Vec::new(); targets.len()];
@@ -397,6 +406,19 @@ fn main() {
             );
         }
         let ratio = |a: usize, b: usize, i: usize| rps[a][i] / rps[b][i];
+        // The CPU target: the ambassador's CPU per command against what redis-server
+        // itself spends per command when clients talk to it directly (the direct run's master).
+        let cpu = |v: &Vec<f64>| median(v.clone());
+        println!(
+            "CPU s per 1M cmds: ambassador {:.2}, twemproxy {:.2}, redis-server's own (direct) {:.2}; ambassador/redis-server {:.2}×, ambassador/twemproxy {:.2}×; TLS-upstream ambassador {:.2} ({:.2}× plaintext)",
+            cpu(&proxy_cpu[2]),
+            cpu(&proxy_cpu[1]),
+            cpu(&server_cpu[0]),
+            cpu(&proxy_cpu[2]) / cpu(&server_cpu[0]),
+            cpu(&proxy_cpu[2]) / cpu(&proxy_cpu[1]),
+            cpu(&proxy_cpu[4]),
+            cpu(&proxy_cpu[4]) / cpu(&proxy_cpu[2]),
+        );
         println!(
             "ratios: ambassador/direct SET {:.2}× GET {:.2}×; twemproxy/direct SET {:.2}× GET {:.2}×; ambassador/twemproxy SET {:.2}× GET {:.2}×",
             ratio(2, 0, 0),

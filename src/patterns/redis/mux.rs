@@ -89,12 +89,13 @@ pub async fn run(up: Arc<Upstream>, mut rx: mpsc::UnboundedReceiver<MuxReq>, ctx
         }
         let pending: Pending = Arc::new((Mutex::new(VecDeque::new()), Notify::new()));
         let why = tokio::select! {
-            _ = ctx.stop.cancelled() => return,
+            biased;
             e = write_loop(first, &mut rx, w, pending.clone()) => match e {
                 Some(e) => e,
                 None => return,
             },
             e = read_loop(&up, r, buf, pending.clone(), &ctx.refresh) => e,
+            _ = ctx.stop.cancelled() => return,
         };
         let mut q = pending.0.lock().unwrap();
         for (_, tx, _) in q.drain(..) {

@@ -1,13 +1,15 @@
 //! One client connection.
 //!
-//! Two halves run joined in one task. The **reader** parses what the client sends, decides
-//! per command where it goes (a healthy replica for reads, the master for everything else and
-//! for anything that touches connection state), appends it to that upstream connection's
-//! output, and writes each upstream once per client read, so pipelining survives. For every
-//! run of commands it queues an [`Entry`] that says which connection owes how many replies.
-//! The **writer** walks those entries in order, copies each reply frame from the right
-//! upstream to the client, and flushes when it would otherwise wait: replies always come
-//! back in the order the client sent the commands, even when they were split across servers.
+//! Two halves run joined in one task, the reader always polled just before the writer, so a
+//! batch it hands over (through a [`Handoff`], not a channel) costs no wake-up. The **reader**
+//! parses what the client sends, decides per command where it goes (a healthy replica for
+//! reads, the master for everything else and for anything that touches connection state),
+//! appends it to that upstream connection's output, and writes each upstream once per client
+//! read, so pipelining survives. For every run of commands it queues an [`Entry`] that says
+//! which connection owes how many replies. The **writer** walks those entries in order, copies
+//! each reply frame from the right upstream to the client, and flushes when it would otherwise
+//! wait: replies always come back in the order the client sent the commands, even when they
+//! were split across servers.
 //!
 //! Each client has its own upstream connections (taken from, and returned to, a per-server
 //! pool of clean idle ones), so `MULTI`, `WATCH`, blocking commands and scripts run exactly as
@@ -40,7 +42,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use super::commands::{classify, Class};
 use super::conn::{UpRead, UpWrite};
@@ -168,30 +170,42 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let cap = shared.topo.cfg.max_inflight_batches;
-    let (tx, rx) = mpsc::channel::<Batch>(cap);
+    let handoff = Handoff::new(cap);
+    // The output-limit kill is a child of `stop`: one cancellation future serves both.
+    let kill = stop.child_token();
     let sync = Arc::new(SessionSync {
         answered: AtomicU64::new(0),
         notify: Notify::new(),
         owed: Arc::new(Owed {
             bytes: Default::default(),
             limit: shared.topo.cfg.max_client_output,
-            kill: tokio_util::sync::CancellationToken::new(),
+            kill: kill.clone(),
         }),
     });
-    let kill = sync.owed.kill.clone();
     let mut reader = Reader::new(shared.clone(), sync.clone());
     let mut writer = Writer::new(shared.clone(), sync);
-    let work = async {
-        let (rd, wr) = tokio::join!(reader.run(r, tx), writer.run(rx, w));
-        (rd, wr)
-    };
+    let work = reader_then_writer(
+        async {
+            let clean = reader.run(r, &handoff).await;
+            handoff.close();
+            clean
+        },
+        async {
+            let clean = writer.run(&handoff, w).await;
+            handoff.writer_gone();
+            clean
+        },
+    );
     let (clean_reader, clean_writer) = tokio::select! {
+        biased;
         r = work => r,
-        _ = stop.cancelled() => return,
-        // A client that stops reading while it keeps sending: replies pile up here, not in
-        // Redis. Past the limit it is disconnected, as Redis does with
-        // `client-output-buffer-limit`; dropping the session frees what it held.
         _ = kill.cancelled() => {
+            if stop.is_cancelled() {
+                return;
+            }
+            // A client that stops reading while it keeps sending: replies pile up here, not
+            // in Redis. Past the limit it is disconnected, as Redis does with
+            // `client-output-buffer-limit`; dropping the session frees what it held.
             shared.metrics.clients_output_limit.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 limit = shared.topo.cfg.max_client_output,
@@ -219,6 +233,139 @@ pub async fn run(
             }
         }
     }
+}
+
+// ----------------------------------------------------------------------------------- handoff
+
+/// The reader-to-writer queue of one session, at most `cap` batches long.
+///
+/// Both halves run in one task, and [`reader_then_writer`] polls the reader first and the
+/// writer right after it, every time the task runs. So a batch the reader pushes is seen by the
+/// writer in the same run, and a push wakes nobody: with a channel, every client read cost one
+/// more run of the task, for nothing. Only a reader waiting for room is woken (by the writer's
+/// pop), since it was polled before the pop.
+struct Handoff {
+    inner: std::sync::Mutex<HandoffInner>,
+    cap: usize,
+}
+
+struct HandoffInner {
+    q: std::collections::VecDeque<Batch>,
+    /// The reader is done: nothing more will be pushed.
+    closed: bool,
+    /// The writer is done: pushes fail.
+    writer_gone: bool,
+    /// The reader, waiting for room.
+    room: Option<std::task::Waker>,
+}
+
+// Only ever a return value, moved once: boxing the batch would add an allocation per client read.
+#[allow(clippy::large_enum_variant)]
+enum Popped {
+    Batch(Batch),
+    Empty,
+    Closed,
+}
+
+impl Handoff {
+    fn new(cap: usize) -> Self {
+        Handoff {
+            inner: std::sync::Mutex::new(HandoffInner {
+                q: std::collections::VecDeque::with_capacity(cap.min(64)),
+                closed: false,
+                writer_gone: false,
+                room: None,
+            }),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Queue a batch, waiting while the queue is full. `Err`: the writer is gone.
+    async fn push(&self, batch: Batch) -> Result<(), ()> {
+        let mut batch = Some(batch);
+        std::future::poll_fn(|cx| {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if g.writer_gone {
+                return std::task::Poll::Ready(Err(()));
+            }
+            if g.q.len() < self.cap {
+                g.q.push_back(batch.take().expect("pushed once"));
+                return std::task::Poll::Ready(Ok(()));
+            }
+            g.room = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    fn try_pop(&self) -> Popped {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.q.pop_front() {
+            Some(b) => {
+                if let Some(w) = g.room.take() {
+                    w.wake();
+                }
+                Popped::Batch(b)
+            }
+            None if g.closed => Popped::Closed,
+            None => Popped::Empty,
+        }
+    }
+
+    /// The next batch; `None` once the reader is done and the queue is empty. Registers no
+    /// waker: only the reader pushes, and it is polled before the writer in every run.
+    async fn pop(&self) -> Option<Batch> {
+        std::future::poll_fn(|_| match self.try_pop() {
+            Popped::Batch(b) => std::task::Poll::Ready(Some(b)),
+            Popped::Closed => std::task::Poll::Ready(None),
+            Popped::Empty => std::task::Poll::Pending,
+        })
+        .await
+    }
+
+    fn close(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+    }
+
+    fn writer_gone(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.writer_gone = true;
+        if let Some(w) = g.room.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Run both halves of a session to completion, polling the reader before the writer every
+/// time (what [`Handoff`] relies on).
+async fn reader_then_writer<R, W>(
+    rd: impl std::future::Future<Output = R>,
+    wr: impl std::future::Future<Output = W>,
+) -> (R, W) {
+    let mut rd = std::pin::pin!(rd);
+    let mut wr = std::pin::pin!(wr);
+    let (mut rd_out, mut wr_out) = (None, None);
+    std::future::poll_fn(|cx| {
+        if rd_out.is_none() {
+            if let std::task::Poll::Ready(v) = rd.as_mut().poll(cx) {
+                rd_out = Some(v);
+            }
+        }
+        if wr_out.is_none() {
+            if let std::task::Poll::Ready(v) = wr.as_mut().poll(cx) {
+                wr_out = Some(v);
+            }
+        }
+        if rd_out.is_some() && wr_out.is_some() {
+            std::task::Poll::Ready((
+                rd_out.take().expect("checked"),
+                wr_out.take().expect("checked"),
+            ))
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 // ------------------------------------------------------------------------------------ reader
@@ -309,7 +456,7 @@ impl Reader {
 
     /// Read the client until it closes. Returns whether the session ended cleanly (EOF with
     /// nothing pending), which lets its connections go back to the pool.
-    async fn run(&mut self, mut client: OwnedReadHalf, tx: mpsc::Sender<Batch>) -> bool {
+    async fn run(&mut self, mut client: OwnedReadHalf, tx: &Handoff) -> bool {
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let mut skip_read = false;
         loop {
@@ -343,7 +490,7 @@ impl Reader {
                 replica_chunk,
                 mux,
             };
-            if tx.send(batch).await.is_err() {
+            if tx.push(batch).await.is_err() {
                 return false;
             }
             if t.switch {
@@ -1115,20 +1262,20 @@ impl Writer {
     }
 
     /// Returns whether every owed reply was delivered.
-    async fn run(&mut self, mut rx: mpsc::Receiver<Batch>, mut client: OwnedWriteHalf) -> bool {
+    async fn run(&mut self, rx: &Handoff, mut client: OwnedWriteHalf) -> bool {
         loop {
-            let batch = match rx.try_recv() {
-                Ok(b) => b,
-                Err(mpsc::error::TryRecvError::Empty) => {
+            let batch = match rx.try_pop() {
+                Popped::Batch(b) => b,
+                Popped::Empty => {
                     if !self.flush(&mut client).await {
                         return false;
                     }
-                    match rx.recv().await {
+                    match rx.pop().await {
                         Some(b) => b,
                         None => return true,
                     }
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => {
+                Popped::Closed => {
                     let ok = self.flush(&mut client).await;
                     let _ = client.shutdown().await;
                     return ok;
@@ -1162,10 +1309,15 @@ impl Writer {
                         }
                         let data = m.data.as_mut().expect("set above");
                         let mut total = 0;
-                        for _ in 0..n {
-                            match resp::scan_frame(&data[total..]) {
-                                Ok(Some(len)) => total += len,
-                                _ => break,
+                        if n == m.n {
+                            // The slot's only entry: its answer is exactly these n replies.
+                            total = data.len();
+                        } else {
+                            for _ in 0..n {
+                                match resp::scan_frame(&data[total..]) {
+                                    Ok(Some(len)) => total += len,
+                                    _ => break,
+                                }
                             }
                         }
                         self.out.extend_from_slice(&data[..total]);
