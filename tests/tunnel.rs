@@ -12,7 +12,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -281,11 +280,9 @@ spec:
         .unwrap();
     let out = k.cli(&["delete", "pod", "remote"]);
     assert!(out.status.success(), "{out:?}");
-    wait_for("logs -f to end with the pod", 20, || async {
-        match follow.try_wait().unwrap() {
-            Some(st) => Ok(st),
-            None => Err("still following".to_string()),
-        }
+    wait_for("logs -f to end with the pod", 20, || {
+        let exited = follow.try_wait().unwrap();
+        async move { exited.ok_or_else(|| "still following".to_string()) }
     })
     .await;
     let _ = follow.kill();
