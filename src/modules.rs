@@ -136,9 +136,11 @@ where
         uuid::Uuid::new_v4().simple()
     ));
     let mut guard = TempFile(Some(tmp.clone()));
+    // Modules are the node's data: readable by the node's user only (as the data directory).
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&tmp)
         .await?;
     let mut hasher = Sha256::new();
