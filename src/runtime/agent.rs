@@ -313,6 +313,15 @@ impl NodeAgent {
         registered: Option<tokio::sync::oneshot::Sender<()>>,
     ) {
         let mut runtimes = self.runtimes().await;
+        // The Lease first, as liveness is read from it: whoever sees this node Ready also
+        // finds its heartbeat.
+        let first_lease = match renew_once(&*self.ctx.client, &self.ctx.node_name, None).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "creating the node lease");
+                None
+            }
+        };
         if let Err(e) = self.register(&runtimes).await {
             tracing::error!(error = %e, "registering node");
         }
@@ -326,6 +335,7 @@ impl NodeAgent {
             self.ctx.client.clone(),
             self.ctx.node_name.clone(),
             self.lease_renew_interval,
+            first_lease,
             lease_stop.clone(),
         ));
         // Containers of an earlier run of this node: their pods are restarted from scratch
@@ -577,11 +587,15 @@ async fn renew_lease(
     client: Arc<dyn crate::client::Client>,
     node: String,
     every: Duration,
+    mut last: Option<serde_json::Value>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<serde_json::Value> = None;
+    if last.is_some() {
+        // Written just now: the first renewal is one interval away.
+        tick.tick().await;
+    }
     loop {
         tokio::select! {
             _ = tick.tick() => {}
