@@ -11,7 +11,8 @@
 //!   backend with group commit; watch history per kind, bounded by count and bytes.
 //! - [`api`]: the axum HTTP API — one file per resource kind, errors mapped to `Status` once;
 //!   `api::guard` (Host / Origin / content-type checks against cross-site requests) and
-//!   `api::listener` (accept loop with a connection cap and a header-read timeout).
+//!   `api::listener` (accept loop with a connection cap and a header-read timeout);
+//!   `api::podwatch` (pod events routed to the watches of the node they are bound to).
 //! - [`sched`]: the scheduler and its filter/score plugin pipeline; the controller manager
 //!   (watch → de-duplicating work queue → workers) with the Deployment (rolling update,
 //!   recreate, canary, progress deadline, rollback) and ReplicaSet reconcilers.

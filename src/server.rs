@@ -229,6 +229,7 @@ impl Server {
             cluster: cluster.as_ref().map(|(_, _, _, c, _)| c.clone()),
             default_toleration_seconds: cfg.lifecycle.default_toleration_seconds,
             nodes: api::tunnel::NodeLinks::new(&cfg.node_name),
+            pods_by_node: api::podwatch::PodsByNode::new(store.clone(), cancel.clone()),
         };
         let nodes = state.nodes.clone();
         let app = api::router(

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod modules;
 pub mod nodes;
 pub mod pods;
+pub mod podwatch;
 pub mod tunnel;
 
 use std::sync::Arc;
@@ -37,7 +38,7 @@ use self::error::ApiError;
 use crate::model::meta::selector_matches;
 use crate::model::Kind;
 use crate::runtime::logs::Logs;
-use crate::store::{Store, WatchFrom};
+use crate::store::{Store, WatchEvent, WatchFrom};
 
 /// What handlers share.
 #[derive(Clone)]
@@ -55,6 +56,8 @@ pub struct AppState {
     pub modules: Option<Arc<crate::modules::ModuleStore>>,
     /// The nodes' APIs: the embedded node in-process, agents through their tunnels.
     pub nodes: Arc<tunnel::NodeLinks>,
+    /// Pod events routed to the watches of the node they are bound to.
+    pub pods_by_node: Arc<podwatch::PodsByNode>,
 }
 
 /// Query parameters of list, watch, get and delete.
@@ -233,24 +236,34 @@ pub fn list_or_watch(
                     .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}")))?,
             ),
         };
+        // One node's pods: routed to this watch alone (registered before the snapshot).
+        let routed = match kind {
+            Kind::Pod => podwatch::PodsByNode::selected_node(q.field_selector.as_deref())
+                .map(|node| state.pods_by_node.register(node)),
+            _ => None,
+        };
         let w = state.store.watch(kind, ns, from)?;
         let q = Arc::new(q);
         let initial = futures::stream::iter(w.initial.clone());
         let kind_w = w.kind;
         let ns_w = w.namespace.clone();
         let after = w.after;
-        let live = tokio_stream::wrappers::BroadcastStream::new(w.live).take_while(|r| {
-            // A watcher too slow to keep up is ended; the client re-lists (like 410 Gone).
-            futures::future::ready(r.is_ok())
-        });
-        let live = live.filter_map(move |r| {
-            let keep = r.ok().filter(|ev| {
-                ev.kind == kind_w
-                    && ev.rv > after
-                    && ns_w.as_deref().map(|n| ev.namespace() == n).unwrap_or(true)
-            });
-            futures::future::ready(keep)
-        });
+        let wanted = move |ev: &WatchEvent| {
+            ev.kind == kind_w
+                && ev.rv > after
+                && ns_w.as_deref().map(|n| ev.namespace() == n).unwrap_or(true)
+        };
+        let live: futures::stream::BoxStream<'static, WatchEvent> = match routed {
+            // A routed watch too slow to keep up is ended by the router.
+            Some(rx) => tokio_stream::wrappers::ReceiverStream::new(rx)
+                .filter(move |ev| futures::future::ready(wanted(ev)))
+                .boxed(),
+            None => tokio_stream::wrappers::BroadcastStream::new(w.live)
+                // A watcher too slow to keep up is ended; the client re-lists (like 410 Gone).
+                .take_while(|r| futures::future::ready(r.is_ok()))
+                .filter_map(move |r| futures::future::ready(r.ok().filter(|ev| wanted(ev))))
+                .boxed(),
+        };
         let q2 = q.clone();
         let stream = initial
             .chain(live)

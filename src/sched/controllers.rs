@@ -2,7 +2,8 @@
 //! de-duplicating work queue ([`super::workqueue`]) that a bounded pool of workers drains,
 //! running the level-triggered reconcilers ([`super::deployment`], [`super::replicaset`]).
 //! A pod's change wakes its ReplicaSet and that ReplicaSet's Deployment; a ReplicaSet's change
-//! wakes its Deployment. Reconcilers read the store's in-memory state, so they always see
+//! wakes its Deployment (paced by the cost of their last reconcile, see
+//! [`super::workqueue::WorkQueue::add_paced`]). Reconcilers read the store's in-memory state, so they always see
 //! their own writes; a write that loses a race (409) is retried by requeueing. Objects whose
 //! owner is gone are deleted (garbage collection by `ownerReferences`). While nothing changes,
 //! nothing runs: there is no periodic resync.
@@ -181,16 +182,18 @@ impl Controllers {
                 }
                 q.add(Key::ReplicaSet(ns, name));
             }
+            // Pods change often and in bursts (every status write of every pod): their owners
+            // are paced, so a reconcile over thousands of pods does not run back to back.
             Kind::Pod => {
                 let Some(("ReplicaSet", rs, _)) = controller_of(&ev.object) else {
                     return;
                 };
                 if let Ok(Some(rs_obj)) = self.ctx.store.get(Kind::ReplicaSet, &ns, rs) {
                     if let Some(("Deployment", owner, _)) = controller_of(&rs_obj) {
-                        q.add(Key::Deployment(ns.clone(), owner.to_string()));
+                        q.add_paced(Key::Deployment(ns.clone(), owner.to_string()));
                     }
                 }
-                q.add(Key::ReplicaSet(ns, rs.to_string()));
+                q.add_paced(Key::ReplicaSet(ns, rs.to_string()));
             }
             _ => {}
         }

@@ -3,6 +3,11 @@
 //! at once (one added while it is being processed runs again afterwards); keys can be added
 //! after a delay (the earliest pending delay wins). Workers block on `get` until there is work
 //! or the queue shuts down.
+//!
+//! [`WorkQueue::add_paced`] is for the noisy triggers (every status change of every pod of a
+//! ReplicaSet): a key whose last run was expensive waits, after that run, [`PACE_FACTOR`] times
+//! as long as it took (at most [`PACE_MAX`]) before it runs again, so one reconcile over 10,000
+//! pods cannot become a busy loop that takes a core, while a cheap key still runs at once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -11,6 +16,13 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// A paced key rests this many times its last run's duration before it runs again.
+pub const PACE_FACTOR: u32 = 20;
+/// ...but never longer than this.
+pub const PACE_MAX: Duration = Duration::from_millis(500);
+/// Runs shorter than this are not remembered (a paced add of such a key is an add).
+const PACE_MIN_COST: Duration = Duration::from_millis(1);
 
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
@@ -21,6 +33,10 @@ struct State<K> {
     queue: VecDeque<K>,
     dirty: HashSet<K>,
     processing: HashSet<K>,
+    /// When each key being processed started.
+    started: HashMap<K, Instant>,
+    /// Keys whose last run was expensive: when it ended and how long it took.
+    cost: HashMap<K, (Instant, Duration)>,
     /// Pending delayed adds: key → when.
     delayed: HashMap<K, Instant>,
     shut: bool,
@@ -33,6 +49,8 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 queue: VecDeque::new(),
                 dirty: HashSet::new(),
                 processing: HashSet::new(),
+                started: HashMap::new(),
+                cost: HashMap::new(),
                 delayed: HashMap::new(),
                 shut: false,
             }),
@@ -51,6 +69,25 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             drop(st);
             self.notify.notify_one();
         }
+    }
+
+    /// Queue a key, paced by its last run's cost (see the module docs): at once when it is
+    /// cheap or rested long enough, else when its rest is over.
+    pub fn add_paced(self: &Arc<Self>, k: K) {
+        let wait = {
+            let st = self.state.lock().unwrap();
+            if st.shut || st.dirty.contains(&k) {
+                return;
+            }
+            match st.cost.get(&k) {
+                Some((ended, took)) => {
+                    let rest = (*took * PACE_FACTOR).min(PACE_MAX);
+                    (*ended + rest).saturating_duration_since(Instant::now())
+                }
+                None => Duration::ZERO,
+            }
+        };
+        self.add_after(k, wait);
     }
 
     /// Queue a key after `delay` (kept only if earlier than a delayed add already pending).
@@ -102,6 +139,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if let Some(k) = st.queue.pop_front() {
                     st.dirty.remove(&k);
                     st.processing.insert(k.clone());
+                    st.started.insert(k.clone(), Instant::now());
                     if !st.queue.is_empty() {
                         self.notify.notify_one();
                     }
@@ -116,6 +154,15 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     pub fn done(&self, k: &K) {
         let mut st = self.state.lock().unwrap();
         st.processing.remove(k);
+        if let Some(t0) = st.started.remove(k) {
+            let now = Instant::now();
+            let took = now - t0;
+            if took >= PACE_MIN_COST {
+                st.cost.insert(k.clone(), (now, took));
+            } else {
+                st.cost.remove(k);
+            }
+        }
         if st.dirty.contains(k) {
             st.queue.push_back(k.clone());
             drop(st);
@@ -177,5 +224,33 @@ mod tests {
         q.done(&"a");
         q.shutdown();
         assert_eq!(q.get().await, None);
+    }
+
+    #[tokio::test]
+    async fn paced_adds_rest_an_expensive_key_and_not_a_cheap_one() {
+        let q = WorkQueue::new();
+        // A cheap run: the next paced add is immediate.
+        q.add_paced("cheap");
+        let k = q.get().await.unwrap();
+        q.done(&k);
+        q.add_paced("cheap");
+        assert_eq!(q.len(), 1, "a cheap key is queued at once");
+        let k = q.get().await.unwrap();
+        q.done(&k);
+        // An expensive run (20 ms): the next paced add waits about 20 times that.
+        q.add("slow");
+        let k = q.get().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        q.done(&k);
+        q.add_paced("slow");
+        assert!(q.is_empty(), "an expensive key rests first");
+        let t0 = Instant::now();
+        assert_eq!(q.get().await.unwrap(), "slow");
+        let rested = t0.elapsed();
+        assert!(
+            rested >= Duration::from_millis(300) && rested <= PACE_MAX + Duration::from_secs(1),
+            "{rested:?}"
+        );
+        q.done(&"slow");
     }
 }

@@ -159,7 +159,8 @@ enum Op {
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Value, StoreError>>,
+    /// The stored object: the caller copies it, off the writer thread.
+    reply: oneshot::Sender<Result<Arc<Value>, StoreError>>,
 }
 
 /// redb-backed [`Store`]. Cheap to share behind an `Arc`.
@@ -261,7 +262,8 @@ impl RedbStore {
         self.tx
             .send(Request { op, reply })
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let stored = rx.await.map_err(|_| StoreError::Closed)??;
+        Ok(Arc::unwrap_or_clone(stored))
     }
 }
 
@@ -360,7 +362,7 @@ struct Pending {
     key: (String, String),
     /// What the event costs in history.
     size: usize,
-    reply: oneshot::Sender<Result<Value, StoreError>>,
+    reply: oneshot::Sender<Result<Arc<Value>, StoreError>>,
 }
 
 impl Writer {
@@ -509,7 +511,7 @@ impl Writer {
         }
         drop(st);
         for p in accepted {
-            let _ = p.reply.send(Ok((*p.event.object).clone()));
+            let _ = p.reply.send(Ok(p.event.object));
         }
     }
 
