@@ -92,13 +92,7 @@ fn agent_in(lab: &NetLab, i: usize, url: &str, token: &str, node: &str) -> Agent
 
 /// Agent `i`'s node turns Ready, with its address in the private network and a Lease it holds.
 async fn wait_joined(k: &Kapsel, lab: &NetLab, i: usize, a: &AgentProc) {
-    wait_for(&format!("node {} Ready", a.node), 30, || async {
-        let n = node(k, &a.node).await;
-        (ready_status(&n) == "True")
-            .then_some(())
-            .ok_or_else(|| format!("{n}\n{}", a.stderr.lock().unwrap()))
-    })
-    .await;
+    wait_node_ready(k, &a.node, a).await;
     let n = node(k, &a.node).await;
     assert!(
         n["status"]["addresses"]
@@ -115,14 +109,6 @@ async fn wait_joined(k: &Kapsel, lab: &NetLab, i: usize, a: &AgentProc) {
         .await;
     assert_eq!(code, 200, "{l}");
     assert_eq!(l["spec"]["holderIdentity"], a.node.as_str());
-}
-
-/// The server's token (to join agents with).
-fn token_of(k: &Kapsel) -> String {
-    std::fs::read_to_string(k.data.join("token"))
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 fn deployment(name: &str, replicas: u32) -> String {
@@ -165,7 +151,7 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     let mut k = Kapsel::start_with(&["--listen", &listen, "--cluster-listen", &cluster]);
     let url = k.cluster_url();
     assert_eq!(url, format!("https://{cluster}"));
-    let token = token_of(&k);
+    let token = k.token();
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
     let agent = |i: usize| agent_in(&lab, i, &url, &token, &format!("edge{}-{tag}", i + 1));
 
@@ -384,24 +370,6 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     assert!(shy["spec"]["nodeName"].is_null(), "{shy}");
 }
 
-/// Kills a child process (a `kapsel logs -f`) when the test ends, failed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The highest `tick N` in `text`.
-fn last_tick(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_uploaded_module_spreads_2_2_2_and_remote_pods_answer_logs_and_metrics() {
     let lab = NetLab::new(3);
@@ -411,7 +379,7 @@ async fn an_uploaded_module_spreads_2_2_2_and_remote_pods_answer_logs_and_metric
         url.starts_with(&format!("https://{}:", lab.host_ip())),
         "{url}"
     );
-    let token = token_of(&k);
+    let token = k.token();
     // The server's own node takes no pods: the replicas go to the agents only.
     let out = k.cli(&["cordon", &k.node]);
     assert!(out.status.success(), "{out:?}");
@@ -495,92 +463,17 @@ async fn an_uploaded_module_spreads_2_2_2_and_remote_pods_answer_logs_and_metric
         .unwrap()
         .name
         .clone();
-    wait_for("ticks in `kapsel logs`", 30, || async {
-        let out = k.cli(&["logs", &remote]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        (out.status.success() && last_tick(&text) >= 1)
-            .then_some(())
-            .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-    })
-    .await;
-    let mut follow = KillOnDrop(
-        std::process::Command::new(bin())
-            .args(["--server", &k.url, "logs", "-f", &remote])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = last_tick(&String::from_utf8_lossy(&k.cli(&["logs", &remote]).stdout));
-    assert!(started >= 1, "`kapsel logs {remote}` shows no tick");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    {
-        use std::io::BufRead as _;
-        let (seen, out) = (seen.clone(), follow.0.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = seen.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
-    }
-    wait_for("new ticks through logs -f", 30, || async {
-        let s = seen.lock().unwrap().clone();
-        (last_tick(&s) >= started + 5)
-            .then_some(())
-            .ok_or_else(|| format!("started at {started}; the follow saw:\n{s}"))
-    })
-    .await;
+    wait_ticks(&k, &[&remote], 1).await;
+    let follow = LogsFollow::start(&k, &[&remote]);
+    follow.wait_new_ticks(&k, &[&remote]).await;
     drop(follow);
 
     // The adapter-metrics endpoint of a pod on the third agent: a metrics adapter (listening
     // on that node's own loopback) reads a value the pod's init container wrote.
-    let cfg = tempfile::tempdir().unwrap();
-    std::fs::write(
-        cfg.path().join("sources.yaml"),
-        "lines:\n- name: status\n  file: /data/status.txt\n  interval: 100ms\n  rules:\n  - {regex: '^jobs (?P<n>\\d+)', name: shop_jobs, value: '$n'}\n",
-    )
-    .unwrap();
-    k.apply(
-        "meter",
-        &format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata: {{name: meter}}
-spec:
-  nodeSelector: {{kubernetes.io/hostname: {node}}}
-  terminationGracePeriodSeconds: 1
-  volumes: [{{name: cfg, hostPath: {{path: {cfg}}}}}, {{name: data, emptyDir: {{}}}}]
-  initContainers:
-  - name: writer
-    image: {files}
-    args: ["write", "/data/status.txt", "jobs 42"]
-    volumeMounts: [{{name: data, mountPath: /data}}]
-  containers:
-  - name: adapter
-    image: builtin/metrics-adapter
-    args: ["--config=/etc/adapter/sources.yaml", "--web.listen-address=127.0.0.1:9102"]
-    volumeMounts: [{{name: cfg, mountPath: /etc/adapter}}, {{name: data, mountPath: /data}}]
-"#,
-            node = names[2],
-            cfg = cfg.path().display(),
-            files = fixture("files/files.wasm"),
-        ),
-    );
+    let cfg = shop_jobs_config();
+    k.apply("meter", &adapter_pod("meter", &names[2], cfg.path(), ""));
     let p = k.wait_pod("meter", 60, |p| phase(p) == "Running").await;
     assert_eq!(p["spec"]["nodeName"], names[2].as_str(), "{p}");
     assert_eq!(p["status"]["hostIP"], lab.node_ip(2).as_str(), "{p}");
-    wait_for("the adapter's value from the third agent", 30, || async {
-        let (code, v) = k.get("/api/v1/namespaces/default/pods/meter/metrics").await;
-        let found = v["items"].as_array().is_some_and(|is| {
-            is.iter().any(|i| {
-                i["metric"] == "shop_jobs" && i["value"] == 42.0 && i["container"] == "adapter"
-            })
-        });
-        (code == 200 && found)
-            .then_some(())
-            .ok_or_else(|| format!("{code} {v}"))
-    })
-    .await;
+    wait_shop_jobs(&k, "meter").await;
 }
