@@ -3,7 +3,12 @@
 //! Heartbeats and node lifecycle with the default settings: a `kill -9`ed node goes NotReady
 //! with the unreachable taint and its pods run elsewhere within 10 s; a node stopped for 3 s
 //! loses nothing; a restarted control plane evicts nothing; `drain` empties a node and leaves
-//! it SchedulingDisabled; a NoSchedule taint keeps pods off a node unless tolerated.
+//! it SchedulingDisabled; a NoSchedule taint keeps pods off a node unless tolerated. And, with
+//! the server's own node cordoned: a Deployment of 6 replicas of a module that `kapsel apply`
+//! uploaded from a temporary directory (deleted before the replicas exist) runs 2-2-2 on the
+//! agents, each of which fetched the module by digest into its own data directory; `kapsel
+//! logs -f` of a pod on one agent streams new lines and the adapter-metrics endpoint of a pod
+//! on another answers, through the agents' tunnels.
 
 mod common;
 
@@ -68,6 +73,44 @@ fn ready_status(n: &Value) -> String {
         .to_string()
 }
 
+/// Agent `i` of `lab`: WASM-only, its own data directory, in namespace `i`, joining `url`
+/// with `token`.
+fn agent_in(lab: &NetLab, i: usize, url: &str, token: &str, node: &str) -> AgentProc {
+    let data = tempfile::Builder::new()
+        .prefix("kapsel-agent-")
+        .tempdir()
+        .unwrap();
+    AgentProc::start_in_netns(
+        Some(lab.ns(i)),
+        data,
+        url,
+        node,
+        &lab.node_ip(i),
+        &["--no-docker", "--token", token],
+    )
+}
+
+/// Agent `i`'s node turns Ready, with its address in the private network and a Lease it holds.
+async fn wait_joined(k: &Kapsel, lab: &NetLab, i: usize, a: &AgentProc) {
+    wait_node_ready(k, &a.node, a).await;
+    let n = node(k, &a.node).await;
+    assert!(
+        n["status"]["addresses"]
+            .as_array()
+            .is_some_and(|ads| ads.iter().any(|ad| ad["address"] == lab.node_ip(i))),
+        "{n}"
+    );
+    // Its Lease is there and renewed.
+    let (code, l) = k
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
+            a.node
+        ))
+        .await;
+    assert_eq!(code, 200, "{l}");
+    assert_eq!(l["spec"]["holderIdentity"], a.node.as_str());
+}
+
 fn deployment(name: &str, replicas: u32) -> String {
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {}\n",
@@ -108,25 +151,9 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     let mut k = Kapsel::start_with(&["--listen", &listen, "--cluster-listen", &cluster]);
     let url = k.cluster_url();
     assert_eq!(url, format!("https://{cluster}"));
-    let token = std::fs::read_to_string(k.data.join("token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = k.token();
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let agent = |i: usize| {
-        let data = tempfile::Builder::new()
-            .prefix("kapsel-agent-")
-            .tempdir()
-            .unwrap();
-        AgentProc::start_in_netns(
-            Some(lab.ns(i)),
-            data,
-            &url,
-            &format!("edge{}-{tag}", i + 1),
-            &lab.node_ip(i),
-            &["--no-docker", "--token", &token],
-        )
-    };
+    let agent = |i: usize| agent_in(&lab, i, &url, &token, &format!("edge{}-{tag}", i + 1));
 
     // A wrong token from a namespace is refused and registers nothing.
     let bad = token.rsplit_once('.').unwrap().0.to_string() + ".0000000000000000";
@@ -148,29 +175,7 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
     let a2 = agent(1);
     let a3 = agent(2);
     for (i, a) in [&a1, &a2, &a3].into_iter().enumerate() {
-        wait_for(&format!("node {} Ready", a.node), 20, || async {
-            let n = node(&k, &a.node).await;
-            (ready_status(&n) == "True")
-                .then_some(())
-                .ok_or_else(|| format!("{n}\n{}", a.stderr.lock().unwrap()))
-        })
-        .await;
-        let n = node(&k, &a.node).await;
-        assert!(
-            n["status"]["addresses"]
-                .as_array()
-                .is_some_and(|ads| ads.iter().any(|ad| ad["address"] == lab.node_ip(i))),
-            "{n}"
-        );
-        // Its Lease is there and renewed.
-        let (code, l) = k
-            .get(&format!(
-                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{}",
-                a.node
-            ))
-            .await;
-        assert_eq!(code, 200, "{l}");
-        assert_eq!(l["spec"]["holderIdentity"], a.node.as_str());
+        wait_joined(&k, &lab, i, a).await;
     }
     let ip_of = |node: &str| {
         [&a1.node, &a2.node, &a3.node]
@@ -363,4 +368,112 @@ async fn lost_nodes_fail_over_paused_ones_do_not_and_drain_and_taints_work() {
         })
         .await;
     assert!(shy["spec"]["nodeName"].is_null(), "{shy}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uploaded_module_spreads_2_2_2_and_remote_pods_answer_logs_and_metrics() {
+    let lab = NetLab::new(3);
+    let k = Kapsel::start_with(&["--cluster-listen", &format!("{}:0", lab.host_ip())]);
+    let url = k.cluster_url();
+    assert!(
+        url.starts_with(&format!("https://{}:", lab.host_ip())),
+        "{url}"
+    );
+    let token = k.token();
+    // The server's own node takes no pods: the replicas go to the agents only.
+    let out = k.cli(&["cordon", &k.node]);
+    assert!(out.status.success(), "{out:?}");
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let agents: Vec<AgentProc> = (0..3)
+        .map(|i| agent_in(&lab, i, &url, &token, &format!("mod{}-{tag}", i + 1)))
+        .collect();
+    for (i, a) in agents.iter().enumerate() {
+        wait_joined(&k, &lab, i, a).await;
+    }
+    let names: Vec<String> = agents.iter().map(|a| a.node.clone()).collect();
+
+    // The module exists only in this directory, named relatively by the manifest beside it.
+    // `kapsel apply` uploads it and records its digest; the Deployment starts with no
+    // replicas, so no pod can run before the file is gone.
+    let dir = tempfile::tempdir().unwrap();
+    let module_path = dir.path().join("app.wasm");
+    std::fs::copy(fixture("ticker/ticker.wasm"), &module_path).unwrap();
+    let module = std::fs::read(&module_path).unwrap();
+    let hex = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&module))
+    };
+    let manifest = dir.path().join("ticker.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: tick\nspec:\n  replicas: 0\n  selector:\n    matchLabels: {app: tick}\n  template:\n    metadata:\n      labels: {app: tick}\n    spec:\n      terminationGracePeriodSeconds: 1\n      topologySpreadConstraints:\n      - maxSkew: 1\n        topologyKey: kubernetes.io/hostname\n        whenUnsatisfiable: DoNotSchedule\n        nodeTaintsPolicy: Honor\n        labelSelector:\n          matchLabels: {app: tick}\n      containers:\n      - name: main\n        image: app.wasm\n        env: [{name: TICK_MS, value: \"100\"}]\n",
+    )
+    .unwrap();
+    let out = k.cli(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    drop(dir);
+    assert!(!module_path.exists());
+    let out = k.cli(&["scale", "deployment", "tick", "--replicas", "6"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // 2-2-2 over the agents, none on the cordoned server node, each pod's hostIP its node's
+    // address in the private network.
+    let pods = wait_for("6 ready tick pods", 60, || async {
+        let p = pods_of(&k, "tick").await;
+        (p.len() == 6 && p.iter().all(|p| p.ready))
+            .then(|| p.clone())
+            .ok_or_else(|| format!("{p:?}"))
+    })
+    .await;
+    let want: BTreeMap<String, usize> = names.iter().map(|n| (n.clone(), 2)).collect();
+    assert_eq!(by_node(&pods), want, "{pods:?}");
+    for p in &pods {
+        let v = k.pod(&p.name).await.unwrap();
+        let i = names.iter().position(|n| *n == p.node).unwrap();
+        assert_eq!(v["status"]["hostIP"], lab.node_ip(i).as_str(), "{v}");
+        assert_eq!(
+            v["metadata"]["annotations"]["modules.kapsel.io/main"],
+            format!("sha256:{hex}").as_str(),
+            "{v}"
+        );
+    }
+    // Every agent fetched the module by digest into its own data directory; the server's
+    // store has it; the file it came from is gone.
+    for a in &agents {
+        let cached = a.data.path().join("cache/wasm/modules/sha256").join(&hex);
+        assert_eq!(
+            std::fs::read(&cached).ok().as_deref(),
+            Some(&module[..]),
+            "{} has no copy at {}",
+            a.node,
+            cached.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(k.data.join("modules/sha256").join(&hex)).unwrap(),
+        module
+    );
+    assert!(!module_path.exists());
+
+    // `kapsel logs -f` of a pod on the second agent: ticks written after it started arrive
+    // (through that agent's tunnel; the pod's log lives in the agent's data directory).
+    let remote = pods
+        .iter()
+        .find(|p| p.node == names[1])
+        .unwrap()
+        .name
+        .clone();
+    wait_ticks(&k, &[&remote], 1).await;
+    let follow = LogsFollow::start(&k, &[&remote]);
+    follow.wait_new_ticks(&k, &[&remote]).await;
+    drop(follow);
+
+    // The adapter-metrics endpoint of a pod on the third agent: a metrics adapter (listening
+    // on that node's own loopback) reads a value the pod's init container wrote.
+    let cfg = shop_jobs_config();
+    k.apply("meter", &adapter_pod("meter", &names[2], cfg.path(), ""));
+    let p = k.wait_pod("meter", 60, |p| phase(p) == "Running").await;
+    assert_eq!(p["spec"]["nodeName"], names[2].as_str(), "{p}");
+    assert_eq!(p["status"]["hostIP"], lab.node_ip(2).as_str(), "{p}");
+    wait_shop_jobs(&k, "meter").await;
 }

@@ -8,44 +8,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use serde_json::Value;
-
-fn cluster_server() -> (Kapsel, String, String) {
-    let k = Kapsel::start_with(&["--cluster-listen", "127.0.0.1:0"]);
-    let url = k.cluster_url();
-    let token = std::fs::read_to_string(k.data.join("token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(token.starts_with("K10"), "{token}");
-    (k, url, token)
-}
-
-fn node_name(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    )
-}
-
-async fn wait_node_ready(k: &Kapsel, node: &str, agent: &AgentProc) -> Duration {
-    let t = Instant::now();
-    loop {
-        let (code, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
-        if code == 200 && n["status"]["conditions"][0]["status"] == "True" {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "node {node} never became Ready; agent stderr:\n{}",
-            agent.stderr.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn send(
     http: &reqwest::Client,

@@ -37,32 +37,11 @@ async fn put_module(url: &str, digest: &str, body: Vec<u8>) -> (u16, Value) {
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn wait_node_ready(k: &Kapsel, node: &str, agent: &AgentProc) {
-    wait_for(&format!("node {node} Ready"), 30, || async {
-        let (code, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
-        if code == 200 && n["status"]["conditions"][0]["status"] == "True" {
-            Ok(())
-        } else {
-            Err(format!(
-                "{n}\nagent stderr:\n{}",
-                agent.stderr.lock().unwrap()
-            ))
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_applied_module_runs_on_another_node_after_the_file_is_gone() {
-    let k = Kapsel::start_with(&["--cluster-listen", "127.0.0.1:0"]);
-    let token = std::fs::read_to_string(k.data.join("token")).unwrap();
-    let node = format!("far-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
-    let agent = AgentProc::start_with(
-        &k.cluster_url(),
-        &node,
-        "127.0.0.2",
-        &["--token", token.trim()],
-    );
+    let (k, cluster_url, token) = cluster_server();
+    let node = node_name("far");
+    let agent = AgentProc::start_with(&cluster_url, &node, "127.0.0.2", &["--token", &token]);
     wait_node_ready(&k, &node, &agent).await;
 
     // The module exists only in this directory, next to the manifest naming it relatively.
@@ -153,7 +132,7 @@ async fn an_applied_module_runs_on_another_node_after_the_file_is_gone() {
 
     // The node may read a module by digest but not upload or list.
     let http = node_http(agent.data.path());
-    let url = format!("{}/v1-kapsel/modules/{digest}", k.cluster_url());
+    let url = format!("{cluster_url}/v1-kapsel/modules/{digest}");
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.bytes().await.unwrap().to_vec(), module);
@@ -174,7 +153,7 @@ async fn an_applied_module_runs_on_another_node_after_the_file_is_gone() {
         "{v}"
     );
     let r = http
-        .get(format!("{}/v1-kapsel/modules", k.cluster_url()))
+        .get(format!("{cluster_url}/v1-kapsel/modules"))
         .send()
         .await
         .unwrap();

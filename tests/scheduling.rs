@@ -23,17 +23,9 @@ fn tag() -> String {
 
 /// The live pods labelled `app=<app>`: name → node ("" while unbound).
 async fn placement(k: &Kapsel, app: &str) -> BTreeMap<String, String> {
-    let (_, v) = k
-        .get(&format!(
-            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
-        ))
-        .await;
-    v["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    live_pods(k, app)
+        .await
         .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
         .map(|p| {
             (
                 p["metadata"]["name"]
@@ -57,6 +49,28 @@ fn count_by_node(p: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
     m
 }
 
+/// Poll until `app` has `total` live pods of which `bound` are bound to a node; their
+/// placement.
+async fn wait_placed(
+    k: &Kapsel,
+    app: &str,
+    total: usize,
+    bound: usize,
+) -> BTreeMap<String, String> {
+    wait_for(
+        &format!("{bound} of {total} {app} pods bound"),
+        30,
+        || async {
+            let p = placement(k, app).await;
+            let b = p.values().filter(|n| !n.is_empty()).count();
+            (p.len() == total && b == bound)
+                .then(|| p.clone())
+                .ok_or_else(|| format!("{p:?}"))
+        },
+    )
+    .await
+}
+
 /// A Deployment of `replicas` WASM pods with `extra` (indented YAML) in the pod spec.
 fn deployment(name: &str, replicas: u32, extra: &str) -> String {
     format!(
@@ -65,24 +79,14 @@ fn deployment(name: &str, replicas: u32, extra: &str) -> String {
     )
 }
 
-fn node_http(agent_data: &std::path::Path) -> reqwest::Client {
-    let pki = agent_data.join("pki");
-    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
-    let mut id = read("node.crt");
-    id.extend(read("node.key"));
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&read("ca.crt")).unwrap())
-        .identity(reqwest::Identity::from_pem(&id).unwrap())
-        .build()
-        .unwrap()
-}
-
 async fn put(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let r = http.put(url).json(body).send().await.unwrap();
     let code = r.status().as_u16();
     (code, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// The `FailedScheduling` message of a pod, once there is one.
@@ -107,10 +111,7 @@ async fn affinity_spread_anti_affinity_runtimes_and_node_restriction_over_three_
         "kapsel.io/control-plane:NoSchedule",
     ]);
     let url = k.cluster_url();
-    let token = std::fs::read_to_string(k.data.join("token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = k.token();
     let t = tag();
     let names = [format!("e1-{t}"), format!("e2-{t}"), format!("e3-{t}")];
     let zones = ["a", "b", "b"];
@@ -159,13 +160,7 @@ async fn affinity_spread_anti_affinity_runtimes_and_node_restriction_over_three_
     // Required node affinity: zone b only.
     let affinity = "      affinity:\n        nodeAffinity:\n          requiredDuringSchedulingIgnoredDuringExecution:\n            nodeSelectorTerms:\n            - matchExpressions:\n              - {key: topology.kubernetes.io/zone, operator: In, values: [b]}\n";
     k.apply("zb", &deployment("zb", 4, affinity));
-    let p = wait_for("4 zb pods bound", 30, || async {
-        let p = placement(&k, "zb").await;
-        (p.len() == 4 && p.values().all(|n| !n.is_empty()))
-            .then(|| p.clone())
-            .ok_or_else(|| format!("{p:?}"))
-    })
-    .await;
+    let p = wait_placed(&k, "zb", 4, 4).await;
     for n in p.values() {
         assert!(
             n == &names[1] || n == &names[2],
@@ -178,13 +173,7 @@ async fn affinity_spread_anti_affinity_runtimes_and_node_restriction_over_three_
     // tolerated, so with nodeTaintsPolicy: Honor it is no domain).
     let spread = "      topologySpreadConstraints:\n      - maxSkew: 1\n        topologyKey: kubernetes.io/hostname\n        whenUnsatisfiable: DoNotSchedule\n        nodeTaintsPolicy: Honor\n        labelSelector:\n          matchLabels: {app: spread}\n";
     k.apply("spread", &deployment("spread", 6, spread));
-    let p = wait_for("6 spread pods bound", 30, || async {
-        let p = placement(&k, "spread").await;
-        (p.len() == 6 && p.values().all(|n| !n.is_empty()))
-            .then(|| p.clone())
-            .ok_or_else(|| format!("{p:?}"))
-    })
-    .await;
+    let p = wait_placed(&k, "spread", 6, 6).await;
     let by = count_by_node(&p);
     let want: BTreeMap<String, usize> = names.iter().map(|n| (n.clone(), 2)).collect();
     assert_eq!(by, want, "{p:?}");
@@ -193,14 +182,7 @@ async fn affinity_spread_anti_affinity_runtimes_and_node_restriction_over_three_
     // Required anti-affinity on the hostname: one per agent, the fourth replica Pending.
     let anti = "      nodeSelector: {pool: edge}\n      affinity:\n        podAntiAffinity:\n          requiredDuringSchedulingIgnoredDuringExecution:\n          - topologyKey: kubernetes.io/hostname\n            labelSelector:\n              matchLabels: {app: solo}\n";
     k.apply("solo", &deployment("solo", 4, anti));
-    let p = wait_for("3 solo pods bound, 1 pending", 30, || async {
-        let p = placement(&k, "solo").await;
-        let bound = p.values().filter(|n| !n.is_empty()).count();
-        (p.len() == 4 && bound == 3)
-            .then(|| p.clone())
-            .ok_or_else(|| format!("{p:?}"))
-    })
-    .await;
+    let p = wait_placed(&k, "solo", 4, 3).await;
     let by = count_by_node(&p);
     for n in &names {
         assert_eq!(by.get(n), Some(&1), "{p:?}");
@@ -240,26 +222,12 @@ async fn affinity_spread_anti_affinity_runtimes_and_node_restriction_over_three_
     // NodeRestriction, with e1's own certificate.
     let http = node_http(agents[0].data.path());
     let own_url = format!("{url}/api/v1/nodes/{}", names[0]);
-    let cur: Value = http
-        .get(&own_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cur = get_json(&http, &own_url).await;
     let mut relabel = cur.clone();
     relabel["metadata"]["labels"]["rack"] = "r7".into();
     let (code, v) = put(&http, &own_url, &relabel).await;
     assert_eq!(code, 200, "a node may label itself: {v}");
-    let cur: Value = http
-        .get(&own_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cur = get_json(&http, &own_url).await;
     let forbidden: Vec<(&str, Value)> = vec![
         ("taints", {
             let mut n = cur.clone();

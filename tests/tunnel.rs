@@ -9,57 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 
 use common::*;
 use serde_json::Value;
 
-fn node_name(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    )
-}
-
-/// A server with a cluster listener on a fixed port (so a restart keeps it), and its token.
-fn cluster_server() -> (Kapsel, String, String) {
-    let port = free_port();
-    let k = Kapsel::start_with(&["--cluster-listen", &format!("127.0.0.1:{port}")]);
-    let url = k.cluster_url();
-    let token = std::fs::read_to_string(k.data.join("token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    (k, url, token)
-}
-
-/// An HTTP client that presents a joined node's certificate to the cluster listener.
-fn node_http(agent_data: &std::path::Path) -> reqwest::Client {
-    let pki = agent_data.join("pki");
-    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
-    let mut id = read("node.crt");
-    id.extend(read("node.key"));
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&read("ca.crt")).unwrap())
-        .identity(reqwest::Identity::from_pem(&id).unwrap())
-        .build()
-        .unwrap()
-}
-
 async fn wait_running(k: &Kapsel, pod: &str, secs: u64) -> Value {
     k.wait_pod(pod, secs, |p| phase(p) == "Running").await
-}
-
-/// The highest `tick N` in `text`.
-fn last_tick(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
 }
 
 /// Removes the Docker containers an agent left (agents are killed, not stopped).
@@ -81,62 +37,20 @@ async fn logs_follow_metrics_builtins_and_refusals_of_a_pod_on_a_remote_node() {
     let (mut k, url, token) = cluster_server();
     let node = node_name("edge");
     let agent = AgentProc::start_with(&url, &node, "127.0.0.2", &["--token", &token]);
-    wait_for(&format!("node {node} Ready"), 30, || async {
-        let (_, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
-        (n["status"]["conditions"][0]["status"] == "True")
-            .then_some(())
-            .ok_or_else(|| format!("{n}\n{}", agent.stderr.lock().unwrap()))
-    })
-    .await;
+    wait_node_ready(&k, &node, &agent).await;
 
     // A pod bound to the agent: a ticker, and a metrics adapter reading a file that the pod's
     // init container wrote.
-    let cfg = tempfile::tempdir().unwrap();
-    std::fs::write(
-        cfg.path().join("sources.yaml"),
-        "lines:\n- name: status\n  file: /data/status.txt\n  interval: 100ms\n  rules:\n  - {regex: '^jobs (?P<n>\\d+)', name: shop_jobs, value: '$n'}\n",
-    )
-    .unwrap();
-    k.apply(
-        "remote",
-        &format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata: {{name: remote}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  volumes: [{{name: cfg, hostPath: {{path: {cfg}}}}}, {{name: data, emptyDir: {{}}}}]
-  initContainers:
-  - name: writer
-    image: {files}
-    args: ["write", "/data/status.txt", "jobs 42"]
-    volumeMounts: [{{name: data, mountPath: /data}}]
-  containers:
-  - name: ticker
-    image: {ticker}
-    env: [{{name: TICK_MS, value: "100"}}]
-  - name: adapter
-    image: builtin/metrics-adapter
-    args: ["--config=/etc/adapter/sources.yaml", "--web.listen-address=127.0.0.1:9102"]
-    volumeMounts: [{{name: cfg, mountPath: /etc/adapter}}, {{name: data, mountPath: /data}}]
-"#,
-            cfg = cfg.path().display(),
-            files = fixture("files/files.wasm"),
-            ticker = fixture("ticker/ticker.wasm"),
-        ),
+    let cfg = shop_jobs_config();
+    let ticker = format!(
+        "  - name: ticker\n    image: {}\n    env: [{{name: TICK_MS, value: \"100\"}}]\n",
+        fixture("ticker/ticker.wasm")
     );
+    k.apply("remote", &adapter_pod("remote", &node, cfg.path(), &ticker));
     wait_running(&k, "remote", 30).await;
 
     // Logs through the tunnel: the server has none of this pod's files.
-    let first = wait_for("ticks in `kapsel logs`", 20, || async {
-        let out = k.cli(&["logs", "remote", "-c", "ticker"]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        (out.status.success() && last_tick(&text) >= 2)
-            .then(|| text.clone())
-            .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-    })
-    .await;
+    let first = wait_ticks(&k, &["remote", "-c", "ticker"], 2).await;
     assert!(first.starts_with("tick 1\n"), "{first}");
     let (code, tail) = k
         .get("/api/v1/namespaces/default/pods/remote/log?container=ticker&tailLines=1")
@@ -149,49 +63,11 @@ spec:
     );
 
     // `logs -f`: a tick written after the follow started arrives; deleting the pod ends it.
-    let mut follow = Command::new(bin())
-        .args(["--server", &k.url, "logs", "-f", "remote", "-c", "ticker"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = last_tick(&String::from_utf8_lossy(
-        &k.cli(&["logs", "remote", "-c", "ticker"]).stdout,
-    ));
-    let seen = Arc::new(Mutex::new(String::new()));
-    {
-        let (seen, out) = (seen.clone(), follow.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = seen.lock().unwrap();
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
-    }
-    wait_for("a new tick through logs -f", 20, || async {
-        let s = seen.lock().unwrap().clone();
-        (last_tick(&s) >= started + 5)
-            .then_some(())
-            .ok_or_else(|| format!("started at {started}; follow saw:\n{s}"))
-    })
-    .await;
+    let follow = LogsFollow::start(&k, &["remote", "-c", "ticker"]);
+    follow.wait_new_ticks(&k, &["remote", "-c", "ticker"]).await;
 
     // The adapter's value, pushed by the pod, from the agent's process.
-    let items = wait_for("the adapter's value through the tunnel", 20, || async {
-        let (code, v) = k
-            .get("/api/v1/namespaces/default/pods/remote/metrics")
-            .await;
-        let found = v["items"].as_array().is_some_and(|is| {
-            is.iter()
-                .any(|i| i["metric"] == "shop_jobs" && i["value"] == 42.0)
-        });
-        (code == 200 && found)
-            .then_some(v.clone())
-            .ok_or(v.to_string())
-    })
-    .await;
-    assert!(items["items"][0]["container"] == "adapter", "{items}");
+    wait_shop_jobs(&k, "remote").await;
 
     // Built-in status: the API's JSON and `describe pod`.
     let (code, b) = k
@@ -270,23 +146,15 @@ spec:
     .await;
 
     // The follow started before the restart ended with it; deleting the pod ends a new one.
-    let _ = follow.kill();
-    let _ = follow.wait();
-    let mut follow = Command::new(bin())
-        .args(["--server", &k.url, "logs", "-f", "remote", "-c", "ticker"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    drop(follow);
+    let mut follow = LogsFollow::start(&k, &["remote", "-c", "ticker"]);
     let out = k.cli(&["delete", "pod", "remote"]);
     assert!(out.status.success(), "{out:?}");
     wait_for("logs -f to end with the pod", 20, || {
-        let exited = follow.try_wait().unwrap();
+        let exited = follow.child.try_wait().unwrap();
         async move { exited.ok_or_else(|| "still following".to_string()) }
     })
     .await;
-    let _ = follow.kill();
-    let _ = follow.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,13 +163,7 @@ async fn exec_into_an_oci_container_on_a_remote_node_returns_output_stdin_and_ex
     let node = node_name("dock");
     let _leftovers = DockerLeftovers(node.clone());
     let agent = AgentProc::start_with_docker(&url, &node, "127.0.0.3", &["--token", &token]);
-    wait_for(&format!("node {node} Ready"), 30, || async {
-        let (_, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
-        (n["status"]["conditions"][0]["status"] == "True")
-            .then_some(())
-            .ok_or_else(|| format!("{n}\n{}", agent.stderr.lock().unwrap()))
-    })
-    .await;
+    wait_node_ready(&k, &node, &agent).await;
     k.apply(
         "box",
         &format!(

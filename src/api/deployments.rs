@@ -24,6 +24,7 @@ use crate::model::deployment::{
 use crate::model::meta::ObjectMeta;
 use crate::model::validate::FieldError;
 use crate::model::{Kind, Pod};
+use crate::store::StoreError;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -324,6 +325,9 @@ async fn read_scale<W: Workload>(
     Ok(Json(scale_of(&mut w)))
 }
 
+/// How often an unconditional scale is retried after a concurrent write.
+const SCALE_RETRIES: u32 = 20;
+
 /// PUT `/scale` with `{"spec": {"replicas": N}}` (an `autoscaling/v1 Scale`).
 async fn replace_scale<W: Workload>(
     State(s): State<AppState>,
@@ -351,20 +355,40 @@ async fn replace_scale<W: Workload>(
             }],
         });
     }
-    let cur_v = get_one(&s, W::KIND, &ns, &name)?;
-    let mut w: W = serde_json::from_value(cur_v.clone()).map_err(internal)?;
-    if let Some(rv) = body["metadata"]["resourceVersion"].as_str() {
-        w.meta_mut().resource_version = Some(rv.to_string());
-    }
-    if *w.replicas_mut() != Some(n as i32) {
+    // With a resourceVersion the scale happens only at that version (409 otherwise); without
+    // one it is unconditional, as in Kubernetes: a write between the read and the update (the
+    // controllers writing status) is retried on a fresh read.
+    let precondition = body["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
+    let mut attempt = 0;
+    loop {
+        let cur_v = get_one(&s, W::KIND, &ns, &name)?;
+        let mut w: W = serde_json::from_value(cur_v.clone()).map_err(internal)?;
+        if let Some(rv) = &precondition {
+            w.meta_mut().resource_version = Some(rv.clone());
+        }
+        if *w.replicas_mut() == Some(n as i32) {
+            return Ok(Json(scale_of(&mut w)));
+        }
         *w.replicas_mut() = Some(n as i32);
         let g = w.meta().generation.unwrap_or(1) + 1;
         w.meta_mut().generation = Some(g);
         let v = serde_json::to_value(&w).map_err(internal)?;
-        let stored = s.store.update(W::KIND, v).await?;
-        w = serde_json::from_value(stored).map_err(internal)?;
+        match s.store.update(W::KIND, v).await {
+            Ok(stored) => {
+                let mut w: W = serde_json::from_value(stored).map_err(internal)?;
+                return Ok(Json(scale_of(&mut w)));
+            }
+            Err(StoreError::Conflict { .. })
+                if precondition.is_none() && attempt < SCALE_RETRIES =>
+            {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(Json(scale_of(&mut w)))
 }
 
 /// DELETE: removes the object at once (the controllers then remove what it owned). Only an

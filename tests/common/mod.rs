@@ -1,5 +1,8 @@
 //! Test harness: a real `kapsel serve` process on 127.0.0.1:0 with its own data directory,
-//! driven through the real CLI and HTTP API. Waits are polls with deadlines, never sleeps.
+//! driven through the real CLI and HTTP API; real `kapsel agent` processes joined to it
+//! ([`AgentProc`], [`cluster_server`], [`wait_node_ready`]); `kapsel logs -f` as a child
+//! ([`LogsFollow`]) and the metrics-adapter pod the remote-node tests share ([`adapter_pod`]).
+//! Waits are polls with deadlines, never sleeps.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -108,6 +111,14 @@ impl Kapsel {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The server's join token (`<data-dir>/token`).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("token"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// A counter or gauge from `/metrics` (the whole series name with labels).
@@ -895,6 +906,42 @@ impl Drop for AgentProc {
     }
 }
 
+/// A server with a cluster listener on a fixed 127.0.0.1 port (so a restart keeps it): the
+/// server, the listener's `https://` URL and its join token.
+pub fn cluster_server() -> (Kapsel, String, String) {
+    let port = free_port();
+    let k = Kapsel::start_with(&["--cluster-listen", &format!("127.0.0.1:{port}")]);
+    let url = k.cluster_url();
+    let token = k.token();
+    assert!(token.starts_with("K10"), "{token}");
+    (k, url, token)
+}
+
+/// A node name unique to this run: `<prefix>-<6 hex>`.
+pub fn node_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    )
+}
+
+/// Poll until `node` (the agent's) is Ready; panics with the Node and the agent's stderr
+/// after 30 s.
+pub async fn wait_node_ready(k: &Kapsel, node: &str, agent: &AgentProc) {
+    wait_for(&format!("node {node} Ready"), 30, || async {
+        let (code, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
+        if code == 200 && n["status"]["conditions"][0]["status"] == "True" {
+            Ok(())
+        } else {
+            Err(format!(
+                "{n}\nagent stderr:\n{}",
+                agent.stderr.lock().unwrap()
+            ))
+        }
+    })
+    .await
+}
+
 /// An HTTP client that presents a joined node's certificate to the cluster listener.
 pub fn node_http(agent_data: &std::path::Path) -> reqwest::Client {
     let pki = agent_data.join("pki");
@@ -908,4 +955,125 @@ pub fn node_http(agent_data: &std::path::Path) -> reqwest::Client {
         .identity(reqwest::Identity::from_pem(&id).unwrap())
         .build()
         .unwrap()
+}
+
+/// The highest `tick N` in `text` (the ticker fixture's output).
+pub fn last_tick(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Poll `kapsel logs ARGS…` until it shows `tick N` with N ≥ `at_least`; its output.
+pub async fn wait_ticks(k: &Kapsel, args: &[&str], at_least: u64) -> String {
+    let args = [&["logs"], args].concat();
+    wait_for("ticks in `kapsel logs`", 30, || async {
+        let out = k.cli(&args);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success() && last_tick(&text) >= at_least)
+            .then(|| text.clone())
+            .ok_or_else(|| format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    })
+    .await
+}
+
+/// `kapsel logs -f ARGS…` as a child process, its stdout collected; killed on drop.
+pub struct LogsFollow {
+    pub child: Child,
+    pub seen: Arc<Mutex<String>>,
+}
+
+impl LogsFollow {
+    pub fn start(k: &Kapsel, args: &[&str]) -> LogsFollow {
+        let mut child = Command::new(bin())
+            .args(["--server", &k.url, "logs", "-f"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (seen, _) = collect_lines(Box::new(child.stdout.take().unwrap()));
+        LogsFollow { child, seen }
+    }
+
+    /// Poll until the follow shows a tick 5 past the last one `kapsel logs ARGS…` shows now
+    /// (after the follow started): lines written while it follows arrive.
+    pub async fn wait_new_ticks(&self, k: &Kapsel, args: &[&str]) {
+        let out = k.cli(&[&["logs"], args].concat());
+        let started = last_tick(&String::from_utf8_lossy(&out.stdout));
+        assert!(started >= 1, "`kapsel logs` shows no tick: {out:?}");
+        wait_for("new ticks through `kapsel logs -f`", 30, || async {
+            let s = self.seen.lock().unwrap().clone();
+            (last_tick(&s) >= started + 5)
+                .then_some(())
+                .ok_or_else(|| format!("started at {started}; the follow saw:\n{s}"))
+        })
+        .await
+    }
+}
+
+impl Drop for LogsFollow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A metrics-adapter configuration (`sources.yaml` in a new temporary directory): the gauge
+/// `shop_jobs` from the line `jobs N` of `/data/status.txt`.
+pub fn shop_jobs_config() -> tempfile::TempDir {
+    let cfg = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cfg.path().join("sources.yaml"),
+        "lines:\n- name: status\n  file: /data/status.txt\n  interval: 100ms\n  rules:\n  - {regex: '^jobs (?P<n>\\d+)', name: shop_jobs, value: '$n'}\n",
+    )
+    .unwrap();
+    cfg
+}
+
+/// A pod bound to `node` whose init container writes `jobs 42` for a metrics adapter
+/// (listening on the node's 127.0.0.1:9102, configured from `cfg`, see [`shop_jobs_config`]),
+/// after `containers` (YAML list items, may be empty).
+pub fn adapter_pod(name: &str, node: &str, cfg: &Path, containers: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  volumes: [{{name: cfg, hostPath: {{path: {cfg}}}}}, {{name: data, emptyDir: {{}}}}]
+  initContainers:
+  - name: writer
+    image: {files}
+    args: ["write", "/data/status.txt", "jobs 42"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  containers:
+{containers}  - name: adapter
+    image: builtin/metrics-adapter
+    args: ["--config=/etc/adapter/sources.yaml", "--web.listen-address=127.0.0.1:9102"]
+    volumeMounts: [{{name: cfg, mountPath: /etc/adapter}}, {{name: data, mountPath: /data}}]
+"#,
+        cfg = cfg.display(),
+        files = fixture("files/files.wasm"),
+    )
+}
+
+/// Poll the pod's adapter-metrics endpoint until the adapter reports `shop_jobs` 42; the answer.
+pub async fn wait_shop_jobs(k: &Kapsel, pod: &str) -> Value {
+    wait_for(&format!("shop_jobs from {pod}'s adapter"), 30, || async {
+        let (code, v) = k
+            .get(&format!("/api/v1/namespaces/default/pods/{pod}/metrics"))
+            .await;
+        let found = v["items"].as_array().is_some_and(|is| {
+            is.iter().any(|i| {
+                i["metric"] == "shop_jobs" && i["value"] == 42.0 && i["container"] == "adapter"
+            })
+        });
+        (code == 200 && found)
+            .then(|| v.clone())
+            .ok_or_else(|| format!("{code} {v}"))
+    })
+    .await
 }

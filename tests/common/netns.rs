@@ -6,6 +6,11 @@
 //! no interface or rule it did not make.
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// Held while a lab picks its /24 and puts it on its bridge: tests in one binary run in
+/// parallel threads, and two labs must not both see the same /24 as free.
+static CHOOSING: Mutex<()> = Mutex::new(());
 
 /// Run `ip ARGS…`, panicking with its stderr on failure.
 fn ip(args: &[&str]) {
@@ -39,6 +44,7 @@ impl NetLab {
         assert!(n < 200);
         // Interface names are at most 15 bytes: `kb` + 6 hex + `h9`… stays short.
         let tag = uuid::Uuid::new_v4().simple().to_string()[..6].to_string();
+        let choosing = CHOOSING.lock().unwrap_or_else(|e| e.into_inner());
         let used = used_addresses();
         let third = (0..=255u32)
             .map(|i| (u32::from_str_radix(&tag[..2], 16).unwrap() + i) % 256)
@@ -54,6 +60,7 @@ impl NetLab {
         ip(&["link", "add", &bridge, "type", "bridge"]);
         ip(&["addr", "add", &format!("{net}.1/24"), "dev", &bridge]);
         ip(&["link", "set", &bridge, "up"]);
+        drop(choosing);
         for i in 0..n {
             let ns = format!("kn{tag}{i}");
             ip(&["netns", "add", &ns]);
