@@ -51,19 +51,20 @@ impl Requests {
 /// A node and what is already placed on it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
-    pub node: Node,
+    pub node: std::sync::Arc<Node>,
     pub requested: Requests,
     pub pods: u64,
 }
 
 impl NodeInfo {
     pub fn allocatable(&self) -> (u64, u64, u64) {
+        let empty = Default::default();
         let a = self
             .node
             .status
             .as_ref()
-            .map(|s| s.allocatable.clone())
-            .unwrap_or_default();
+            .map(|s| &s.allocatable)
+            .unwrap_or(&empty);
         (
             a.get("cpu")
                 .and_then(|q| parse_millicpu(q).ok())
@@ -74,12 +75,12 @@ impl NodeInfo {
             a.get("pods").and_then(|q| q.parse().ok()).unwrap_or(110),
         )
     }
-    pub fn runtimes(&self) -> Vec<String> {
+    pub fn runtimes(&self) -> &[String] {
         self.node
             .status
             .as_ref()
             .and_then(|s| s.node_info.as_ref())
-            .map(|i| i.runtimes.clone())
+            .map(|i| i.runtimes.as_slice())
             .unwrap_or_default()
     }
 }
@@ -345,7 +346,7 @@ mod tests {
             ..Default::default()
         });
         NodeInfo {
-            node: n,
+            node: std::sync::Arc::new(n),
             requested: Requests::default(),
             pods: 0,
         }

@@ -58,7 +58,7 @@ struct Memory {
 /// The state of one run over one pair of watches.
 #[derive(Default)]
 struct Cycle {
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<String, Arc<Node>>,
     placed: Placed,
     /// Unbound pods waiting for a node.
     queue: BTreeMap<PodKey, Pod>,
@@ -205,7 +205,7 @@ impl Scheduler {
         }
     }
 
-    fn node_infos(&self, nodes: &BTreeMap<String, Node>, placed: &Placed) -> Vec<NodeInfo> {
+    fn node_infos(&self, nodes: &BTreeMap<String, Arc<Node>>, placed: &Placed) -> Vec<NodeInfo> {
         let mut infos: BTreeMap<&str, NodeInfo> = nodes
             .iter()
             .map(|(n, node)| {
@@ -482,7 +482,7 @@ fn on_node(c: &mut Cycle, ev: &WatchEvent) {
         .get(&node.metadata.name)
         .map(|old| node_fingerprint(old) != node_fingerprint(&node))
         .unwrap_or(true);
-    c.nodes.insert(node.metadata.name.clone(), node);
+    c.nodes.insert(node.metadata.name.clone(), Arc::new(node));
     if changed {
         c.retry_all = true;
     }

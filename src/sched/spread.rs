@@ -348,7 +348,7 @@ mod tests {
             n.metadata.labels.insert("zone".into(), z.into());
         }
         NodeInfo {
-            node: n,
+            node: std::sync::Arc::new(n),
             requested: Requests::default(),
             pods: 0,
         }
