@@ -11,7 +11,14 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, kapsel::cli::Command::Agent { .. }) {
+        // A node process: few threads, few malloc arenas (see runtime::residency).
+        kapsel::runtime::residency::limit_malloc_arenas();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rt.worker_threads(cores.min(kapsel::runtime::residency::AGENT_WORKER_THREADS));
+    }
+    let rt = rt
         .enable_all()
         .thread_name("kapsel")
         .build()

@@ -80,3 +80,60 @@ async fn an_agent_joins_runs_its_pods_and_reports_through_the_api() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// `VmRSS` of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// Issue 15: an idle WASM-only agent, joined over TLS as in production, stays under 15 MB of
+/// RSS. Its RSS is sampled over an idle window of several Lease renewals (2 s each), so the
+/// code its steady state runs again is counted, not just what start-up left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_wasm_only_agent_stays_under_15_mb_of_rss() {
+    let k = Kapsel::start_with(&["--cluster-listen", "127.0.0.1:0"]);
+    let url = k.cluster_url();
+    let token = std::fs::read_to_string(k.data.join("token")).unwrap();
+    let node = format!("idle-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let agent = AgentProc::start_with(&url, &node, "127.0.0.2", &["--token", token.trim()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, n) = k.get(&format!("/api/v1/nodes/{node}")).await;
+        if code == 200 && n["status"]["conditions"][0]["status"] == "True" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} never registered; agent stderr:\n{}",
+            agent.stderr.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent lets go of its start-up pages once it has joined (just after the Node is
+    // Ready): wait for that, then the idle window.
+    let pid = agent.child.id();
+    let bound = 15_000_000;
+    let settle = Instant::now() + Duration::from_secs(10);
+    while rss_bytes(pid) > bound && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let window = Instant::now() + Duration::from_secs(6);
+    let mut max = 0;
+    while Instant::now() < window {
+        max = max.max(rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("idle agent VmRSS max {:.1} MiB", max as f64 / 1048576.0);
+    assert!(
+        max <= bound,
+        "idle agent VmRSS reached {:.1} MiB (> 15 MB); agent stderr:\n{}",
+        max as f64 / 1048576.0,
+        agent.stderr.lock().unwrap()
+    );
+}

@@ -616,6 +616,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 server,
                 cfg.data_dir.display()
             );
+            // Start-up is over: what it ran (argument parsing, the join) is not run again.
+            match crate::runtime::residency::release_startup_pages() {
+                Ok(n) => tracing::debug!(released = n, "start-up pages released"),
+                Err(e) => tracing::debug!(error = %e, "start-up pages kept"),
+            }
             shutdown_signal().await;
             eprintln!("kapsel: stopping pods…");
             agent.shutdown();

@@ -11,6 +11,7 @@ pub mod executor;
 pub mod logs;
 pub mod nodeapi;
 pub mod probe;
+pub mod residency;
 pub mod sandbox;
 pub mod tunnel;
 pub mod volumes;

@@ -10,6 +10,8 @@
 //! - A container whose pod names its module by digest runs the local file only if it has that
 //!   digest; otherwise the module is fetched from the control plane ([`fetch`]).
 //! - WASI preview 1 core modules (`_start`) and WASI 0.2 components (`wasi:cli/command`).
+//! - The engines, their WASI linkers and the guest runtime are made by the first WASM pod: a node
+//!   that runs none (an idle `kapsel agent`) never builds them.
 //! - Guests run on a dedicated tokio runtime (`kapsel-wasm` threads), yield at every epoch tick
 //!   and are CPU-limited by [`throttle`]; memory limits trap with `OOMKilled`.
 //! - The only pre-opened directories are the container's volume mounts; a component may listen
@@ -144,29 +146,36 @@ impl EngineKind {
 /// Runs `.wasm` / `.wat` images.
 pub struct WasmExecutor {
     config: WasmConfig,
-    pooled: Option<(Engine, Linker<P1State>)>,
-    ondemand: (
-        Engine,
-        Linker<P1State>,
-        wasmtime::component::Linker<P2State>,
-    ),
+    /// Made by the first pod that needs them ([`WasmExecutor::engines`]): a node that runs no
+    /// WASM pod (an idle `kapsel agent`) never builds an engine, links WASI or starts the guest
+    /// runtime's threads, and keeps none of that code or memory resident.
+    engines: OnceLock<Result<Engines, String>>,
     /// Prepared images by `<sha256>-<engine>`.
     prepared: Mutex<HashMap<String, Prepared>>,
     /// One lock per key so two pods of the same new module compile it once.
     compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// File path → (mtime, size, digest, bytes-kind) so a warm start does not re-hash the file.
     digests: Mutex<HashMap<PathBuf, (std::time::SystemTime, u64, String)>>,
-    /// The runtime guests run on, apart from the control plane's.
-    rt: tokio::runtime::Handle,
-    _rt_owner: Option<tokio::runtime::Runtime>,
     next_id: AtomicU64,
     stop_ticker: Arc<std::sync::atomic::AtomicBool>,
-    /// Advances the epoch while any guest executes (time slicing, CPU limits, kill).
-    ticker: Arc<EpochTicker>,
     /// The node API's listen address, which guests on the node's network may not connect to.
     api_addr: OnceLock<SocketAddr>,
     /// Modules by digest: checks local files, fetches the others ([`fetch`]).
     modules: fetch::ModuleFetcher,
+}
+
+/// The engines, their linkers and the runtime guests run on.
+struct Engines {
+    pooled: Option<(Engine, Linker<P1State>)>,
+    ondemand: (
+        Engine,
+        Linker<P1State>,
+        wasmtime::component::Linker<P2State>,
+    ),
+    /// The runtime guests run on, apart from the control plane's.
+    rt: Option<tokio::runtime::Runtime>,
+    /// Advances the epoch while any guest executes (time slicing, CPU limits, kill).
+    ticker: Arc<EpochTicker>,
 }
 
 fn base_config() -> Config {
@@ -186,9 +195,11 @@ fn err_internal<E: std::fmt::Display>(e: E) -> ExecError {
     ExecError::Internal(e.to_string())
 }
 
-impl WasmExecutor {
-    pub fn new(config: WasmConfig) -> Result<Arc<Self>, ExecError> {
-        std::fs::create_dir_all(&config.cache_dir).map_err(err_internal)?;
+impl Engines {
+    fn new(
+        config: &WasmConfig,
+        stop_ticker: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Engines, ExecError> {
         let pooled = if config.pool_slots > 0 {
             let mut c = base_config();
             let mut pool = PoolingAllocationConfig::default();
@@ -238,30 +249,72 @@ impl WasmExecutor {
             .enable_all()
             .build()
             .map_err(err_internal)?;
-        let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engines: Vec<Engine> = pooled
             .iter()
             .map(|(e, _)| e.clone())
             .chain(std::iter::once(engine.clone()))
             .collect();
-        let ticker =
-            EpochTicker::start(engines, config.tick, stop_ticker.clone()).map_err(err_internal)?;
+        let ticker = EpochTicker::start(engines, config.tick, stop_ticker).map_err(err_internal)?;
+        Ok(Engines {
+            pooled,
+            ondemand: (engine, l1, l2),
+            rt: Some(rt),
+            ticker,
+        })
+    }
+
+    fn pick(
+        &self,
+        config: &WasmConfig,
+        is_component: bool,
+        memory_limit: Option<u64>,
+    ) -> EngineKind {
+        match (&self.pooled, is_component, memory_limit) {
+            (Some(_), false, Some(limit)) if limit <= config.pool_memory => EngineKind::Pooled,
+            _ => EngineKind::OnDemand,
+        }
+    }
+}
+
+impl WasmExecutor {
+    pub fn new(config: WasmConfig) -> Result<Arc<Self>, ExecError> {
+        std::fs::create_dir_all(&config.cache_dir).map_err(err_internal)?;
         let modules = fetch::ModuleFetcher::new(&config.cache_dir).map_err(err_internal)?;
         Ok(Arc::new(WasmExecutor {
             modules,
             config,
-            pooled,
-            ondemand: (engine, l1, l2),
+            engines: OnceLock::new(),
             prepared: Mutex::default(),
             compiling: Mutex::default(),
             digests: Mutex::default(),
-            rt: rt.handle().clone(),
-            _rt_owner: Some(rt),
             next_id: AtomicU64::new(1),
-            stop_ticker,
-            ticker,
+            stop_ticker: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             api_addr: OnceLock::new(),
         }))
+    }
+
+    /// The engines, made on first use (a few milliseconds, blocking: call it off the async
+    /// workers the first time, as [`WasmExecutor::prepared`] does). A failure is kept: every
+    /// later pod gets the same error.
+    fn engines(&self) -> Result<&Engines, ExecError> {
+        self.engines
+            .get_or_init(|| {
+                Engines::new(&self.config, self.stop_ticker.clone()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ExecError::Internal(e.clone()))
+    }
+
+    /// [`WasmExecutor::engines`] from async code: the first call builds them on a blocking
+    /// thread.
+    async fn engines_ready(self: &Arc<Self>) -> Result<&Engines, ExecError> {
+        if self.engines.get().is_none() {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.engines().map(|_| ()))
+                .await
+                .map_err(err_internal)??;
+        }
+        self.engines()
     }
 
     /// Tell the executor where the node's API listens (once bound): guests on the node's
@@ -319,8 +372,8 @@ impl WasmExecutor {
     }
 
     fn pick_engine(&self, is_component: bool, memory_limit: Option<u64>) -> EngineKind {
-        match (&self.pooled, is_component, memory_limit) {
-            (Some(_), false, Some(limit)) if limit <= self.config.pool_memory => EngineKind::Pooled,
+        match self.engines.get() {
+            Some(Ok(e)) => e.pick(&self.config, is_component, memory_limit),
             _ => EngineKind::OnDemand,
         }
     }
@@ -339,6 +392,7 @@ impl WasmExecutor {
         let meta = std::fs::metadata(&path).map_err(|e| {
             ExecError::ImagePull(format!("cannot read WASM image {}: {e}", path.display()))
         })?;
+        self.engines_ready().await?;
         let mtime = meta.modified().map_err(err_internal)?;
         let known = self.digests.lock().unwrap().get(&path).cloned();
         if let Some((m, size, key_base)) = known {
@@ -454,12 +508,13 @@ impl WasmExecutor {
                 first_lines(&format!("{e:#}"))
             ))
         };
+        let engines = self.engines()?;
         let (engine, l1) = match kind {
             EngineKind::Pooled => {
-                let (e, l) = self.pooled.as_ref().expect("pooled engine exists");
+                let (e, l) = engines.pooled.as_ref().expect("pooled engine exists");
                 (e.clone(), l)
             }
-            EngineKind::OnDemand => (self.ondemand.0.clone(), &self.ondemand.1),
+            EngineKind::OnDemand => (engines.ondemand.0.clone(), &engines.ondemand.1),
         };
         if is_component {
             // SAFETY: the file is one Kapsel wrote with `serialize` after its own compile, named by
@@ -474,7 +529,7 @@ impl WasmExecutor {
                     c
                 }
             };
-            let pre = self
+            let pre = engines
                 .ondemand
                 .2
                 .instantiate_pre(&component)
@@ -565,8 +620,10 @@ fn first_lines(s: &str) -> String {
 impl Drop for WasmExecutor {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
-        if let Some(rt) = self._rt_owner.take() {
-            rt.shutdown_background();
+        if let Some(Ok(e)) = self.engines.get_mut() {
+            if let Some(rt) = e.rt.take() {
+                rt.shutdown_background();
+            }
         }
     }
 }
@@ -702,7 +759,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                     },
                     guard,
                     spec.sandbox_rt.as_ref(),
-                );
+                )?;
             }
             Prepared::Component { engine, pre } => {
                 id = format!("wasm://component/{n}");
@@ -750,7 +807,7 @@ impl super::executor::Executor for Arc<WasmExecutor> {
                     },
                     guard,
                     spec.sandbox_rt.as_ref(),
-                );
+                )?;
             }
         }
         // WASM guests have no signal handlers: a kill is immediate (the guest yields at the
@@ -772,19 +829,30 @@ struct GuestGuard {
 
 impl WasmExecutor {
     /// Run a guest on the WASM runtime: CPU-sliced, killable, its exit classified and reported.
-    fn spawn_guest<F>(&self, run: F, g: GuestGuard, rt: Option<&tokio::runtime::Handle>)
+    fn spawn_guest<F>(
+        &self,
+        run: F,
+        g: GuestGuard,
+        rt: Option<&tokio::runtime::Handle>,
+    ) -> Result<(), ExecError>
     where
         F: std::future::Future<Output = wasmtime::Result<i32>> + Send + 'static,
     {
-        let ticker = self.ticker.clone();
+        let engines = self.engines()?;
+        let ticker = engines.ticker.clone();
+        let own = engines
+            .rt
+            .as_ref()
+            .ok_or_else(|| ExecError::Internal("the WASM runtime has stopped".into()))?;
         // A networked pod's guests run on its sandbox thread, inside the pod's namespace.
-        rt.unwrap_or(&self.rt).spawn(async move {
+        rt.unwrap_or(own.handle()).spawn(async move {
             let status = tokio::select! {
                 r = Throttled::new(run, g.cpu, ticker) => classify(r, &g.oom_at, g.memory_limit, g.node_default),
                 _ = g.cancel.cancelled() => killed(),
             };
             let _ = g.done.send(status);
         });
+        Ok(())
     }
 }
 
