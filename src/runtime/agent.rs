@@ -491,6 +491,8 @@ impl NodeAgent {
             return Some(uid);
         }
         if !self.workers.contains_key(&uid) && !pod.phase().is_terminal() {
+            // The object just seen is what its first status write starts from.
+            self.ctx.last_written.put(&uid, ev.object.clone());
             let stop = CancellationToken::new();
             let task = tokio::spawn(run_pod(self.ctx.clone(), pod, stop.clone()));
             self.workers.insert(

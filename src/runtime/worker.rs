@@ -59,7 +59,8 @@ pub struct AgentCtx {
 /// status write of the same pod starts from that object instead of reading the pod again (one
 /// request instead of two, over the network for `kapsel agent`); when someone else wrote in
 /// between, the compare-and-swap fails with a conflict and the write falls back to a read.
-/// A pod's entry is removed when its worker ends.
+/// A new pod's entry is the object its watch event brought, so even its first status write
+/// needs no read. A pod's entry is removed when its worker ends.
 #[derive(Default)]
 pub struct LastWritten(std::sync::Mutex<std::collections::HashMap<String, Arc<serde_json::Value>>>);
 
@@ -68,7 +69,7 @@ impl LastWritten {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid)
     }
 
-    fn put(&self, uid: &str, obj: Arc<serde_json::Value>) {
+    pub(super) fn put(&self, uid: &str, obj: Arc<serde_json::Value>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

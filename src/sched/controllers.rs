@@ -2,7 +2,7 @@
 //! de-duplicating work queue ([`super::workqueue`]) that a bounded pool of workers drains,
 //! running the level-triggered reconcilers ([`super::deployment`], [`super::replicaset`]).
 //! A pod's change wakes its ReplicaSet and that ReplicaSet's Deployment; a ReplicaSet's change
-//! wakes its Deployment (paced by the cost of their last reconcile, see
+//! wakes its Deployment; all paced by the cost of their last reconcile (see
 //! [`super::workqueue::WorkQueue::add_paced`]). Reconcilers read the store's in-memory state, so they always see
 //! their own writes; a write that loses a race (409) is retried by requeueing. Objects whose
 //! owner is gone are deleted (garbage collection by `ownerReferences`). While nothing changes,
@@ -44,6 +44,8 @@ pub struct Ctx {
     pub queue: Arc<WorkQueue<Key>>,
     /// `tolerationSeconds` of the not-ready/unreachable tolerations new pods get.
     pub default_toleration_seconds: i64,
+    /// ReplicaSets (by uid) in the middle of a scale-up: the slow-start batch size reached.
+    pub slow_start: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A reconcile's verdict: done, or look again after a while (a deadline or `minReadySeconds`
@@ -65,6 +67,7 @@ impl Controllers {
                 queue: WorkQueue::new(),
                 default_toleration_seconds: super::nodelifecycle::LifecycleConfig::default()
                     .default_toleration_seconds,
+                slow_start: Default::default(),
             }),
             workers: 4,
         }
@@ -167,6 +170,8 @@ impl Controllers {
         }
     }
 
+    /// Every key is added paced: a reconcile over thousands of pods (whose every status write
+    /// wakes it, as does its own status write) rests between runs; a cheap one runs at once.
     fn route(&self, ev: &WatchEvent) {
         let q = &self.ctx.queue;
         let ns = ev.namespace().to_string();
@@ -175,15 +180,13 @@ impl Controllers {
             .unwrap_or_default()
             .to_string();
         match ev.kind {
-            Kind::Deployment => q.add(Key::Deployment(ns, name)),
+            Kind::Deployment => q.add_paced(Key::Deployment(ns, name)),
             Kind::ReplicaSet => {
                 if let Some(("Deployment", owner, _)) = controller_of(&ev.object) {
-                    q.add(Key::Deployment(ns.clone(), owner.to_string()));
+                    q.add_paced(Key::Deployment(ns.clone(), owner.to_string()));
                 }
-                q.add(Key::ReplicaSet(ns, name));
+                q.add_paced(Key::ReplicaSet(ns, name));
             }
-            // Pods change often and in bursts (every status write of every pod): their owners
-            // are paced, so a reconcile over thousands of pods does not run back to back.
             Kind::Pod => {
                 let Some(("ReplicaSet", rs, _)) = controller_of(&ev.object) else {
                     return;

@@ -2,7 +2,8 @@
 //! are created in slow-start batches (1, 2, 4, … as Kubernetes' ReplicaSet controller: a
 //! template that cannot work fails after one pod, not thousands), at most [`BURST_REPLICAS`]
 //! per sync (the sync then requeues itself, so one large ReplicaSet never holds a worker for
-//! long). Before each batch the ReplicaSet is read again: once it is deleted, replaced or
+//! long; the next sync goes on at the batch size reached, and only a failure, or a new
+//! scale-up, starts the slow start again). Before each batch the ReplicaSet is read again: once it is deleted, replaced or
 //! scaled down, creation stops at once; a failed create stops the sync too (it is retried).
 //! Surplus pods are deleted gracefully, least valuable
 //! first (unscheduled, pending, not ready, restarting, newest), as Kubernetes ranks them; pods
@@ -85,7 +86,15 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
         let limit = diff.min(BURST_REPLICAS);
         let mut names: Vec<String> = Vec::new();
         let mut failure: Option<StoreError> = None;
-        let mut batch = SLOW_START_INITIAL_BATCH;
+        // A ReplicaSet whose last batches all succeeded goes on where it left off; the slow
+        // start begins again only after a failure (or for a new scale-up).
+        let mut batch = ctx
+            .slow_start
+            .lock()
+            .unwrap()
+            .get(&uid)
+            .copied()
+            .unwrap_or(SLOW_START_INITIAL_BATCH);
         let mut owner_gone = false;
         while created < limit {
             // Is the owner still there, and does it still want these pods?
@@ -120,7 +129,15 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
             if failure.is_some() {
                 break;
             }
-            batch *= 2;
+            batch = (batch * 2).min(BURST_REPLICAS);
+        }
+        {
+            let mut slow = ctx.slow_start.lock().unwrap();
+            if failure.is_some() || owner_gone || !again {
+                slow.remove(&uid);
+            } else {
+                slow.insert(uid.clone(), batch);
+            }
         }
         if !names.is_empty() {
             ctx.recorder.normal(
