@@ -386,7 +386,7 @@ mod tests {
     fn taints_filter_and_rank() {
         use crate::model::taint::{Toleration, TolerationOperator};
         let mut n = node("1Gi", &["wasm"]);
-        n.node
+        std::sync::Arc::make_mut(&mut n.node)
             .spec
             .taints
             .push(Taint::parse("dedicated=gpu:NoSchedule").unwrap());
@@ -403,7 +403,7 @@ mod tests {
         assert!(TaintToleration.filter(&p, &r, &n).is_ok());
         // PreferNoSchedule never filters; it ranks.
         let mut soft = node("1Gi", &["wasm"]);
-        soft.node
+        std::sync::Arc::make_mut(&mut soft.node)
             .spec
             .taints
             .push(Taint::parse("slow:PreferNoSchedule").unwrap());
@@ -412,7 +412,7 @@ mod tests {
         assert!(TaintPreference.score(&plain, &r, &soft) < TaintPreference.score(&plain, &r, &n));
         // Cordoned: refused unless tolerated.
         let mut c = node("1Gi", &["wasm"]);
-        c.node.spec.unschedulable = Some(true);
+        std::sync::Arc::make_mut(&mut c.node).spec.unschedulable = Some(true);
         assert!(NodeReady.filter(&plain, &r, &c).is_err());
         let mut tolerant = pod("a.wasm", "1Mi");
         tolerant.spec.tolerations.push(Toleration {

@@ -466,8 +466,7 @@ mod tests {
         p.spec.topology_spread_constraints =
             vec![spread(LABEL_HOSTNAME, 1, WhenUnsatisfiable::DoNotSchedule)];
         let mut tainted = infos.clone();
-        tainted[1]
-            .node
+        std::sync::Arc::make_mut(&mut tainted[1].node)
             .spec
             .taints
             .push(crate::model::taint::Taint::parse("k:NoSchedule").unwrap());
