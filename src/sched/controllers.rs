@@ -30,6 +30,9 @@ pub enum ControllerError {
     Decode(#[from] serde_json::Error),
 }
 
+/// Reconciles in a namespace of fewer pods than this are never paced.
+const PACE_MIN_PODS: usize = 1000;
+
 /// What the queue holds: the object to reconcile.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -87,6 +90,7 @@ impl Controllers {
             let ctx = self.ctx.clone();
             tracker.spawn(async move {
                 while let Some(k) = ctx.queue.get().await {
+                    let t0 = std::time::Instant::now();
                     let r = match &k {
                         Key::Deployment(ns, name) => super::deployment::sync(&ctx, ns, name).await,
                         Key::ReplicaSet(ns, name) => super::replicaset::sync(&ctx, ns, name).await,
@@ -103,6 +107,19 @@ impl Controllers {
                             ctx.queue.add_after(k.clone(), Duration::from_millis(500));
                         }
                     }
+                    // Only reconciles over many pods are paced: a small Deployment reacts
+                    // at once whatever the machine's load.
+                    let took = t0.elapsed();
+                    let big = took >= super::workqueue::PACE_MIN_COST && {
+                        let ns = match &k {
+                            Key::Deployment(ns, _) | Key::ReplicaSet(ns, _) => ns,
+                        };
+                        ctx.store
+                            .list(Kind::Pod, Some(ns))
+                            .map(|(pods, _)| pods.len() >= PACE_MIN_PODS)
+                            .unwrap_or(false)
+                    };
+                    ctx.queue.record_cost(&k, big.then_some(took));
                     ctx.queue.done(&k);
                 }
             });

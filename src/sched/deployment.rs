@@ -265,10 +265,12 @@ pub async fn sync(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, Controller
                         scales.push((usize::MAX, want));
                     }
                     // Canaries of templates replaced before promotion go: only the stable
-                    // revision (the newest that completed) runs beside this canary.
+                    // revision (the newest that completed, or was promoted: its completion
+                    // may not be recorded yet) runs beside this canary.
+                    let last_promoted = d.metadata.annotations.get(PROMOTED_ANNOTATION);
                     if let Some(stable) = olds
                         .iter()
-                        .filter(|o| is_complete(&o.rs))
+                        .filter(|o| is_complete(&o.rs) || last_promoted == Some(&o.hash))
                         .map(|o| o.rs.revision())
                         .max()
                     {

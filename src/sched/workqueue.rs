@@ -22,7 +22,7 @@ pub const PACE_FACTOR: u32 = 20;
 /// ...but never longer than this.
 pub const PACE_MAX: Duration = Duration::from_millis(500);
 /// Runs shorter than this are not remembered (a paced add of such a key is an add).
-const PACE_MIN_COST: Duration = Duration::from_millis(1);
+pub const PACE_MIN_COST: Duration = Duration::from_millis(1);
 
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
@@ -33,8 +33,6 @@ struct State<K> {
     queue: VecDeque<K>,
     dirty: HashSet<K>,
     processing: HashSet<K>,
-    /// When each key being processed started.
-    started: HashMap<K, Instant>,
     /// Keys whose last run was expensive: when it ended and how long it took.
     cost: HashMap<K, (Instant, Duration)>,
     /// Pending delayed adds: key → when.
@@ -49,7 +47,6 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 queue: VecDeque::new(),
                 dirty: HashSet::new(),
                 processing: HashSet::new(),
-                started: HashMap::new(),
                 cost: HashMap::new(),
                 delayed: HashMap::new(),
                 shut: false,
@@ -68,6 +65,20 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             st.queue.push_back(k);
             drop(st);
             self.notify.notify_one();
+        }
+    }
+
+    /// Record what `k`'s run (ending now) cost, for [`WorkQueue::add_paced`]; `None`, or a
+    /// run under [`PACE_MIN_COST`], forgets it (its paced adds are adds again).
+    pub fn record_cost(&self, k: &K, took: Option<Duration>) {
+        let mut st = self.state.lock().unwrap();
+        match took {
+            Some(t) if t >= PACE_MIN_COST => {
+                st.cost.insert(k.clone(), (Instant::now(), t));
+            }
+            _ => {
+                st.cost.remove(k);
+            }
         }
     }
 
@@ -139,7 +150,6 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if let Some(k) = st.queue.pop_front() {
                     st.dirty.remove(&k);
                     st.processing.insert(k.clone());
-                    st.started.insert(k.clone(), Instant::now());
                     if !st.queue.is_empty() {
                         self.notify.notify_one();
                     }
@@ -154,15 +164,6 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     pub fn done(&self, k: &K) {
         let mut st = self.state.lock().unwrap();
         st.processing.remove(k);
-        if let Some(t0) = st.started.remove(k) {
-            let now = Instant::now();
-            let took = now - t0;
-            if took >= PACE_MIN_COST {
-                st.cost.insert(k.clone(), (now, took));
-            } else {
-                st.cost.remove(k);
-            }
-        }
         if st.dirty.contains(k) {
             st.queue.push_back(k.clone());
             drop(st);
@@ -232,6 +233,7 @@ mod tests {
         // A cheap run: the next paced add is immediate.
         q.add_paced("cheap");
         let k = q.get().await.unwrap();
+        q.record_cost(&k, Some(Duration::from_micros(100)));
         q.done(&k);
         q.add_paced("cheap");
         assert_eq!(q.len(), 1, "a cheap key is queued at once");
@@ -240,7 +242,7 @@ mod tests {
         // An expensive run (20 ms): the next paced add waits about 20 times that.
         q.add("slow");
         let k = q.get().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        q.record_cost(&k, Some(Duration::from_millis(20)));
         q.done(&k);
         q.add_paced("slow");
         assert!(q.is_empty(), "an expensive key rests first");
